@@ -1,0 +1,199 @@
+"""Fine-tune a LoRA or LoRA-MoE multiple-choice model (stage 1 of LayerMoE: the warm-up).
+
+    python finetune.py --task arc-easy --method lora-moe --epochs 2
+
+Reads top to bottom like the algorithm: set-up, data, model, then epochs of (train, evaluate on dev,
+checkpoint), and a final test evaluation written to ``runs/<name>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from routing_env.data import load_task, task_names
+from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, save_checkpoint
+from routing_env.plots import load_heatmap
+from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
+
+
+@dataclass
+class Config:
+    """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
+
+    task: str = cfg_field("arc-easy", f"task ({', '.join(task_names())}) or the path of an AI2-format JSONL file")
+    method: str = cfg_field("lora-moe", "adapter method", choices=list(METHODS))
+    backbone: str = cfg_field(DEFAULT_BACKBONE, "'minilm' (packaged, offline), a local folder or a hub id")
+    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
+    epochs: int = cfg_field(2, "passes over the training split")
+    batch_size: int = cfg_field(16, "questions per optimiser step")
+    lr: float = cfg_field(1e-3, "peak learning rate (AdamW, linear warm-up then decay)")
+    weight_decay: float = cfg_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = cfg_field(0.06, "share of the steps spent warming the learning rate up")
+    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm")
+    max_length: int = cfg_field(128, "token limit of one (question, choice) input")
+    num_experts: list[int] = cfg_field([4], "experts per layer: one number, or one per layer (MoLA), comma-separated")
+    top_k: int = cfg_field(2, "experts per token")
+    rank: int = cfg_field(8, "LoRA rank of each expert")
+    alpha: float = cfg_field(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = cfg_field(0.05, "dropout on the adapter input")
+    target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
+    num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
+    group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
+    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe)")
+    train_limit: int | None = cfg_field(None, "use only the first N training questions")
+    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
+    eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
+    seed: int = cfg_field(0, "seed for adapter init, shuffling and dropout")
+    device: str = cfg_field("auto", "auto, cpu or cuda[:i]")
+    name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
+    logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
+    resume: bool = cfg_field(False, "continue from the last epoch checkpoint of this run")
+    log_every: int = cfg_field(20, "optimiser steps between TensorBoard loss points")
+
+
+def moe_config(cfg: Config) -> MoEConfig:
+    targets = cfg.target_modules
+    return MoEConfig(
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        num_experts=cfg.num_experts[0] if len(cfg.num_experts) == 1 else cfg.num_experts,
+        top_k=cfg.top_k,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        num_groups=cfg.num_groups,
+        group_sizes=cfg.group_sizes,
+    )
+
+
+def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> None:
+    """``routing/cv_layer_<i>`` scalars and an expert-load heatmap (PNG + TensorBoard image)."""
+    if not stats:
+        return
+    for layer, s in stats.items():
+        writer.add_scalar(f"routing/cv_layer_{layer}", s.cv, step)
+        writer.add_scalar(f"routing/max_over_mean_layer_{layer}", s.max_over_mean, step)
+        writer.add_scalar(f"routing/norm_entropy_layer_{layer}", s.norm_entropy, step)
+    fig = load_heatmap([s.loads for s in stats.values()], [f"layer {i}" for i in stats],
+                       f"expert load, {tag}", run_dir / f"expert_load_{tag}.png")
+    writer.add_figure(f"routing/expert_load_{tag.split('_')[0]}", fig, step)
+
+
+def main(cfg: Config) -> dict:
+    # ---- set-up ----------------------------------------------------------------------------------
+    name = cfg.name or f"{Path(cfg.task).stem}-{cfg.method}-s{cfg.seed}"
+    run_dir = Path(cfg.logdir) / name
+    ckpt_root = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    writer = make_writer(run_dir)
+    log_hparams(writer, cfg)
+    t_start = time.time()
+
+    # ---- data ------------------------------------------------------------------------------------
+    train = load_task(cfg.task, "train", cfg.data_dir, limit=cfg.train_limit)
+    dev = load_task(cfg.task, "dev", cfg.data_dir, limit=cfg.eval_limit)
+    test = load_task(cfg.task, "test", cfg.data_dir, limit=cfg.eval_limit)
+
+    # ---- model -----------------------------------------------------------------------------------
+    model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
+    tokenizer = model.tokenizer_for(cfg.backbone)
+    encode = batch_encoder(model, tokenizer, cfg.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    history: list[dict] = []
+    start_epoch = 0
+
+    # ---- resume: adapters, optimiser, schedule and RNG from the last finished epoch ----------------
+    done = sorted(ckpt_root.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) if cfg.resume else []
+    if done:
+        last = done[-1]
+        model.load_state_dict(load_checkpoint(last).trainable_state(), strict=False)
+        state = torch.load(last / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"resuming {name} after epoch {state['epoch'] + 1} from {last}")
+
+    # ---- train -----------------------------------------------------------------------------------
+    use_aux = cfg.method == "lora-moe" and cfg.aux_loss_coef > 0
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        model.routing.compute_aux = use_aux
+        # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for exs in bar:
+            batch = encode(exs).to(device)
+            model.routing.aux_losses = []
+            logits = model(batch)  # [B, C]
+            task_loss = F.cross_entropy(logits, batch.labels)
+            aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
+            loss = task_loss + cfg.aux_loss_coef * aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % cfg.log_every == 0:
+                writer.add_scalar("losses/task", task_loss.item(), step)
+                writer.add_scalar("losses/aux", aux_loss.item(), step)
+                writer.add_scalar("losses/total", loss.item(), step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+            bar.set_postfix(loss=f"{task_loss.item():.3f}")
+        model.routing.compute_aux = False
+
+        # ---- evaluate on dev, checkpoint -------------------------------------------------------
+        res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                       device=device, desc="dev")
+        writer.add_scalar("eval/accuracy", res.accuracy, step)
+        writer.add_scalar("eval/loss", res.loss, step)
+        log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
+        history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(), "elapsed_s": time.time() - t_start})
+        print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
+        ckpt = save_checkpoint(model, ckpt_root / f"epoch_{epoch + 1}", extra={"task": cfg.task, "seed": cfg.seed})
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch},
+                   ckpt / "training_state.pt")
+
+    # ---- test ------------------------------------------------------------------------------------
+    res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                   device=device, desc="test")
+    writer.add_scalar("eval/test_accuracy", res.accuracy, step)
+    log_routing(writer, model, res.layer_stats, "test", step, run_dir)
+    final = save_checkpoint(model, run_dir / "final", extra={"task": cfg.task, "seed": cfg.seed,
+                                                             "test_accuracy": res.accuracy})
+    results = {
+        "name": name,
+        "task": cfg.task,
+        "method": cfg.method,
+        "test": res.summary(),
+        "history": history,
+        "wall_time_s": time.time() - t_start,
+        "checkpoint": str(final),
+        "config": asdict(cfg),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    writer.close()
+    print(f"test accuracy {res.accuracy:.4f} on {res.n} questions; results in {run_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

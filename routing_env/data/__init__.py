@@ -1,0 +1,35 @@
+"""Multiple-choice QA data: task loading (:mod:`.tasks`) and tensor encoding (:mod:`.encode`)."""
+
+from __future__ import annotations
+
+from .encode import LETTERS, MCBatch, encode_letter_prompt, encode_pairs, letter_prompt_text
+from .tasks import (
+    DATA_ENV_VAR,
+    SPLITS,
+    TASKS,
+    DataError,
+    MCExample,
+    TaskSpec,
+    load_file,
+    load_task,
+    resolve_data_dir,
+    task_names,
+)
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "LETTERS",
+    "SPLITS",
+    "TASKS",
+    "DataError",
+    "MCBatch",
+    "MCExample",
+    "TaskSpec",
+    "encode_letter_prompt",
+    "encode_pairs",
+    "letter_prompt_text",
+    "load_file",
+    "load_task",
+    "resolve_data_dir",
+    "task_names",
+]

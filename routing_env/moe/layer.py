@@ -1,0 +1,126 @@
+"""``LoRAMoELinear``: a frozen linear layer plus a top-k routed mixture of LoRA experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routing_env.moe.kernels import lora_moe
+from routing_env.moe.routing import RoutingContext
+
+__all__ = ["LoRAMoELinear"]
+
+
+class LoRAMoELinear(nn.Module):
+    """``y = base(x) + scale * sum_{e in topk(x)} gate_e(x) * B_e A_e dropout(x)``.
+
+    ``A_e`` starts Kaiming-uniform and ``B_e`` at zero (as in LoRA), so a fresh layer returns exactly
+    ``base(x)``. The router is a bias-free linear map to ``E`` logits; gates are its softmax
+    probabilities renormalised over the selected experts, so the router gets gradient from the task loss.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        num_experts: int,
+        top_k: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        layer: int,
+        group: int,
+        name: str,
+        context: RoutingContext,
+    ) -> None:
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts} in {name}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        d_in, d_out = base.in_features, base.out_features
+        self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.scale = alpha / rank
+        self.layer, self.group, self.name = layer, group, name
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, d_in, dtype=dtype, device=device))  # [E, r, d_in]
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank, dtype=dtype, device=device))  # [E, d_out, r]
+        self.router = nn.Linear(d_in, num_experts, bias=False, dtype=dtype, device=device)  # [E, d_in]
+        for e in range(num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
+        # A small router init keeps early routing near uniform, so no expert is starved before it learns.
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Not a submodule: the context is shared by every layer of the model and holds no parameters.
+        object.__setattr__(self, "context", context)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, layer={self.layer}, group={self.group}"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router for flat tokens ``x [T, d_in]`` -> ``(probs [T, E], expert_idx [T, k], gates [T, k])``."""
+        logits = self.router(x).float()  # [T, E]
+        probs = logits.softmax(dim=-1)
+        return probs, *self._select(logits, probs, x.shape[0])
+
+    def _select(self, logits: torch.Tensor, probs: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        select = logits
+        bias = self.context.selection_bias.get(self.group)
+        if bias is not None:
+            R = bias.shape[0]
+            if T % R:
+                raise ValueError(f"{self.name}: {T} tokens do not split into the override's {R} rows")
+            # Every row's tokens are contiguous in the flattened [R, S, d] input.
+            select = logits + bias.to(logits.device).repeat_interleave(T // R, dim=0)
+        expert_idx = select.topk(self.top_k, dim=-1).indices  # [T, k]
+        gates = probs.gather(1, expert_idx)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        return expert_idx, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, d_in], T = R * S
+        probs, expert_idx, gates = self.route(flat)
+        delta = lora_moe(self.dropout(flat), self.lora_A, self.lora_B, expert_idx, gates.to(flat.dtype), self.scale)
+        ctx = self.context
+        if ctx.compute_aux or ctx.record_loads or ctx.record_rows:
+            self._record(probs, expert_idx, shape)
+        return out + delta.reshape(*shape[:-1], -1).to(out.dtype)
+
+    def _record(self, probs: torch.Tensor, expert_idx: torch.Tensor, shape: torch.Size) -> None:
+        ctx, E = self.context, self.num_experts
+        T = probs.shape[0]
+        mask = ctx.token_mask
+        if mask is not None and mask.numel() == T:
+            w = mask.reshape(-1).to(probs.device, probs.dtype)  # [T] 1 for real tokens
+        else:
+            w = probs.new_ones(T)
+        onehot = F.one_hot(expert_idx, E).sum(dim=1).to(probs.dtype)  # [T, E] 1 where chosen
+        if ctx.compute_aux:
+            # Switch Transformer balance loss: E * sum_e f_e * P_e over real tokens.
+            n = w.sum().clamp_min(1.0)
+            f = (onehot * w[:, None]).sum(0) / (n * self.top_k)
+            P = (probs * w[:, None]).sum(0) / n
+            ctx.aux_losses.append(E * (f * P).sum())
+        if ctx.record_loads:
+            counts = (onehot.detach() * w[:, None]).sum(0).double().cpu()
+            prev = ctx.loads.get(self.name)
+            ctx.loads[self.name] = counts if prev is None else prev + counts
+        if ctx.record_rows:
+            R = shape[0] if len(shape) == 3 else T
+            wr = w.reshape(R, -1, 1)  # [R, S, 1]
+            n_row = wr.sum(1).clamp_min(1.0)  # [R, 1]
+            p_row = (probs.detach().reshape(R, -1, E) * wr).sum(1) / n_row  # [R, E]
+            c_row = (onehot.detach().reshape(R, -1, E) * wr).sum(1)  # [R, E]
+            g = self.group
+            if g in ctx.row_probs:
+                ctx.row_probs[g] = ctx.row_probs[g] + p_row
+                ctx.row_counts[g] = ctx.row_counts[g] + c_row
+                ctx.row_modules[g] += 1
+            else:
+                ctx.row_probs[g], ctx.row_counts[g], ctx.row_modules[g] = p_row, c_row, 1

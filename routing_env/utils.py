@@ -1,0 +1,106 @@
+"""The one place for helpers every script shares: seeding, device choice, TensorBoard writers, config CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "pick_device", "make_writer", "parse_config", "cfg_field", "log_hparams"]
+
+T = TypeVar("T")
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; on CPU also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_writer(logdir: str | Path):
+    """A TensorBoard ``SummaryWriter`` (imported here so library modules don't pay for it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(logdir))
+
+
+def log_hparams(writer: Any, cfg: Any) -> None:
+    """The run's configuration as a Markdown table under ``hyperparameters`` (as CleanRL does)."""
+    rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+
+
+def cfg_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text becomes the ``--help`` of its flag."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """Build an argparse CLI from a config dataclass (``field_name`` -> ``--field-name``) and parse it.
+
+    Optional fields accept ``none``; list fields take comma-separated values; ``choices`` in a
+    field's metadata are enforced with the valid values in the error.
+    """
+    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        optional = False
+        args = typing.get_args(typ)
+        if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in args:
+            optional = True
+            args = tuple(a for a in args if a is not type(None))
+            typ = args[0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if typing.get_origin(typ) is list:
+            inner = typing.get_args(typ)[0]
+            conv = lambda s, inner=inner: [inner(v) for v in s.split(",") if v]  # noqa: E731
+        elif typ is bool:
+            conv = _parse_bool
+        else:
+            conv = typ
+        if optional:
+            conv = lambda s, conv=conv: None if s.lower() == "none" else conv(s)  # noqa: E731
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=conv,
+            default=default,
+            help=f.metadata.get("help", ""),
+            choices=f.metadata.get("choices"),
+            metavar=None if f.metadata.get("choices") else f.name.upper(),
+            nargs="?" if typ is bool else None,
+            const=True if typ is bool else None,
+        )
+    ns = parser.parse_args(argv)
+    return cls(**vars(ns))

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real offline data folder, the packaged MiniLM, and tiny random backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from routing_env.data import MCBatch
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = os.environ.get("ROUTING_ENV_DATA")
+    if not d or not Path(d).is_dir():
+        pytest.skip("ROUTING_ENV_DATA is not set to the offline data folder")
+    return Path(d)
+
+
+def tiny_bert(layers: int = 4) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertModel(cfg, add_pooling_layer=False).eval(), "encoder"
+
+
+def tiny_llama(layers: int = 4) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=48, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval(), "causal"
+
+
+def random_pairs_batch(B: int = 3, C: int = 4, T: int = 9, seed: int = 0) -> MCBatch:
+    """An encoder batch of random ids with ragged lengths and one padded choice."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (B, C, T), generator=g)
+    lengths = torch.randint(3, T + 1, (B, C), generator=g)
+    mask = (torch.arange(T) < lengths.unsqueeze(-1)).long()
+    choice_mask = torch.ones(B, C, dtype=torch.bool)
+    choice_mask[0, -1] = False
+    return MCBatch(input_ids=ids * mask, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                   choice_mask=choice_mask, labels=torch.randint(0, C - 1, (B,), generator=g),
+                   letter_ids=None, ids=[str(i) for i in range(B)])
+
+
+def random_prompt_batch(B: int = 3, C: int = 4, T: int = 11, seed: int = 0) -> MCBatch:
+    """A causal-LM batch: left-padded random prompts and letter token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (B, T), generator=g)
+    lengths = torch.randint(4, T + 1, (B,), generator=g)
+    mask = (torch.arange(T) >= (T - lengths).unsqueeze(-1)).long()
+    return MCBatch(input_ids=ids * mask, attention_mask=mask, token_type_ids=None,
+                   choice_mask=torch.ones(B, C, dtype=torch.bool), labels=torch.randint(0, C, (B,), generator=g),
+                   letter_ids=torch.arange(1, C + 1).repeat(B, 1), ids=[str(i) for i in range(B)])
