@@ -1,0 +1,408 @@
+"""``RoutingEnv``: the LayerMoE routing MDP as a Gymnasium environment (one episode = one example)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from routing_env.data import encode_pairs, load_task
+from routing_env.moe import MCModel, load_checkpoint, moe_layers
+from routing_env.moe.stepper import GroupStepper, Rows
+from routing_env.warmup import default_checkpoint
+
+__all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
+
+ACTION_MODES = ("primary", "combo", "bias")
+REWARD_MODES = ("outcome", "process")
+BIAS_BOUND = 10.0  # |logit bias| in `bias` mode; beyond ~10 a softmax is saturated anyway
+
+
+@dataclass
+class EnvState:
+    """What ``get_state`` returns: cheap to copy (no tensors), enough to resume an episode exactly."""
+
+    example: int
+    prefix: tuple
+    load_stats: np.ndarray  # [G, E] running expert-assignment counts per group
+    episode_loads: np.ndarray  # [G, E] counts of this episode's steps so far
+    done: bool = False
+
+
+@dataclass
+class _Example:
+    rows: Rows  # the example's choices, length-sorted as MCModel.forward orders them
+    order: torch.Tensor  # [C] row r holds choice order[r]
+    answer_row: int
+    id: str
+    embed: torch.Tensor | None = field(default=None, repr=False)  # [C, T, d] hidden entering group 0
+
+
+class RoutingEnv(gym.Env):
+    """
+    ## Description
+
+    Expert routing in a LoRA mixture-of-experts as a sequential decision problem (LayerMoE). The
+    transformer layers of a fine-tuned LoRA-MoE are cut into ``G`` contiguous layer groups; an
+    episode routes one multiple-choice question through them, one group per step. The env runs
+    only that group's layers (hidden states at group boundaries are cached by action prefix) and,
+    after the last group, scores the question with the model's head.
+
+    ## Action Space
+
+    * ``primary`` (default): ``Discrete(E)``: expert ``a`` is forced into every token's top-k in the
+      group's layers; the learned router fills the other ``k - 1`` slots.
+    * ``combo``: ``Discrete(C(E, k))``: the exact top-k set, ``combos[a]`` (``itertools.combinations`` order).
+    * ``bias``: ``Box(-10, 10, (E,))``: a logit bias added to the router's scores for selection.
+      The zero vector is the learned router's own routing.
+
+    Gates are always the router's probabilities renormalised over the selected experts.
+
+    ## Observation Space
+
+    ``Box(shape=(G + 2E + P,), float32)``:
+
+    | slice | meaning | range |
+    |---|---|---|
+    | ``[0, G)`` | one-hot of the current group | {0, 1} |
+    | ``[G, G+E)`` | the learned router's mean expert probabilities for the group: the routers reading the group's input, over real tokens and choices | [0, 1] |
+    | ``[G+E, G+2E)`` | running expert-load shares of the group (balance context) | [0, 1] |
+    | ``[G+2E, G+2E+P)`` | ``tanh`` of a fixed, seeded projection of the mean-pooled hidden state entering the group | [-1, 1] |
+
+    After the last step the observation has an all-zero group one-hot.
+
+    ## Rewards
+
+    Outcome: ``log p(correct answer)`` of the finished path (``info["correct"]`` says whether it is
+    the model's prediction). Balance, per group: ``-balance_weight * E * sum_e p_e (s_e - 1/E)``, with
+    ``p`` this step's expert-load shares in the group and ``s`` the group's running shares: choosing
+    over-used experts costs, under-used ones pay. ``reward_mode="outcome"`` pays everything at the
+    last step; ``"process"`` pays the balance term at each step and the outcome at the end.
+
+    ## Starting State
+
+    A training example drawn with ``self.np_random``, or ``options={"example": i}``; no group routed.
+
+    ## Episode End
+
+    Terminates after ``G`` steps (every group routed). Never truncates. Running load shares are
+    updated with the episode's loads when it ends.
+
+    ## Arguments
+
+    ``gymnasium.make("layermoe-arc", checkpoint=None, split="train", action_mode="primary",
+    reward_mode="outcome", balance_weight=0.1, num_groups=None, group_sizes=None, max_examples=None,
+    data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024)``. Without a
+    ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo size) first.
+    ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        task: str = "arc-easy",
+        checkpoint: str | Path | None = None,
+        split: str = "train",
+        action_mode: str = "primary",
+        reward_mode: str = "outcome",
+        balance_weight: float = 0.1,
+        num_groups: int | None = None,
+        group_sizes: list[int] | None = None,
+        max_examples: int | None = None,
+        data_dir: str | Path | None = None,
+        device: str = "cpu",
+        obs_proj_dim: int = 16,
+        projection_seed: int = 0,
+        cache_mb: float = 1024.0,
+        model: MCModel | None = None,
+    ) -> None:
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"unknown action_mode {action_mode!r}; valid: {', '.join(ACTION_MODES)}")
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"unknown reward_mode {reward_mode!r}; valid: {', '.join(REWARD_MODES)}")
+        self.task, self.split = task, split
+        self.action_mode, self.reward_mode, self.balance_weight = action_mode, reward_mode, float(balance_weight)
+        self.device = torch.device(device)
+        if model is None:
+            model = load_checkpoint(checkpoint or default_checkpoint(task, data_dir=data_dir))
+        self.model = model.to(self.device).eval()
+        if num_groups is not None or group_sizes is not None:
+            self._regroup(num_groups, group_sizes)
+        self.stepper = GroupStepper(self.model)
+        self.G = self.stepper.num_groups
+        self.E, self.k = self._uniform_experts()
+        self.combos = list(itertools.combinations(range(self.E), self.k))
+        self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
+        self.examples = load_task(task, split, data_dir, limit=max_examples)
+        self._encoded: dict[int, _Example] = {}
+        self._entry = self._entry_routers()
+        d = self.model.backbone.config.hidden_size
+        self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
+            np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
+        ).to(self.device)
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+        self._cache_bytes, self._cache_limit = 0, int(cache_mb * 2**20)
+
+        if action_mode == "primary":
+            self.action_space = spaces.Discrete(self.E)
+        elif action_mode == "combo":
+            self.action_space = spaces.Discrete(len(self.combos))
+        else:
+            self.action_space = spaces.Box(-BIAS_BOUND, BIAS_BOUND, (self.E,), np.float32)
+        n_obs = self.G + 2 * self.E + obs_proj_dim
+        low = np.concatenate([np.zeros(self.G + 2 * self.E), -np.ones(obs_proj_dim)]).astype(np.float32)
+        self.observation_space = spaces.Box(low, np.ones(n_obs, np.float32), dtype=np.float32)
+        self.load_stats = np.zeros((self.G, self.E))  # [G, E] running counts; explicit, saved in get_state
+        self._example, self._prefix, self._done = 0, (), True
+        self._episode_loads = np.zeros((self.G, self.E))
+
+    # ---- set-up helpers --------------------------------------------------------------------------
+    def _regroup(self, num_groups: int | None, group_sizes: list[int] | None) -> None:
+        from routing_env.moe.config import split_layer_groups
+
+        groups = split_layer_groups(self.model.num_layers, num_groups, group_sizes)
+        group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}
+        for m in moe_layers(self.model):
+            m.group = group_of[m.layer]
+        self.model.moe_config.num_groups, self.model.moe_config.group_sizes = len(groups), [len(g) for g in groups]
+
+    def _uniform_experts(self) -> tuple[int, int]:
+        layers = moe_layers(self.model)
+        if not layers:
+            raise ValueError("the model has no LoRA-MoE layers; the env needs a checkpoint trained with --method lora-moe")
+        counts = {(m.num_experts, m.top_k) for m in layers}
+        if len(counts) != 1:
+            raise ValueError(f"the env needs the same expert count and top-k in every layer; this model has {sorted(counts)}")
+        return counts.pop()
+
+    def _entry_routers(self) -> list[list]:
+        """Per group, the MoE modules that read exactly the hidden state entering the group.
+
+        Found once by tracing a forward: their routers give the observation's router probabilities
+        from cached boundary states alone, without running the group (for BERT: query, key, value).
+        """
+        ex = self._example_rows(0)
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod.name, a[0])) for m in moe_layers(self.model)]
+        h = self.stepper.embed(ex.rows)
+        entry = []
+        try:
+            for g in range(self.G):
+                seen.clear()
+                nxt = self.stepper.run_group(h, ex.rows.attention_mask, g, None)
+                entry.append([m for m in moe_layers(self.model) if m.group == g and m.name in seen and torch.equal(seen[m.name], h)])
+                h = nxt
+        finally:
+            for hk in hooks:
+                hk.remove()
+        if not all(entry):
+            raise ValueError("could not find, for every group, a router that reads the group's input hidden state")
+        return entry
+
+    def _example_rows(self, i: int) -> _Example:
+        if i not in self._encoded:
+            ex = self.examples[i]
+            b = encode_pairs(self.tokenizer, [ex])
+            C = len(ex.choices)
+            ids, mask = b.input_ids[0, :C], b.attention_mask[0, :C]
+            types = b.token_type_ids[0, :C] if b.token_type_ids is not None else None
+            # Rows in the length order MCModel.forward uses, so the env's scores are bit-identical to it.
+            order = torch.argsort(mask.sum(1), stable=True)
+            T = int(mask.sum(1).max())
+            rows = Rows(ids[order, :T].to(self.device), mask[order, :T].to(self.device),
+                        None if types is None else types[order, :T].to(self.device))
+            self._encoded[i] = _Example(rows, order, int((order == ex.answer).nonzero()), ex.id)
+        return self._encoded[i]
+
+    # ---- actions and cached transitions ----------------------------------------------------------
+    def _action_key(self, action: Any) -> int | tuple:
+        """Validate an action and return its hashable form (the cache key's path element)."""
+        if self.action_mode == "bias":
+            a = np.asarray(action, dtype=np.float32)
+            if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):
+                raise ValueError(f"bias action must be {self.E} finite floats in [-{BIAS_BOUND}, {BIAS_BOUND}], got {action!r}")
+            return tuple(float(x) for x in a)
+        a = np.asarray(action)
+        if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a) < self.action_space.n:
+            raise ValueError(f"{self.action_mode} action must be an integer in [0, {self.action_space.n}), got {action!r}")
+        return int(a)
+
+    def _selection_bias(self, key: int | tuple, rows: int) -> torch.Tensor:  # [rows, E]
+        bias = torch.zeros(self.E)
+        if self.action_mode == "primary":
+            bias[key] = float("inf")
+        elif self.action_mode == "combo":
+            bias.fill_(float("-inf"))
+            bias[list(self.combos[key])] = 0.0
+        else:
+            bias = torch.tensor(key, dtype=torch.float32)
+        return bias.expand(rows, self.E).to(self.device)
+
+    def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Hidden states entering group ``len(prefix)`` after routing ``prefix``, and the last group's loads."""
+        ex = self._example_rows(i)
+        if not prefix:
+            if ex.embed is None:
+                ex.embed = self.stepper.embed(ex.rows)
+            return ex.embed, None
+        key = (i, prefix)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        parent, _ = self._boundary(i, prefix[:-1])
+        out = self._run_batch([parent], [ex.rows.attention_mask], len(prefix) - 1, [prefix[-1]])[0]
+        self._store(key, out)
+        return out
+
+    def _run_batch(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
+                   keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """One forward of ``group`` over several examples' rows (padded to one length) -> per example."""
+        T = max(h.shape[1] for h in hiddens)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[1])) if t.dim() == 3 else torch.nn.functional.pad(t, (0, T - t.shape[1]))  # noqa: E731
+        hidden = torch.cat([pad(h) for h in hiddens]) if len(hiddens) > 1 else hiddens[0]
+        mask = torch.cat([pad(m) for m in masks]) if len(masks) > 1 else masks[0]
+        bias = torch.cat([self._selection_bias(k, h.shape[0]) for k, h in zip(keys, hiddens)])
+        ctx = self.model.routing
+        ctx.reset_records()
+        ctx.record_rows = True
+        try:
+            out = self.stepper.run_group(hidden, mask, group, bias)
+            counts = ctx.row_counts[group].cpu().numpy()  # [R, E]
+        finally:
+            ctx.record_rows = False
+            ctx.reset_records()
+        results, start = [], 0
+        for h in hiddens:
+            n, t = h.shape[0], h.shape[1]
+            results.append((out[start : start + n, :t], counts[start : start + n].sum(0)))
+            start += n
+        return results
+
+    def _store(self, key: tuple, value: tuple[torch.Tensor, np.ndarray]) -> None:
+        size = value[0].numel() * value[0].element_size()
+        self._cache[key] = value
+        self._cache_bytes += size
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, (old, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+
+    # ---- observation and rewards -----------------------------------------------------------------
+    def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
+        """``[E]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
+        h, _ = self._boundary(i, prefix)
+        mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).float()  # [C, T, 1]
+        probs = [((m.router(h).float().softmax(-1) * mask).sum((0, 1)) / mask.sum()) for m in self._entry[len(prefix)]]
+        return torch.stack(probs).mean(0).detach().cpu().numpy()
+
+    def _load_share(self, g: int) -> np.ndarray:
+        total = self.load_stats[g].sum()
+        return self.load_stats[g] / total if total > 0 else np.full(self.E, 1.0 / self.E)
+
+    def _observation(self) -> np.ndarray:
+        g = len(self._prefix)
+        h, _ = self._boundary(self._example, self._prefix)
+        obs = np.zeros(self.observation_space.shape, np.float32)
+        mask = self._example_rows(self._example).rows.attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum((0, 1)) / mask.sum()  # [d]
+        obs[self.G + 2 * self.E :] = torch.tanh(self.projection @ pooled).cpu().numpy()
+        if g < self.G:
+            obs[g] = 1.0
+            obs[self.G : self.G + self.E] = self.router_probs(self._example, self._prefix)
+            obs[self.G + self.E : self.G + 2 * self.E] = self._load_share(g)
+        return np.clip(obs, self.observation_space.low, self.observation_space.high)
+
+    def balance_reward(self, g: int, counts: np.ndarray) -> float:
+        """``-w E sum_e p_e (s_e - 1/E)``: what routing ``counts [E]`` in group ``g`` costs for balance."""
+        p = counts / max(counts.sum(), 1.0)
+        return float(-self.balance_weight * self.E * np.dot(p, self._load_share(g) - 1.0 / self.E))
+
+    def outcome(self, i: int, prefix: tuple) -> tuple[float, bool]:
+        """``(log p(correct), correct)`` of a complete path."""
+        h, _ = self._boundary(i, prefix)
+        ex = self._example_rows(i)
+        logp = torch.log_softmax(self.stepper.row_scores(h, ex.rows.attention_mask).double(), 0)  # [C] in row order
+        return float(logp[ex.answer_row]), int(logp.argmax()) == ex.answer_row
+
+    # ---- Gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        if "example" in options:
+            i = int(options["example"])
+            if not 0 <= i < len(self.examples):
+                raise ValueError(f"options['example']={i} is out of range; this split has {len(self.examples)} examples")
+        else:
+            i = int(self.np_random.integers(len(self.examples)))
+        self._example, self._prefix, self._done = i, (), False
+        self._episode_loads = np.zeros((self.G, self.E))
+        return self._observation(), {"example": i, "id": self.examples[i].id}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._done:
+            raise ValueError("step() called after the episode ended; call reset() first")
+        key = self._action_key(action)
+        g = len(self._prefix)
+        self._prefix = self._prefix + (key,)
+        _, counts = self._boundary(self._example, self._prefix)
+        self._episode_loads[g] = counts
+        r_bal = self.balance_reward(g, counts)
+        terminated = len(self._prefix) == self.G
+        info: dict[str, Any] = {"example": self._example, "id": self.examples[self._example].id,
+                                "path": list(self._prefix), "group_loads": self._episode_loads.copy(),
+                                "balance_reward": r_bal}
+        if self.reward_mode == "process":
+            reward = r_bal
+        else:
+            self._episode_balance = (self._episode_balance if g else 0.0) + r_bal
+            reward = 0.0
+        if terminated:
+            logp, correct = self.outcome(self._example, self._prefix)
+            reward += logp + (self._episode_balance if self.reward_mode == "outcome" else 0.0)
+            info.update(outcome=logp, correct=correct)
+            self.load_stats += self._episode_loads
+            self._done = True
+        return self._observation(), float(reward), terminated, False, info
+
+    # ---- planning interface ----------------------------------------------------------------------
+    def get_state(self) -> EnvState:
+        return EnvState(self._example, self._prefix, self.load_stats.copy(), self._episode_loads.copy(), self._done)
+
+    def set_state(self, state: EnvState) -> None:
+        self._example, self._prefix, self._done = state.example, tuple(state.prefix), state.done
+        self.load_stats, self._episode_loads = state.load_stats.copy(), state.episode_loads.copy()
+        self._episode_balance = sum(self.balance_reward(g, state.episode_loads[g]) for g in range(len(self._prefix)))
+
+    def evaluate_paths(self, example_ids: Any, paths: Any) -> dict[str, np.ndarray]:
+        """Score complete paths, one batched forward per group over all paths' uncached prefixes.
+
+        ``paths``: ``[N, G]`` actions (``[N, G, E]`` in bias mode). Returns ``outcome [N]`` (log p of
+        the correct answer), ``correct [N]``, ``loads [N, G, E]`` and ``balance [N]`` (the balance
+        reward against the current running loads, which this call does not change).
+        """
+        ids = [int(i) for i in np.asarray(example_ids).reshape(-1)]
+        keyed = [tuple(self._action_key(a) for a in p) for p in paths]
+        if len(keyed) != len(ids) or any(len(p) != self.G for p in keyed):
+            raise ValueError(f"evaluate_paths needs one path of {self.G} actions per example id")
+        for g in range(self.G):
+            todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in zip(ids, keyed) if (i, p[: g + 1]) not in self._cache))
+            if not todo:
+                continue
+            parents = [self._boundary(i, p[:-1])[0] for i, p in todo]
+            masks = [self._example_rows(i).rows.attention_mask for i, _ in todo]
+            for key, out in zip(todo, self._run_batch(parents, masks, g, [p[-1] for _, p in todo])):
+                self._store(key, out)
+        outcome, correct = np.zeros(len(ids)), np.zeros(len(ids), bool)
+        loads = np.zeros((len(ids), self.G, self.E))
+        for n, (i, p) in enumerate(zip(ids, keyed)):
+            outcome[n], correct[n] = self.outcome(i, p)
+            loads[n] = [self._boundary(i, p[: g + 1])[1] for g in range(self.G)]
+        balance = np.array([sum(self.balance_reward(g, l[g]) for g in range(self.G)) for l in loads])
+        return {"outcome": outcome, "correct": correct, "loads": loads, "balance": balance}

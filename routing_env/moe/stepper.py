@@ -1,0 +1,71 @@
+"""Run a multiple-choice LoRA-MoE one layer group at a time (what an env step costs: one group).
+
+``embed`` turns rows into the hidden states entering group 0, ``run_group`` advances hidden states
+through one group's layers under a routing override, ``row_scores`` applies the head. Chaining them
+over all groups gives exactly the logits of ``MCModel.forward`` (a test checks this bit for bit), so
+the env's cached, step-wise execution and a plain forward are the same model.
+
+Encoder backbones only (BERT family, the default MiniLM): the env scores every (question, choice)
+row; causal-LM backbones are supported by the model and the fine-tune, not yet by the stepper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import create_bidirectional_mask
+
+from routing_env.moe.backbone import MCModel, transformer_layers
+
+__all__ = ["Rows", "GroupStepper"]
+
+
+@dataclass
+class Rows:
+    """Token rows of one or more examples, and what every group step of them needs."""
+
+    input_ids: torch.Tensor  # [R, T]
+    attention_mask: torch.Tensor  # [R, T] 1 for real tokens
+    token_type_ids: torch.Tensor | None  # [R, T]
+
+
+class GroupStepper:
+    def __init__(self, model: MCModel) -> None:
+        if model.kind != "encoder":
+            raise ValueError(
+                f"group-wise execution supports encoder backbones (e.g. the default 'minilm'); "
+                f"{model.backbone_name} is a {model.kind} model"
+            )
+        self.model = model
+        self.layers = transformer_layers(model.backbone)
+        self.groups = model.moe_config.layer_groups(model.num_layers)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @torch.no_grad()
+    def embed(self, rows: Rows) -> torch.Tensor:  # [R, T, d]
+        return self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids)
+
+    @torch.no_grad()
+    def run_group(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
+                  selection_bias: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states ``[R, T, d]`` after layer group ``group``; ``selection_bias [R, E]`` overrides its routing."""
+        ctx = self.model.routing
+        ctx.token_mask = attention_mask.bool()
+        ctx.selection_bias = {} if selection_bias is None else {group: selection_bias}
+        mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        try:
+            for layer in self.groups[group]:
+                hidden = self.layers[layer](hidden, mask)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        finally:
+            ctx.selection_bias = {}
+        return hidden
+
+    @torch.no_grad()
+    def row_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # [R]
+        return self.model.score_hidden(hidden, attention_mask)

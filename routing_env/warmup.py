@@ -1,0 +1,32 @@
+"""The cached warm-up checkpoint an env uses when it is given none (trained once, demo size)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["cache_dir", "default_checkpoint", "DEMO_WARMUP"]
+
+#: Demo-size warm-up: enough training that experts differ (fresh experts are identical, B = 0).
+DEMO_WARMUP = dict(method="lora-moe", epochs=1, train_limit=400, eval_limit=200)
+
+
+def cache_dir() -> Path:
+    """``$ROUTING_GYM_CACHE``, else ``~/.cache/routing-gym``."""
+    return Path(os.environ.get("ROUTING_GYM_CACHE", Path.home() / ".cache" / "routing-gym"))
+
+
+def default_checkpoint(task: str, backbone: str = "minilm", data_dir: str | os.PathLike | None = None) -> Path:
+    """The cached warm-up checkpoint for ``(task, backbone)``; trains and caches one when missing."""
+    name = f"warmup-{Path(task).stem}-{Path(backbone).name}"
+    final = cache_dir() / name / "final"
+    if (final / "adapter_config.json").is_file():
+        return final
+    print(f"no warm-up checkpoint for {task} / {backbone} in {cache_dir()}: training a demo-size one "
+          f"({DEMO_WARMUP['train_limit']} questions, 1 epoch); pass checkpoint= to use your own")
+    import finetune  # the stage-1 script is the one place training happens
+
+    cfg = finetune.Config(task=task, backbone=backbone, data_dir=None if data_dir is None else str(data_dir),
+                          logdir=str(cache_dir()), name=name, **DEMO_WARMUP)
+    finetune.main(cfg)
+    return final
