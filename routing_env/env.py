@@ -22,7 +22,7 @@ __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
 
 ACTION_MODES = ("primary", "combo", "bias")
 REWARD_MODES = ("outcome", "process")
-BIAS_BOUND = 10.0  # |logit bias| in `bias` mode; beyond ~10 a softmax is saturated anyway
+BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
 
 
 @dataclass
@@ -60,8 +60,8 @@ class RoutingEnv(gym.Env):
     * ``primary`` (default): ``Discrete(E)``: expert ``a`` is forced into every token's top-k in the
       group's layers; the learned router fills the other ``k - 1`` slots.
     * ``combo``: ``Discrete(C(E, k))``: the exact top-k set, ``combos[a]`` (``itertools.combinations`` order).
-    * ``bias``: ``Box(-10, 10, (E,))``: a logit bias added to the router's scores for selection.
-      The zero vector is the learned router's own routing.
+    * ``bias``: ``Box(-1, 1, (E,))``: ``10 * a`` is added to the router's logits for selection (a
+      normalised box, as SB3 recommends). The zero vector is the learned router's own routing.
 
     Gates are always the router's probabilities renormalised over the selected experts.
 
@@ -101,7 +101,8 @@ class RoutingEnv(gym.Env):
     reward_mode="outcome", balance_weight=0.1, num_groups=None, group_sizes=None, max_examples=None,
     data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024)``. Without a
     ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo size) first.
-    ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups).
+    ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups);
+    ``num_experts``, when given, must match the checkpoint's.
     """
 
     metadata = {"render_modes": []}
@@ -122,6 +123,7 @@ class RoutingEnv(gym.Env):
         obs_proj_dim: int = 16,
         projection_seed: int = 0,
         cache_mb: float = 1024.0,
+        num_experts: int | None = None,
         model: MCModel | None = None,
     ) -> None:
         if action_mode not in ACTION_MODES:
@@ -139,6 +141,9 @@ class RoutingEnv(gym.Env):
         self.stepper = GroupStepper(self.model)
         self.G = self.stepper.num_groups
         self.E, self.k = self._uniform_experts()
+        if num_experts is not None and num_experts != self.E:
+            raise ValueError(f"the env expects {num_experts} experts per layer, the checkpoint has {self.E}; "
+                             f"pass a checkpoint trained with --num-experts {num_experts} or drop num_experts")
         self.combos = list(itertools.combinations(range(self.E), self.k))
         self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
         self.examples = load_task(task, split, data_dir, limit=max_examples)
@@ -156,7 +161,7 @@ class RoutingEnv(gym.Env):
         elif action_mode == "combo":
             self.action_space = spaces.Discrete(len(self.combos))
         else:
-            self.action_space = spaces.Box(-BIAS_BOUND, BIAS_BOUND, (self.E,), np.float32)
+            self.action_space = spaces.Box(-1.0, 1.0, (self.E,), np.float32)
         n_obs = self.G + 2 * self.E + obs_proj_dim
         low = np.concatenate([np.zeros(self.G + 2 * self.E), -np.ones(obs_proj_dim)]).astype(np.float32)
         self.observation_space = spaces.Box(low, np.ones(n_obs, np.float32), dtype=np.float32)
@@ -228,7 +233,7 @@ class RoutingEnv(gym.Env):
         if self.action_mode == "bias":
             a = np.asarray(action, dtype=np.float32)
             if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):
-                raise ValueError(f"bias action must be {self.E} finite floats in [-{BIAS_BOUND}, {BIAS_BOUND}], got {action!r}")
+                raise ValueError(f"bias action must be {self.E} finite floats in [-1, 1], got {action!r}")
             return tuple(float(x) for x in a)
         a = np.asarray(action)
         if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a) < self.action_space.n:
@@ -243,7 +248,7 @@ class RoutingEnv(gym.Env):
             bias.fill_(float("-inf"))
             bias[list(self.combos[key])] = 0.0
         else:
-            bias = torch.tensor(key, dtype=torch.float32)
+            bias = torch.tensor(key, dtype=torch.float32) * BIAS_SCALE
         return bias.expand(rows, self.E).to(self.device)
 
     def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:

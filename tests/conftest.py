@@ -57,3 +57,14 @@ def random_prompt_batch(B: int = 3, C: int = 4, T: int = 11, seed: int = 0) -> M
     return MCBatch(input_ids=ids * mask, attention_mask=mask, token_type_ids=None,
                    choice_mask=torch.ones(B, C, dtype=torch.bool), labels=torch.randint(0, C, (B,), generator=g),
                    letter_ids=torch.arange(1, C + 1).repeat(B, 1), ids=[str(i) for i in range(B)])
+
+
+@pytest.fixture(scope="session")
+def warm_checkpoint(tmp_path_factory, data_dir) -> Path:
+    """A real, tiny LoRA-MoE warm-up on ARC-Easy (48 questions, 1 epoch), shared by the env tests."""
+    import finetune
+
+    out = tmp_path_factory.mktemp("warmup")
+    finetune.main(finetune.Config(task="arc-easy", method="lora-moe", epochs=1, train_limit=48, eval_limit=8,
+                                  batch_size=8, data_dir=str(data_dir), logdir=str(out), name="w", lr=3e-3))
+    return out / "w" / "final"

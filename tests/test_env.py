@@ -1,0 +1,188 @@
+"""RoutingEnv on the real MiniLM LoRA-MoE: checkers, determinism, the known answer, planning API, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import routing_env  # noqa: F401  (registers the ids)
+from routing_env.data import encode_pairs
+from routing_env.env import RoutingEnv
+from routing_env.moe import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def make(warm_checkpoint, data_dir):
+    def _make(**kw) -> RoutingEnv:
+        base = dict(checkpoint=warm_checkpoint, max_examples=12, data_dir=data_dir)
+        return gym.make("layermoe-arc", **(base | kw)).unwrapped
+    return _make
+
+
+def test_gymnasium_and_sb3_checkers_pass_without_warnings(make):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    for mode in ("primary", "combo", "bias"):
+        env = make(action_mode=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_env(env, skip_render_check=True)
+            sb3_check_env(env, warn=True)
+
+
+def _rollout(env: RoutingEnv, seed: int, episodes: int = 3):
+    env.reset(seed=seed)
+    out = []
+    for _ in range(episodes):
+        obs, info = env.reset()
+        done = False
+        while not done:
+            obs, r, done, _, info = env.step(env.np_random.integers(env.E))
+            out.append((obs.copy(), r))
+    return out
+
+
+def test_same_seed_same_trajectory_and_rewards(make):
+    a, b = _rollout(make(), 7), _rollout(make(), 7)
+    assert len(a) == 9
+    for (oa, ra), (ob, rb) in zip(a, b):
+        assert np.array_equal(oa, ob) and ra == rb
+    c = _rollout(make(), 8)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_learned_routing_reproduces_the_plain_forward_exactly(make):
+    """Zero bias at every group is the learned router's own routing: same log p(correct) as MCModel.forward."""
+    env = make(action_mode="bias")
+    model = load_checkpoint(env_checkpoint(env)).eval()
+    for i in range(4):
+        env.reset(options={"example": i})
+        for _ in range(env.G):
+            _, _, done, _, info = env.step(np.zeros(env.E, np.float32))
+        ex = env.examples[i]
+        with torch.no_grad():
+            logits = model(encode_pairs(env.tokenizer, [ex]))[0, : len(ex.choices)]
+        expected = torch.log_softmax(logits.double(), 0)[ex.answer].item()
+        assert info["outcome"] == expected
+        assert info["correct"] == (int(logits.argmax()) == ex.answer)
+
+
+def env_checkpoint(env: RoutingEnv):
+    return env.spec.kwargs["checkpoint"] if env.spec else None
+
+
+def test_forcing_an_expert_changes_loads_and_outcome(make):
+    env = make()
+    outcomes, loads = [], []
+    for a in range(env.E):
+        env.reset(options={"example": 3})
+        for _ in range(env.G):
+            _, _, _, _, info = env.step(a)
+        outcomes.append(info["outcome"])
+        loads.append(info["group_loads"])
+        # Every token routes k experts, one of them the forced one.
+        assert np.all(info["group_loads"][:, a] == info["group_loads"].sum(1) / env.k)
+    assert len(set(np.round(outcomes, 9))) > 1
+
+
+def test_step_after_end_and_invalid_actions_raise(make):
+    env = make()
+    env.reset(seed=0)
+    for bad in (env.E, -1, 1.5, "a", np.array([0, 1])):
+        with pytest.raises(ValueError, match="primary action must be an integer"):
+            env.step(bad)
+    for _ in range(env.G):
+        env.step(0)
+    with pytest.raises(ValueError, match="after the episode ended; call reset"):
+        env.step(0)
+    benv = make(action_mode="bias")
+    benv.reset(seed=0)
+    with pytest.raises(ValueError, match="bias action must be 4 finite floats"):
+        benv.step(np.array([np.nan, 0, 0, 0]))
+    with pytest.raises(ValueError, match="valid: primary, combo, bias"):
+        make(action_mode="topk")
+
+
+def test_unknown_id_is_a_clear_error():
+    with pytest.raises(gym.error.Error, match="layermoe-arcc"):
+        gym.make("layermoe-arcc")
+
+
+def test_mismatched_checkpoint_is_refused(make, warm_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="expects 8 experts per layer, the checkpoint has 4"):
+        make(num_experts=8)
+    bad = tmp_path / "bad"
+    shutil.copytree(warm_checkpoint, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["num_layers"] = 12
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="trained on a 12-layer backbone.*has 6 layers"):
+        make(checkpoint=bad)
+
+
+def test_get_set_state_replays_exactly(make):
+    env = make(reward_mode="process")
+    env.reset(seed=3)
+    env.step(1)
+    saved = env.get_state()
+    first = [env.step(a)[:2] for a in (2, 0)]
+    env.set_state(saved)
+    again = [env.step(a)[:2] for a in (2, 0)]
+    for (o1, r1), (o2, r2) in zip(first, again):
+        assert np.array_equal(o1, o2) and r1 == r2
+
+
+def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make):
+    env = make()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 12, 10)
+    paths = rng.integers(0, env.E, (10, env.G))
+    before = env.load_stats.copy()
+    res = env.evaluate_paths(ids, paths)
+    assert np.array_equal(env.load_stats, before)
+    fresh = make()
+    for n in range(10):
+        fresh.reset(options={"example": int(ids[n])})
+        for a in paths[n]:
+            _, _, _, _, info = fresh.step(int(a))
+        fresh.load_stats[:] = 0  # score every path against the same (empty) running loads
+        assert res["outcome"][n] == pytest.approx(info["outcome"], abs=1e-5)
+        assert res["correct"][n] == info["correct"]
+        np.testing.assert_allclose(res["loads"][n], info["group_loads"])
+
+
+def test_process_and_outcome_rewards_sum_to_the_same_return(make):
+    totals = {}
+    for mode in ("outcome", "process"):
+        env = make(reward_mode=mode, balance_weight=0.5)
+        env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0  # imbalanced history
+        env.reset(options={"example": 5})
+        rewards = [env.step(a)[1] for a in (0, 3, 1)]
+        totals[mode] = (sum(rewards), rewards)
+    assert totals["outcome"][1][:2] == [0.0, 0.0] and totals["process"][1][0] != 0.0
+    assert totals["outcome"][0] == pytest.approx(totals["process"][0], abs=1e-9)
+
+
+def test_combo_mode_and_regrouping(make):
+    env = make(action_mode="combo", num_groups=2)
+    assert env.G == 2 and env.action_space.n == 6 and env.observation_space.shape == (2 + 8 + 16,)
+    env.reset(seed=0)
+    for _ in range(2):
+        _, _, done, _, info = env.step(5)  # combos[5] == (2, 3)
+    assert done and np.all(info["group_loads"][:, :2] == 0)
+
+
+def test_cache_stays_within_its_bound(make):
+    env = make(cache_mb=0.5)
+    for i in range(12):
+        env.reset(options={"example": i})
+        for _ in range(env.G):
+            env.step(0)
+    assert env._cache_bytes <= 0.5 * 2**20 or len(env._cache) == 1
