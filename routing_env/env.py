@@ -11,6 +11,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 
 from routing_env.data import encode_pairs, load_task
@@ -155,6 +156,7 @@ class RoutingEnv(gym.Env):
         ).to(self.device)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, int(cache_mb * 2**20)
+        self.batch_rows = 64  # rows per batched group forward (see ``_run_batch``)
 
         if action_mode == "primary":
             self.action_space = spaces.Discrete(self.E)
@@ -269,12 +271,32 @@ class RoutingEnv(gym.Env):
 
     def _run_batch(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
                    keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
-        """One forward of ``group`` over several examples' rows (padded to one length) -> per example."""
+        """Run ``group`` for several examples' rows -> ``(hidden, loads [E])`` per example.
+
+        Examples are sorted by length and batched in chunks of about ``batch_rows`` rows, each padded
+        only to its own longest example: one batch padded to the longest of all would spend most of
+        its FLOPs on padding (ARC lengths vary 3x), which on a compute-bound CPU costs more than the
+        batching saves.
+        """
+        order = sorted(range(len(hiddens)), key=lambda n: hiddens[n].shape[1])
+        results: list = [None] * len(hiddens)
+        chunk: list[int] = []
+        for pos, n in enumerate(order):
+            chunk.append(n)
+            rows = sum(hiddens[m].shape[0] for m in chunk)
+            if rows >= self.batch_rows or pos == len(order) - 1:
+                for m, res in zip(chunk, self._run_padded([hiddens[m] for m in chunk], [masks[m] for m in chunk],
+                                                          group, [keys[m] for m in chunk])):
+                    results[m] = res
+                chunk = []
+        return results
+
+    def _run_padded(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
+                    keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
         T = max(h.shape[1] for h in hiddens)
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[1])) if t.dim() == 3 else torch.nn.functional.pad(t, (0, T - t.shape[1]))  # noqa: E731
-        hidden = torch.cat([pad(h) for h in hiddens]) if len(hiddens) > 1 else hiddens[0]
-        mask = torch.cat([pad(m) for m in masks]) if len(masks) > 1 else masks[0]
-        bias = torch.cat([self._selection_bias(k, h.shape[0]) for k, h in zip(keys, hiddens)])
+        hidden = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in hiddens])  # [R, T, d]
+        mask = torch.cat([F.pad(m, (0, T - m.shape[1])) for m in masks])  # [R, T]
+        bias = torch.cat([self._selection_bias(k, h.shape[0]) for k, h in zip(keys, hiddens)])  # [R, E]
         ctx = self.model.routing
         ctx.reset_records()
         ctx.record_rows = True
