@@ -52,7 +52,8 @@ def test_unknown_task_lists_the_valid_ones(tmp_path, data_dir):
 def test_cli_rejects_unknown_method_with_choices(capsys):
     with pytest.raises(SystemExit):
         parse_config(finetune.Config, ["--method", "moe"])
-    assert "invalid choice: 'moe' (choose from lora, lora-moe)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'moe'" in err and "lora" in err and "lora-moe" in err  # quoting varies by Python
 
 
 def test_cli_parses_lists_and_optionals():
