@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from routing_env.data import (
-    DATA_ENV_VAR,
     MCExample,
     encode_letter_prompt,
     encode_pairs,
@@ -29,12 +27,6 @@ def bert_tok() -> Any:
     return AutoTokenizer.from_pretrained(m.get_model_path())
 
 
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    raw = os.environ.get(DATA_ENV_VAR)
-    if not raw or not Path(raw).is_dir():
-        pytest.skip(f"{DATA_ENV_VAR} is unset or not a directory; real-data tests need it")
-    return Path(raw)
 
 
 def _ex(qid: str, n: int, answer: int = 0, context: str = "", question: str = "What is it?") -> MCExample:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,6 @@ from routing_env.data import (
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data dir from $ROUTING_ENV_DATA; skip when it is not available."""
-    raw = os.environ.get(DATA_ENV_VAR)
-    if not raw or not Path(raw).is_dir():
-        pytest.skip(f"{DATA_ENV_VAR} is unset or not a directory; real-data tests need it")
-    return Path(raw)
 
 
 def _ai2(qid: str, key: str = "A", labels: str = "ABCD") -> dict[str, Any]:
