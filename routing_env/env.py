@@ -156,7 +156,7 @@ class RoutingEnv(gym.Env):
         ).to(self.device)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, int(cache_mb * 2**20)
-        self.batch_rows = 64  # rows per batched group forward (see ``_run_batch``)
+        self.batch_rows = 32  # rows per batched group forward (see ``_run_batch``)
 
         if action_mode == "primary":
             self.action_space = spaces.Discrete(self.E)
