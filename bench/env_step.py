@@ -61,8 +61,7 @@ def paths_per_second(env: RoutingEnv, batch: int, rounds: int, seed: int, per_ex
     n = 0
     t0 = time.perf_counter()
     for _ in range(rounds):
-        env._cache.clear()  # fresh paths: measure computing them, not cache hits
-        env._cache_bytes = 0
+        env.cache.clear()  # fresh paths: measure computing them, not cache hits
         ids = np.repeat(rng.choice(len(env.examples), size=batch // per_example, replace=False), per_example)
         env.evaluate_paths(ids, rng.integers(env.E, size=(batch, env.G)))
         n += batch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
+from routing_env.cache import TensorLRU
 from routing_env.data import encode_pairs, load_task
-from routing_env.moe import MCModel, load_checkpoint, moe_layers
+from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
 from routing_env.moe.stepper import GroupStepper, Rows
 from routing_env.warmup import default_checkpoint
 
@@ -154,8 +154,7 @@ class RoutingEnv(gym.Env):
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
-        self._cache: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
-        self._cache_bytes, self._cache_limit = 0, int(cache_mb * 2**20)
+        self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d], loads [E])
         self.batch_rows = 32  # rows per batched group forward (see ``_run_batch``)
 
         if action_mode == "primary":
@@ -170,11 +169,10 @@ class RoutingEnv(gym.Env):
         self.load_stats = np.zeros((self.G, self.E))  # [G, E] running counts; explicit, saved in get_state
         self._example, self._prefix, self._done = 0, (), True
         self._episode_loads = np.zeros((self.G, self.E))
+        self._episode_balance = 0.0  # balance rewards of this episode so far (paid at the end in outcome mode)
 
     # ---- set-up helpers --------------------------------------------------------------------------
     def _regroup(self, num_groups: int | None, group_sizes: list[int] | None) -> None:
-        from routing_env.moe.config import split_layer_groups
-
         groups = split_layer_groups(self.model.num_layers, num_groups, group_sizes)
         group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}
         for m in moe_layers(self.model):
@@ -260,13 +258,12 @@ class RoutingEnv(gym.Env):
             if ex.embed is None:
                 ex.embed = self.stepper.embed(ex.rows)
             return ex.embed, None
-        key = (i, prefix)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        cached = self.cache.get((i, prefix))
+        if cached is not None:
+            return cached
         parent, _ = self._boundary(i, prefix[:-1])
         out = self._run_batch([parent], [ex.rows.attention_mask], len(prefix) - 1, [prefix[-1]])[0]
-        self._store(key, out)
+        self.cache.put((i, prefix), out)
         return out
 
     def _run_batch(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
@@ -312,14 +309,6 @@ class RoutingEnv(gym.Env):
             results.append((out[start : start + n, :t], counts[start : start + n].sum(0)))
             start += n
         return results
-
-    def _store(self, key: tuple, value: tuple[torch.Tensor, np.ndarray]) -> None:
-        size = value[0].numel() * value[0].element_size()
-        self._cache[key] = value
-        self._cache_bytes += size
-        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cache_bytes -= old.numel() * old.element_size()
 
     # ---- observation and rewards -----------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
@@ -370,6 +359,7 @@ class RoutingEnv(gym.Env):
             i = int(self.np_random.integers(len(self.examples)))
         self._example, self._prefix, self._done = i, (), False
         self._episode_loads = np.zeros((self.G, self.E))
+        self._episode_balance = 0.0
         return self._observation(), {"example": i, "id": self.examples[i].id}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -385,11 +375,8 @@ class RoutingEnv(gym.Env):
         info: dict[str, Any] = {"example": self._example, "id": self.examples[self._example].id,
                                 "path": list(self._prefix), "group_loads": self._episode_loads.copy(),
                                 "balance_reward": r_bal}
-        if self.reward_mode == "process":
-            reward = r_bal
-        else:
-            self._episode_balance = (self._episode_balance if g else 0.0) + r_bal
-            reward = 0.0
+        self._episode_balance += r_bal
+        reward = r_bal if self.reward_mode == "process" else 0.0
         if terminated:
             logp, correct = self.outcome(self._example, self._prefix)
             reward += logp + (self._episode_balance if self.reward_mode == "outcome" else 0.0)
@@ -419,13 +406,13 @@ class RoutingEnv(gym.Env):
         if len(keyed) != len(ids) or any(len(p) != self.G for p in keyed):
             raise ValueError(f"evaluate_paths needs one path of {self.G} actions per example id")
         for g in range(self.G):
-            todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in zip(ids, keyed) if (i, p[: g + 1]) not in self._cache))
+            todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in zip(ids, keyed) if (i, p[: g + 1]) not in self.cache))
             if not todo:
                 continue
             parents = [self._boundary(i, p[:-1])[0] for i, p in todo]
             masks = [self._example_rows(i).rows.attention_mask for i, _ in todo]
             for key, out in zip(todo, self._run_batch(parents, masks, g, [p[-1] for _, p in todo])):
-                self._store(key, out)
+                self.cache.put(key, out)
         outcome, correct = np.zeros(len(ids)), np.zeros(len(ids), bool)
         loads = np.zeros((len(ids), self.G, self.E))
         for n, (i, p) in enumerate(zip(ids, keyed)):

@@ -89,11 +89,11 @@ class RoutingVectorEnv(VectorEnv):
                 continue
             slot = self._slots[j]
             nxt = (slot.example, slot.prefix + (key,))
-            if nxt not in env._cache:
+            if nxt not in env.cache:
                 todo.setdefault(len(slot.prefix), []).append(nxt)
         for g, items in todo.items():
             items = list(dict.fromkeys(items))
             parents = [env._boundary(i, p[:-1])[0] for i, p in items]
             masks = [env._example_rows(i).rows.attention_mask for i, _ in items]
             for item, out in zip(items, env._run_batch(parents, masks, g, [p[-1] for _, p in items])):
-                env._store(item, out)
+                env.cache.put(item, out)

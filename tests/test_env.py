@@ -58,10 +58,10 @@ def test_same_seed_same_trajectory_and_rewards(make):
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
-def test_learned_routing_reproduces_the_plain_forward_exactly(make):
+def test_learned_routing_reproduces_the_plain_forward_exactly(make, warm_checkpoint):
     """Zero bias at every group is the learned router's own routing: same log p(correct) as MCModel.forward."""
     env = make(action_mode="bias")
-    model = load_checkpoint(env_checkpoint(env)).eval()
+    model = load_checkpoint(warm_checkpoint).eval()
     for i in range(4):
         env.reset(options={"example": i})
         for _ in range(env.G):
@@ -72,10 +72,6 @@ def test_learned_routing_reproduces_the_plain_forward_exactly(make):
         expected = torch.log_softmax(logits.double(), 0)[ex.answer].item()
         assert info["outcome"] == expected
         assert info["correct"] == (int(logits.argmax()) == ex.answer)
-
-
-def env_checkpoint(env: RoutingEnv):
-    return env.spec.kwargs["checkpoint"] if env.spec else None
 
 
 def test_forcing_an_expert_changes_loads_and_outcome(make):
@@ -185,4 +181,5 @@ def test_cache_stays_within_its_bound(make):
         env.reset(options={"example": i})
         for _ in range(env.G):
             env.step(0)
-    assert env._cache_bytes <= 0.5 * 2**20 or len(env._cache) == 1
+    assert env.cache.bytes <= 0.5 * 2**20 or len(env.cache) == 1
+    assert len(env.cache) < 12 * env.G  # entries were evicted
