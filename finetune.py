@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from routing_env.data import load_task, task_names
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
-from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, save_checkpoint
+from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_adapter_state, save_checkpoint
 from routing_env.plots import load_heatmap
 from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
 
@@ -121,7 +121,7 @@ def main(cfg: Config) -> dict:
     done = sorted(ckpt_root.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) if cfg.resume else []
     if done:
         last = done[-1]
-        model.load_state_dict(load_checkpoint(last).trainable_state(), strict=False)
+        load_adapter_state(model, last)
         state = torch.load(last / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone
+from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
 
@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "moe_layers",
     "save_checkpoint",
+    "load_adapter_state",
     "load_checkpoint",
     "read_checkpoint_config",
     "FORMAT_VERSION",
@@ -178,12 +179,23 @@ def load_checkpoint(directory: str | Path, backbone_module: tuple[nn.Module, str
     else:
         lc = cfg["lora"]
         moe = MoEConfig(rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"], target_modules=lc["target_modules"])
-    model = build_model(cfg["method"], cfg["backbone"], moe, backbone_module=backbone_module)
-    if model.num_layers != cfg["num_layers"]:
+    if backbone_module is None:
+        module, _, kind = load_backbone(cfg["backbone"])
+        backbone_module = (module, kind)
+    # Checked before the adapters are attached, so a mismatch is reported as such rather than as
+    # whatever the layer grouping makes of the wrong layer count.
+    layers = len(transformer_layers(backbone_module[0]))
+    if layers != cfg["num_layers"]:
         raise ValueError(
             f"checkpoint {directory} was trained on a {cfg['num_layers']}-layer backbone, "
-            f"but {cfg['backbone']} has {model.num_layers} layers"
+            f"but {cfg['backbone']} has {layers} layers"
         )
+    model = build_model(cfg["method"], cfg["backbone"], moe, backbone_module=backbone_module)
+    return load_adapter_state(model, directory)
+
+
+def load_adapter_state(model: MCModel, directory: str | Path) -> MCModel:
+    """Load a checkpoint's trainable tensors into ``model`` in place, refusing any that do not fit."""
     state = load_file(str(Path(directory) / "adapter.safetensors"))
     expected = model.trainable_state()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
