@@ -17,6 +17,7 @@ from routing_env.cache import TensorLRU
 from routing_env.data import encode_pairs, load_task
 from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
 from routing_env.moe.stepper import GroupStepper, Rows
+from routing_env.planning import EnvState, PlanningMixin
 from routing_env.warmup import default_checkpoint
 
 __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
@@ -24,17 +25,6 @@ __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
 ACTION_MODES = ("primary", "combo", "bias")
 REWARD_MODES = ("outcome", "process")
 BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
-
-
-@dataclass
-class EnvState:
-    """What ``get_state`` returns: cheap to copy (no tensors), enough to resume an episode exactly."""
-
-    example: int
-    prefix: tuple
-    load_stats: np.ndarray  # [G, E] running expert-assignment counts per group
-    episode_loads: np.ndarray  # [G, E] counts of this episode's steps so far
-    done: bool = False
 
 
 @dataclass
@@ -46,7 +36,7 @@ class _Example:
     embed: torch.Tensor | None = field(default=None, repr=False)  # [C, T, d] hidden entering group 0
 
 
-class RoutingEnv(gym.Env):
+class RoutingEnv(PlanningMixin, gym.Env):
     """
     ## Description
 
@@ -384,39 +374,3 @@ class RoutingEnv(gym.Env):
             self.load_stats += self._episode_loads
             self._done = True
         return self._observation(), float(reward), terminated, False, info
-
-    # ---- planning interface ----------------------------------------------------------------------
-    def get_state(self) -> EnvState:
-        return EnvState(self._example, self._prefix, self.load_stats.copy(), self._episode_loads.copy(), self._done)
-
-    def set_state(self, state: EnvState) -> None:
-        self._example, self._prefix, self._done = state.example, tuple(state.prefix), state.done
-        self.load_stats, self._episode_loads = state.load_stats.copy(), state.episode_loads.copy()
-        self._episode_balance = sum(self.balance_reward(g, state.episode_loads[g]) for g in range(len(self._prefix)))
-
-    def evaluate_paths(self, example_ids: Any, paths: Any) -> dict[str, np.ndarray]:
-        """Score complete paths, one batched forward per group over all paths' uncached prefixes.
-
-        ``paths``: ``[N, G]`` actions (``[N, G, E]`` in bias mode). Returns ``outcome [N]`` (log p of
-        the correct answer), ``correct [N]``, ``loads [N, G, E]`` and ``balance [N]`` (the balance
-        reward against the current running loads, which this call does not change).
-        """
-        ids = [int(i) for i in np.asarray(example_ids).reshape(-1)]
-        keyed = [tuple(self._action_key(a) for a in p) for p in paths]
-        if len(keyed) != len(ids) or any(len(p) != self.G for p in keyed):
-            raise ValueError(f"evaluate_paths needs one path of {self.G} actions per example id")
-        for g in range(self.G):
-            todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in zip(ids, keyed) if (i, p[: g + 1]) not in self.cache))
-            if not todo:
-                continue
-            parents = [self._boundary(i, p[:-1])[0] for i, p in todo]
-            masks = [self._example_rows(i).rows.attention_mask for i, _ in todo]
-            for key, out in zip(todo, self._run_batch(parents, masks, g, [p[-1] for _, p in todo])):
-                self.cache.put(key, out)
-        outcome, correct = np.zeros(len(ids)), np.zeros(len(ids), bool)
-        loads = np.zeros((len(ids), self.G, self.E))
-        for n, (i, p) in enumerate(zip(ids, keyed)):
-            outcome[n], correct[n] = self.outcome(i, p)
-            loads[n] = [self._boundary(i, p[: g + 1])[1] for g in range(self.G)]
-        balance = np.array([sum(self.balance_reward(g, l[g]) for g in range(self.G)) for l in loads])
-        return {"outcome": outcome, "correct": correct, "loads": loads, "balance": balance}

@@ -19,13 +19,20 @@ class RoutingVectorEnv(VectorEnv):
     A step collects every sub-env's next transition that is not cached yet and runs them as one
     batch through the group (different examples padded to one length), then finishes each sub-env's
     step from the cache. Sub-envs reset automatically on the step after they end (Gymnasium's
-    ``NEXT_STEP`` autoreset: that step's action is ignored). Arguments are ``RoutingEnv``'s.
+    ``NEXT_STEP`` autoreset: that step's action is ignored), or with ``autoreset_mode=SAME_STEP``
+    in the step that ends them (the returned observation starts the next episode; the last one is
+    ``info["final_obs"]``, as stable-baselines3 expects). ``env`` shares an existing ``RoutingEnv``
+    (its model, cache and running loads); otherwise the other arguments build one.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
-    def __init__(self, num_envs: int = 8, **env_kwargs: Any) -> None:
-        self.env = RoutingEnv(**env_kwargs)
+    def __init__(self, num_envs: int = 8, autoreset_mode: AutoresetMode = AutoresetMode.NEXT_STEP,
+                 env: RoutingEnv | None = None, **env_kwargs: Any) -> None:
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode!r}")
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.env = env if env is not None else RoutingEnv(**env_kwargs)
         self.num_envs = num_envs
         self.single_observation_space = self.env.observation_space
         self.single_action_space = self.env.action_space
@@ -69,9 +76,14 @@ class RoutingVectorEnv(VectorEnv):
                 self._restore(self._slots[j])
                 o, rewards[j], terminated[j], truncated[j], info = env.step(keys[j] if env.action_mode != "bias" else actions[j])
                 self._slots[j] = env.get_state()
+                if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP and (terminated[j] or truncated[j]):
+                    final_obs, final_info = o, info
+                    o, info = self._start(j)
+                    info = {**info, "final_obs": final_obs, "final_info": final_info}
             obs.append(o)
             infos = self._add_info(infos, info, j)
-        self._autoreset = terminated | truncated
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._autoreset = terminated | truncated
         self._obs = concatenate(self.single_observation_space, obs, self._obs)
         return self._obs, rewards, terminated, truncated, infos
 
@@ -82,18 +94,5 @@ class RoutingVectorEnv(VectorEnv):
 
     def _prefetch(self, keys: list) -> None:
         """Run the uncached transitions of all sub-envs: one batched forward per group level."""
-        env = self.env
-        todo: dict[int, list[tuple[int, tuple]]] = {}
-        for j, key in enumerate(keys):
-            if key is None:
-                continue
-            slot = self._slots[j]
-            nxt = (slot.example, slot.prefix + (key,))
-            if nxt not in env.cache:
-                todo.setdefault(len(slot.prefix), []).append(nxt)
-        for g, items in todo.items():
-            items = list(dict.fromkeys(items))
-            parents = [env._boundary(i, p[:-1])[0] for i, p in items]
-            masks = [env._example_rows(i).rows.attention_mask for i, _ in items]
-            for item, out in zip(items, env._run_batch(parents, masks, g, [p[-1] for _, p in items])):
-                env.cache.put(item, out)
+        nodes = [(self._slots[j].example, self._slots[j].prefix + (key,)) for j, key in enumerate(keys) if key is not None]
+        self.env.prefetch(nodes)

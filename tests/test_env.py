@@ -154,6 +154,40 @@ def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make):
         np.testing.assert_allclose(res["loads"][n], info["group_loads"])
 
 
+def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make):
+    env = make(reward_mode="process", balance_weight=0.5)
+    env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0
+    path = (2, 0, 3)
+    res = env.evaluate_prefixes([4] * 4, [path[:n] for n in range(4)])
+    assert res["terminal"].tolist() == [False, False, False, True] and res["reward"][0] == 0.0
+    env.reset(options={"example": 4})
+    for g, a in enumerate(path):
+        s = env.get_state()
+        assert np.allclose(res["prior"][g], env.router_probs(4, s.prefix) / env.router_probs(4, s.prefix).sum())
+        _, r, done, _, info = env.step(a)
+        if not done:
+            assert res["reward"][g + 1] == pytest.approx(r)  # the balance term of that step
+    assert res["reward"][3] == pytest.approx(r) and res["outcome"][3] == info["outcome"]
+    assert np.isnan(res["outcome"][:3]).all() and (res["prior"][3] == 0).all()
+    with pytest.raises(ValueError, match="at most 3 actions"):
+        env.evaluate_prefixes([0], [(0, 0, 0, 0)])
+    with pytest.raises(ValueError, match="out of range"):
+        env.evaluate_prefixes([99], [()])
+
+
+def test_mcts_on_the_real_env_matches_its_own_records(make):
+    """A small real search: recorded outcomes and loads are those of the chosen paths."""
+    import agents
+
+    env = make()
+    res = agents.run_agent(agents.make("mcts", num_simulations=6, batch_size=4), env, [0, 1, 2, 3])
+    check = env.evaluate_paths([r.example for r in res], [r.path for r in res])
+    for n, r in enumerate(res):
+        assert r.outcome == check["outcome"][n] and np.array_equal(r.loads, check["loads"][n])
+        assert np.allclose(r.targets.sum(1), 1.0) and r.values[0, r.path[0]] <= 0.5
+    assert env.load_stats.sum() == pytest.approx(sum(r.loads.sum() for r in res))  # batch fed the running loads
+
+
 def test_process_and_outcome_rewards_sum_to_the_same_return(make):
     totals = {}
     for mode in ("outcome", "process"):

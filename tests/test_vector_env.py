@@ -35,3 +35,17 @@ def test_vector_env_matches_single_env_and_autoresets(warm_checkpoint, data_dir)
     # Next step: every sub-env resets (its action is ignored) and starts at group 0.
     obs, rewards, term, _, _ = venv.step(actions[0])
     assert not term.any() and np.all(rewards == 0) and np.all(obs[:, 0] == 1.0)
+
+
+def test_same_step_autoreset_returns_the_final_observation(warm_checkpoint, data_dir):
+    from gymnasium.vector import AutoresetMode
+
+    venv = RoutingVectorEnv(num_envs=2, autoreset_mode=AutoresetMode.SAME_STEP, checkpoint=warm_checkpoint,
+                            max_examples=6, data_dir=data_dir)
+    venv.reset(seed=1)
+    for _ in range(3):
+        obs, _, term, _, info = venv.step(np.array([1, 2]))
+    assert term.all() and info["_final_obs"].all()
+    assert (obs[:, 0] == 1.0).all()  # already the next episode's first observation
+    assert (np.stack(info["final_obs"])[:, :3] == 0).all()  # object array, as Gymnasium's own vector envs give
+    assert list(info["final_info"]["path"][0]) == [1, 1, 1] and list(info["final_info"]["path"][1]) == [2, 2, 2]

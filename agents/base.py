@@ -1,0 +1,107 @@
+"""The agent protocol, what a search returns, and running an act-only agent through episodes.
+
+An agent needs one method, ``act(obs, env) -> action``. It may also offer:
+
+* ``policy(obs, env) -> [A]`` its action distribution (becomes the group's routing target; agents
+  without it give a one-hot target of the action they took);
+* ``search(env, example_ids) -> list[SearchResult]`` its own planning over many examples (MCTS);
+* ``fit(env, seed)`` training before it is used (PPO);
+* ``config() -> dict`` its settings, written into the routing-targets file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Agent", "SearchResult", "check_agent", "rollout", "run_agent", "summarize"]
+
+
+@runtime_checkable
+class Agent(Protocol):
+    def act(self, obs: np.ndarray, env: Any) -> Any: ...
+
+
+@dataclass
+class SearchResult:
+    """One example's routing decision: the contract between agents and the routing-targets file."""
+
+    example: int  # index into the env's split
+    targets: np.ndarray  # [G, A] target distribution over actions per group
+    values: np.ndarray  # [G, A] process value (Q) of each action per group; NaN = not estimated
+    path: np.ndarray  # [G] chosen actions
+    outcome: float  # log p(correct answer) of the chosen path
+    correct: bool
+    loads: np.ndarray  # [G, E] expert-assignment counts of the chosen path
+    balance: float  # sum of the path's balance rewards
+    extra: dict = field(default_factory=dict)
+
+
+def check_agent(agent: Any, name: str = "agent") -> Any:
+    """Refuse an object that does not implement the protocol, naming what is missing."""
+    if not callable(getattr(agent, "act", None)) and not callable(getattr(agent, "search", None)):
+        raise TypeError(f"{name} ({type(agent).__name__}) does not implement the agent protocol: it needs a method "
+                        "act(obs, env) -> action (and optionally policy, search, fit, config); see agents/base.py")
+    for opt in ("policy", "search", "fit", "config"):
+        if hasattr(agent, opt) and not callable(getattr(agent, opt)):
+            raise TypeError(f"{name}.{opt} must be a method, got {type(getattr(agent, opt)).__name__}")
+    return agent
+
+
+def rollout(agent: Any, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
+    """Run one episode per example with ``agent.act``; targets from ``agent.policy`` or one-hot."""
+    results = []
+    A = int(env.action_space.n)
+    policy = getattr(agent, "policy", None)
+    for i in example_ids:
+        obs, _ = env.reset(options={"example": int(i)})
+        targets, path, balance, done = np.zeros((env.G, A)), [], 0.0, False
+        info: dict = {}
+        while not done:
+            g = len(path)
+            action = agent.act(obs, env)
+            if policy is not None:
+                targets[g] = np.asarray(policy(obs, env), dtype=float)
+            else:
+                targets[g, int(action)] = 1.0
+            obs, _, done, _, info = env.step(action)
+            path.append(int(action))
+            balance += info["balance_reward"]
+        results.append(SearchResult(example=int(i), targets=targets, values=np.full((env.G, A), np.nan),
+                                    path=np.array(path), outcome=float(info["outcome"]), correct=bool(info["correct"]),
+                                    loads=info["group_loads"], balance=balance))
+    return results
+
+
+def run_agent(agent: Any, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
+    """An agent's results on ``example_ids``: its own ``search`` if it has one, else ``rollout``."""
+    search = getattr(agent, "search", None)
+    results = search(env, list(example_ids)) if search is not None else rollout(agent, env, example_ids)
+    if len(results) != len(example_ids):
+        raise ValueError(f"{type(agent).__name__}.search returned {len(results)} results for {len(example_ids)} examples")
+    return results
+
+
+def summarize(results: Sequence[SearchResult]) -> dict:
+    """Outcome and balance of a set of chosen paths.
+
+    ``load_share [G][E]`` sums the paths' expert-assignment counts per group; ``cv`` / ``max_over_mean``
+    / ``norm_entropy`` are per group over those shares (``cv_mean`` their mean over groups).
+    """
+    from routing_env.moe.routing import load_stats
+
+    loads = np.sum([r.loads for r in results], axis=0)  # [G, E]
+    stats = [load_stats(row) for row in loads]
+    return {
+        "examples": len(results),
+        "outcome_mean": float(np.mean([r.outcome for r in results])),
+        "accuracy": float(np.mean([r.correct for r in results])),
+        "return_mean": float(np.mean([r.outcome + r.balance for r in results])),
+        "load_share": [s.loads for s in stats],
+        "cv": [s.cv for s in stats],
+        "cv_mean": float(np.mean([s.cv for s in stats])),
+        "max_over_mean": [s.max_over_mean for s in stats],
+        "norm_entropy": [s.norm_entropy for s in stats],
+    }
