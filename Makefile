@@ -23,8 +23,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: search layer-group routing on ARC-Easy with MCTS (trains and caches a demo-size
+# warm-up checkpoint first when none is cached) and write routing targets + TensorBoard logs.
 demo: install
-	$(PY) finetune.py --task arc-easy --method lora-moe --epochs 1 --train-limit 400 --eval-limit 200 --name demo-warmup
+	$(PY) train_rl.py --env layermoe-arc
+
+# Benchmarks print JSON; bench/mcts.py also times DeepMind's mctx when the bench extra is installed.
+bench: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/mcts.py
+	$(PY) bench/env_step.py
+	$(PY) bench/lora_moe_cpu.py
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -40,7 +40,7 @@ class Config:
     checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
     split: str = cfg_field("train", "split whose examples get targets")
-    num_examples: int = cfg_field(48, "search the first N examples of the split (stage 3 trains the rest on the task loss)")
+    num_examples: int = cfg_field(128, "search the first N examples of the split (stage 3 trains the rest on the task loss)")
     num_simulations: int = cfg_field(16, "MCTS simulations per layer group (for agents that take num_simulations)")
     batch_size: int = cfg_field(16, "examples searched together (one batched forward per tree level)")
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward")
