@@ -110,7 +110,8 @@ def main(cfg: Config) -> dict:
     # ---- agent training (PPO and other learning agents) ------------------------------------------
     if todo and callable(getattr(agent, "fit", None)):
         t0 = time.time()
-        agent.fit(env)
+        takes_logdir = "tensorboard_log" in inspect.signature(agent.fit).parameters
+        agent.fit(env, tensorboard_log=str(run_dir / "agent")) if takes_logdir else agent.fit(env)
         writer.add_scalar("charts/fit_seconds", time.time() - t0, 0)
 
     # ---- search, a batch of examples at a time ---------------------------------------------------

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from stable_baselines3 import PPO
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env import VecEnv
 
 __all__ = ["PPOAgent", "SB3VecEnv", "make_vector_env"]
@@ -111,8 +113,11 @@ class PPOAgent:
         vec = SB3VecEnv(make_vector_env(env, k["num_envs"]))
         self.model = PPO("MlpPolicy", vec, n_steps=k["n_steps"], batch_size=k["batch_size"], n_epochs=k["n_epochs"],
                          learning_rate=k["learning_rate"], gamma=k["gamma"], ent_coef=k["ent_coef"], seed=k["seed"],
-                         device="cpu", verbose=self.verbose, tensorboard_log=tensorboard_log)
-        self.model.learn(total_timesteps=k["total_timesteps"], progress_bar=False, tb_log_name="ppo")
+                         device="cpu", verbose=self.verbose)
+        # SB3's default logger makes a temp folder per run; log to the run's TensorBoard folder or nowhere.
+        formats = (["stdout"] if self.verbose else []) + (["tensorboard"] if tensorboard_log else [])
+        self.model.set_logger(configure_logger(tensorboard_log, formats) if formats else Logger(None, []))
+        self.model.learn(total_timesteps=k["total_timesteps"], progress_bar=False)
         env.load_stats = loads
         if self.model_path:
             self.model.save(self.model_path)

@@ -90,3 +90,16 @@ def test_ppo_runs_on_the_real_env(warm_checkpoint, data_dir):
     assert env.load_stats.sum() == 0  # training episodes are not counted as search decisions
     res = agents.run_agent(ppo, env, [0, 1])
     assert all(r.targets.shape == (env.G, env.E) and np.allclose(r.targets.sum(1), 1) for r in res)
+
+
+def test_the_readme_plugin_example_runs_and_balances(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("# my_agents.py")[1].split("```")[0]
+    (tmp_path / "readme_agents.py").write_text(code.split("\n", 1)[1])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    agent = agents.make("readme_agents:LeastLoaded", tie_weight=0.01)
+    res = agents.run_agent(agent, SyntheticRoutingEnv(num_examples=16), range(16))
+    assert agents.summarize(res)["cv_mean"] == 0.0  # 16 episodes over 4 experts, least-loaded first
+    sys.modules.pop("readme_agents", None)
