@@ -1,9 +1,12 @@
-"""Fine-tune a LoRA or LoRA-MoE multiple-choice model (stage 1 of LayerMoE: the warm-up).
+"""Fine-tune a LoRA or LoRA-MoE multiple-choice model: LayerMoE's warm-up (stage 1) and its
+process-supervised fine-tune (stage 3).
 
     python finetune.py --task arc-easy --method lora-moe --epochs 2
+    python finetune.py --task arc-easy --method layermoe --init-checkpoint runs/w/final --targets targets.jsonl
 
-Reads top to bottom like the algorithm: set-up, data, model, then epochs of (train, evaluate on dev,
-checkpoint), and a final test evaluation written to ``runs/<name>/results.json``.
+Reads top to bottom like the algorithm: set-up, data, model (fresh adapters, or for ``layermoe`` the
+warm-up checkpoint and its routing targets), then epochs of (train, evaluate on dev, checkpoint), and
+a final test evaluation written to ``runs/<name>/results.json``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from routing_env.data import load_task, task_names
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
-from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_adapter_state, save_checkpoint
+from routing_env.moe import (DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_adapter_state, load_checkpoint,
+                             moe_layers, save_checkpoint)
+from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
+from routing_env.supervision import WEIGHTINGS, TargetTable, group_agreement, routing_loss
+from routing_env.targets import load_targets
 from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
 
 
@@ -31,7 +38,8 @@ class Config:
     """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
 
     task: str = cfg_field("arc-easy", f"task ({', '.join(task_names())}) or the path of an AI2-format JSONL file")
-    method: str = cfg_field("lora-moe", "adapter method", choices=list(METHODS))
+    method: str = cfg_field("lora-moe", "lora / lora-moe (stage 1), or layermoe: continue a lora-moe warm-up "
+                            "with routing targets (stage 3)", choices=[*METHODS, "layermoe"])
     backbone: str = cfg_field(DEFAULT_BACKBONE, "'minilm' (packaged, offline), a local folder or a hub id")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
     epochs: int = cfg_field(2, "passes over the training split")
@@ -49,7 +57,12 @@ class Config:
     target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
     num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
     group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
-    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe)")
+    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe, layermoe)")
+    init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are used)")
+    targets: str | None = cfg_field(None, "layermoe: routing-targets file from train_rl.py for that checkpoint")
+    beta: float = cfg_field(1.0, "layermoe: weight of the routing loss KL(target || group router distribution)")
+    route_weighting: str = cfg_field("none", "layermoe: weight each (example, group) term equally, or by the spread "
+                                     "of its process values", choices=list(WEIGHTINGS))
     train_limit: int | None = cfg_field(None, "use only the first N training questions")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
     eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
@@ -106,8 +119,23 @@ def main(cfg: Config) -> dict:
     test = load_task(cfg.task, "test", cfg.data_dir, limit=cfg.eval_limit)
 
     # ---- model -----------------------------------------------------------------------------------
-    model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
-    tokenizer = model.tokenizer_for(cfg.backbone)
+    table = None
+    if cfg.method == "layermoe":
+        if not cfg.init_checkpoint or not cfg.targets:
+            raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
+        model = load_checkpoint(cfg.init_checkpoint).to(device)
+        if not moe_layers(model):
+            raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
+        layers = moe_layers(model)
+        # The targets must come from a search on exactly this model (same tensors, groups, experts).
+        table = TargetTable(load_targets(cfg.targets), {
+            "task": Path(cfg.task).stem if Path(cfg.task).suffix else cfg.task, "fingerprint": model_fingerprint(model),
+            "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
+            "num_actions": layers[0].num_experts}, cfg.route_weighting)
+        print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+    else:
+        model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
+    tokenizer = model.tokenizer_for(model.backbone_name)
     encode = batch_encoder(model, tokenizer, cfg.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -130,21 +158,27 @@ def main(cfg: Config) -> dict:
         print(f"resuming {name} after epoch {state['epoch'] + 1} from {last}")
 
     # ---- train -----------------------------------------------------------------------------------
-    use_aux = cfg.method == "lora-moe" and cfg.aux_loss_coef > 0
+    use_aux = cfg.method in ("lora-moe", "layermoe") and cfg.aux_loss_coef > 0
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         model.routing.compute_aux = use_aux
+        model.routing.collect_route = table is not None
         # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
         rng = np.random.default_rng([cfg.seed, epoch])
         bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for exs in bar:
             batch = encode(exs).to(device)
-            model.routing.aux_losses = []
+            model.routing.reset_records()
             logits = model(batch)  # [B, C]
             task_loss = F.cross_entropy(logits, batch.labels)
             aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
             loss = task_loss + cfg.aux_loss_coef * aux_loss
+            if table is not None:  # stage 3: pull each group's router toward the example's target
+                probs = model.routing.example_group_probs(len(exs))  # [B, G, E]
+                tgt, w = (x.to(device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
+                route_loss = routing_loss(probs, tgt, w)
+                loss = loss + cfg.beta * route_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -156,8 +190,12 @@ def main(cfg: Config) -> dict:
                 writer.add_scalar("losses/aux", aux_loss.item(), step)
                 writer.add_scalar("losses/total", loss.item(), step)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                if table is not None:
+                    writer.add_scalar("losses/route", route_loss.item(), step)
+                    for g, a in enumerate(group_agreement(probs.detach(), tgt, w).tolist()):
+                        writer.add_scalar(f"routing/agreement_group_{g}", a, step)
             bar.set_postfix(loss=f"{task_loss.item():.3f}")
-        model.routing.compute_aux = False
+        model.routing.compute_aux = model.routing.collect_route = False
 
         # ---- evaluate on dev, checkpoint -------------------------------------------------------
         res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
@@ -187,6 +225,7 @@ def main(cfg: Config) -> dict:
         "history": history,
         "wall_time_s": time.time() - t_start,
         "checkpoint": str(final),
+        "targets_coverage": None if table is None else sum(e.id in table.targets for e in train) / len(train),
         "config": asdict(cfg),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

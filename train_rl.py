@@ -80,6 +80,7 @@ def as_result(rec: dict) -> SearchResult:
 def main(cfg: Config) -> dict:
     # ---- set-up ----------------------------------------------------------------------------------
     seed_everything(cfg.seed)
+    t_start = time.time()
     name = cfg.name or f"{cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def main(cfg: Config) -> dict:
         env.load_stats[:] = 0.0  # the router's paths, scored from the same starting loads as the search
         summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids))
         env.load_stats = saved
-    summary.update(config=asdict(cfg), targets=str(out_path), name=name)
+    summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start)
     rows = {k: v for k, v in summary.items() if k in ("agent", "router")}
     for who, s in rows.items():
         fig = load_heatmap(s["load_share"], [f"group {g}" for g in range(env.G)], f"{who}: expert-load shares of chosen paths",

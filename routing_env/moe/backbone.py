@@ -116,11 +116,13 @@ class MCModel(nn.Module):
             ids = batch.input_ids.reshape(B * C, T)[real]  # [R, T]
             mask = batch.attention_mask.reshape(B * C, T)[real]
             types = batch.token_type_ids.reshape(B * C, T)[real] if batch.token_type_ids is not None else None
+            self.routing.row_example = torch.arange(B * C, device=real.device)[real] // C  # [R]
             row_scores = self._encode_rows(ids, mask, types)  # [R]
             scores = row_scores.new_zeros(B * C).masked_scatter(real, row_scores).reshape(B, C)
         else:
             ids, mask = batch.input_ids, batch.attention_mask
             self.routing.token_mask = mask.bool()
+            self.routing.row_example, self.routing.row_index, self.routing.num_rows = torch.arange(ids.shape[0]), None, None
             # Left padding: count positions from each row's first real token, as in unpadded inference.
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
@@ -137,14 +139,17 @@ class MCModel(nn.Module):
         lengths = mask.sum(1)  # [R]
         order = torch.argsort(lengths, stable=True)
         scores = torch.empty(ids.shape[0], device=ids.device)
+        self.routing.num_rows = ids.shape[0]
         for start in range(0, len(order), self.chunk_rows):
             rows = order[start : start + self.chunk_rows]
             t = int(lengths[rows].max())
             m = mask[rows, :t]
             self.routing.token_mask = m.bool()
+            self.routing.row_index = rows
             hidden = self.backbone(input_ids=ids[rows, :t], attention_mask=m,
                                    token_type_ids=None if types is None else types[rows, :t]).last_hidden_state
             scores = scores.index_put((rows,), self.score_hidden(hidden, m))
+        self.routing.row_index = self.routing.num_rows = None
         return scores
 
     def score_hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

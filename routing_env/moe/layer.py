@@ -88,7 +88,7 @@ class LoRAMoELinear(nn.Module):
         probs, expert_idx, gates = self.route(flat)
         delta = lora_moe(self.dropout(flat), self.lora_A, self.lora_B, expert_idx, gates.to(flat.dtype), self.scale)
         ctx = self.context
-        if ctx.compute_aux or ctx.record_loads or ctx.record_rows:
+        if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
             self._record(probs, expert_idx, shape)
         return out + delta.reshape(*shape[:-1], -1).to(out.dtype)
 
@@ -111,6 +111,10 @@ class LoRAMoELinear(nn.Module):
             counts = (onehot.detach() * w[:, None]).sum(0).double().cpu()
             prev = ctx.loads.get(self.name)
             ctx.loads[self.name] = counts if prev is None else prev + counts
+        if ctx.collect_route:
+            R = shape[0] if len(shape) == 3 else T
+            wr = w.reshape(R, -1, 1)  # [R, S, 1]
+            ctx.add_route(self.group, (probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)))
         if ctx.record_rows:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]

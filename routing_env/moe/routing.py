@@ -38,24 +38,59 @@ class RoutingContext:
     compute_aux: bool = False  # collect the Switch balance loss of each layer into ``aux_losses``
     record_loads: bool = False  # accumulate expert counts per module into ``loads``
     record_rows: bool = False  # per-row, per-group router probabilities and expert counts
+    collect_route: bool = False  # per-row, per-group router probability sums *with gradient* (stage 3)
+    row_index: torch.Tensor | None = None  # [r] rows of the model's batch that the current pass holds
+    num_rows: int | None = None  # rows in the model's batch (chunked encoders run them in parts)
+    row_example: torch.Tensor | None = None  # [rows] example of each row (set by MCModel.forward)
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
     row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
     row_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] assignments
     row_modules: dict[int, int] = field(default_factory=dict)  # group -> modules that added to row_probs
+    route_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of probs (grad)
+    route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
 
     def reset_records(self) -> None:
         """Forget what earlier forwards recorded (keeps the settings)."""
         self.aux_losses = []
         self.loads = {}
         self.row_probs, self.row_counts, self.row_modules = {}, {}, {}
+        self.route_sum, self.route_count = {}, {}
 
     def clear(self) -> None:
         """Back to plain learned routing with nothing recorded."""
         self.token_mask = None
         self.selection_bias = {}
-        self.compute_aux = self.record_loads = self.record_rows = False
+        self.compute_aux = self.record_loads = self.record_rows = self.collect_route = False
+        self.row_index = self.num_rows = self.row_example = None
         self.reset_records()
+
+    def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Accumulate a module's per-row router probability sums ``[r, E]`` and token counts ``[r]``."""
+        rows = self.row_index if self.row_index is not None else torch.arange(prob_sum.shape[0], device=prob_sum.device)
+        n = self.num_rows if self.num_rows is not None else prob_sum.shape[0]
+        if group not in self.route_sum:
+            self.route_sum[group] = prob_sum.new_zeros(n, prob_sum.shape[1])
+            self.route_count[group] = count.new_zeros(n)
+        self.route_sum[group] = self.route_sum[group].index_add(0, rows.to(prob_sum.device), prob_sum)
+        self.route_count[group] = self.route_count[group].index_add(0, rows.to(count.device), count)
+
+    def example_group_probs(self, num_examples: int) -> torch.Tensor:
+        """``[B, G, E]`` router distribution per example and layer group, with gradient.
+
+        The mean over the group's adapted modules and over every real token of the example's rows
+        (all its choices): one distribution per (example, group), the granularity of a routing target.
+        """
+        groups = sorted(self.route_sum)
+        if not groups or self.row_example is None:
+            raise RuntimeError("no routing was collected: set collect_route before the forward of an MCModel")
+        out = []
+        for g in groups:
+            ex = self.row_example.to(self.route_sum[g].device)
+            s = self.route_sum[g].new_zeros(num_examples, self.route_sum[g].shape[1]).index_add(0, ex, self.route_sum[g])
+            n = self.route_count[g].new_zeros(num_examples).index_add(0, ex, self.route_count[g])
+            out.append(s / n.clamp_min(1.0)[:, None])
+        return torch.stack(out, 1)
 
     def group_mean_probs(self, group: int) -> torch.Tensor:
         """``[R, E]`` router probabilities of the group, averaged over its modules and real tokens."""

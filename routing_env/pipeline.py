@@ -1,0 +1,120 @@
+"""The whole LayerMoE pipeline on one task, every method on equal terms, and its results table.
+
+    python -m routing_env.pipeline --task arc-easy                      # 3 seeds, all four methods
+    python -m routing_env.pipeline --task obqa --seeds 0 --train-limit 500 --eval-limit 200
+
+Per seed: ``lora`` and ``lora-moe`` train ``epochs`` epochs; ``layermoe-<agent>`` trains a lora-moe
+warm-up for ``warmup_epochs``, searches routing targets with ``<agent>`` (train_rl.py), then
+continues ``epochs - warmup_epochs`` epochs with task loss + beta * routing loss. So every method
+sees the same backbone, data, seeds and epochs of task training. A stage whose outputs exist is
+skipped; an interrupted one resumes (fine-tunes from their last epoch checkpoint, searches after
+their last written example). The table goes to ``results/<task>.md`` + JSON + a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import finetune
+import train_rl
+from routing_env.moe import DEFAULT_BACKBONE
+from routing_env.registration import ENV_IDS
+from routing_env.results import aggregate, run_metrics, write_table
+from routing_env.utils import cfg_field, make_writer, parse_config
+
+__all__ = ["PipelineConfig", "main"]
+
+TASK_ENV = {task: env_id for env_id, task in ENV_IDS.items()}
+
+
+@dataclass
+class PipelineConfig:
+    """Warm-up -> search -> process-supervised fine-tune -> test, with the baselines, over seeds."""
+
+    task: str = cfg_field("arc-easy", f"task ({', '.join(TASK_ENV)})", choices=list(TASK_ENV))
+    methods: list[str] = cfg_field(["lora", "lora-moe", "layermoe-mcts", "layermoe-ppo"],
+                                   "methods: lora, lora-moe, layermoe-<agent> (any registered agent)")
+    seeds: list[int] = cfg_field([0, 1, 2], "seeds; every method runs every seed")
+    epochs: int = cfg_field(2, "epochs of task training for every method (layermoe: warm-up + stage 3)")
+    warmup_epochs: int = cfg_field(1, "layermoe: epochs of the lora-moe warm-up before the search")
+    backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
+    train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
+    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
+    search_examples: int = cfg_field(256, "training questions searched for routing targets (the rest: task loss only)")
+    num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
+    beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
+    route_weighting: str = cfg_field("none", "layermoe: none or value-gap (weight by the spread of process values)")
+    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
+    device: str = cfg_field("auto", "device for fine-tuning (auto, cpu, cuda)")
+    logdir: str = cfg_field("runs/pipeline", "parent folder of the stage runs (<logdir>/<task>/<stage>-s<seed>)")
+    results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
+
+
+def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> dict:
+    """A fine-tune stage: reuse its results.json if it finished, else run (resuming its checkpoints)."""
+    done = root / name / "results.json"
+    if done.is_file():
+        print(f"[pipeline] {cfg.task} {name}: done, skipped")
+        return json.loads(done.read_text())
+    print(f"[pipeline] {cfg.task} {name}: running")
+    return finetune.main(finetune.Config(task=cfg.task, backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit,
+                                         eval_limit=cfg.eval_limit, data_dir=cfg.data_dir, device=cfg.device,
+                                         logdir=str(root), name=name, resume=True, **kw))
+
+
+def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path) -> dict:
+    """A search stage: reuse its summary.json if it finished, else run (train_rl resumes its targets)."""
+    name = f"search-{agent}-s{seed}"
+    done = root / name / "summary.json"
+    if done.is_file():
+        print(f"[pipeline] {cfg.task} {name}: done, skipped")
+        return json.loads(done.read_text())
+    print(f"[pipeline] {cfg.task} {name}: running")
+    return train_rl.main(train_rl.Config(env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
+                                         num_examples=cfg.search_examples, num_simulations=cfg.num_simulations,
+                                         data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True))
+
+
+def main(cfg: PipelineConfig) -> dict:
+    if not 0 < cfg.warmup_epochs < cfg.epochs:
+        raise ValueError(f"warmup_epochs must be between 1 and epochs - 1 (= {cfg.epochs - 1}) so layermoe gets a stage 3; "
+                         f"got {cfg.warmup_epochs}")
+    for m in cfg.methods:
+        if m not in ("lora", "lora-moe") and not m.startswith("layermoe-"):
+            raise ValueError(f"unknown method {m!r}; valid: lora, lora-moe, layermoe-<agent> (e.g. layermoe-mcts)")
+    root = Path(cfg.logdir) / cfg.task
+    runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            # ---- baselines: the same epochs of task training, no search ------------------------
+            if method in ("lora", "lora-moe"):
+                res = _finetune(cfg, root, f"{method}-s{seed}", seed, method=method, epochs=cfg.epochs)
+                runs[method].append({"seed": seed, "metrics": run_metrics(res), "seconds": {"train": res["wall_time_s"]}})
+                continue
+            agent = method.removeprefix("layermoe-")
+            # ---- stage 1: warm-up (shared by every layermoe-<agent> of this seed) ---------------
+            warm = _finetune(cfg, root, f"warmup-s{seed}", seed, method="lora-moe", epochs=cfg.warmup_epochs)
+            # ---- stage 2: search routing targets on the warm-up ---------------------------------
+            search = _search(cfg, root, agent, seed, Path(warm["checkpoint"]))
+            # ---- stage 3: process-supervised fine-tune from the warm-up -------------------------
+            res = _finetune(cfg, root, f"{method}-s{seed}", seed, method="layermoe", epochs=cfg.epochs - cfg.warmup_epochs,
+                            init_checkpoint=warm["checkpoint"], targets=search["targets"], beta=cfg.beta,
+                            route_weighting=cfg.route_weighting)
+            runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
+                                 "seconds": {"warm-up": warm["wall_time_s"], "search": search.get("wall_time_s"),
+                                             "stage 3": res["wall_time_s"]}})
+
+    # ---- the table ---------------------------------------------------------------------------------
+    table = aggregate(runs)
+    budget = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "logdir", "results_dir", "data_dir", "device")}
+    writer = make_writer(root / "pipeline")
+    path = write_table(cfg.task, table, cfg.results_dir, budget, writer)
+    writer.close()
+    print(Path(path).read_text())
+    return table
+
+
+if __name__ == "__main__":
+    main(parse_config(PipelineConfig, description=__doc__))

@@ -1,0 +1,50 @@
+"""The one-command pipeline: every stage runs once, finished stages are skipped, a lost one resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import finetune
+import train_rl
+from routing_env import pipeline
+
+
+def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
+    calls: list[str] = []
+    real_ft, real_rl = finetune.main, train_rl.main
+    monkeypatch.setattr(finetune, "main", lambda cfg: calls.append(cfg.name) or real_ft(cfg))
+    monkeypatch.setattr(train_rl, "main", lambda cfg: calls.append(cfg.name) or real_rl(cfg))
+    cfg = pipeline.PipelineConfig(task="arc-easy", methods=["lora", "lora-moe", "layermoe-mcts"], seeds=[0], epochs=2,
+                                  warmup_epochs=1, train_limit=16, eval_limit=8, search_examples=4, num_simulations=2,
+                                  data_dir=str(data_dir), device="cpu", logdir=str(tmp_path / "runs"),
+                                  results_dir=str(tmp_path / "results"))
+    table = pipeline.main(cfg)
+    assert calls == ["lora-s0", "lora-moe-s0", "warmup-s0", "search-mcts-s0", "layermoe-mcts-s0"]
+    md = (tmp_path / "results" / "arc-easy.md").read_text()
+    assert "| layermoe-mcts | 1 |" in md and "| lora | 1 |" in md and "n/a" in md  # lora has no experts
+    assert (tmp_path / "results" / "arc-easy_accuracy_vs_balance.png").is_file()
+    saved = json.loads((tmp_path / "results" / "arc-easy.json").read_text())
+    assert saved["methods"]["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
+    assert set(saved["methods"]["layermoe-mcts"]["seconds"]) == {"warm-up", "search", "stage 3"}
+    stage3 = json.loads((tmp_path / "runs" / "arc-easy" / "layermoe-mcts-s0" / "results.json").read_text())
+    assert stage3["config"]["init_checkpoint"].endswith("warmup-s0/final") and stage3["targets_coverage"] == 0.25
+
+    # Everything finished: nothing runs again, the same table comes out.
+    calls.clear()
+    assert pipeline.main(cfg) == table and calls == []
+
+    # A lost final result: only that stage runs, resuming from its last epoch checkpoint (no retraining).
+    (tmp_path / "runs" / "arc-easy" / "layermoe-mcts-s0" / "results.json").unlink()
+    calls.clear()
+    again = pipeline.main(cfg)
+    assert calls == ["layermoe-mcts-s0"]
+    assert again["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
+
+
+def test_pipeline_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="warmup_epochs must be between 1 and epochs - 1"):
+        pipeline.main(pipeline.PipelineConfig(epochs=2, warmup_epochs=2, logdir=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown method 'moe'; valid: lora, lora-moe, layermoe-<agent>"):
+        pipeline.main(pipeline.PipelineConfig(methods=["moe"], logdir=str(tmp_path)))

@@ -1,0 +1,100 @@
+"""Stage 3: the routing loss, and a layermoe fine-tune moving a group's routing toward its targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+from routing_env.data import encode_pairs, load_task
+from routing_env.moe import load_checkpoint
+from routing_env.planning import model_fingerprint
+from routing_env.supervision import TargetTable, group_agreement, routing_loss
+from routing_env.targets import TargetsError, TargetsWriter, load_targets
+
+
+def _group_probs(model, examples) -> torch.Tensor:  # [B, G, E]
+    tok = model.tokenizer_for(model.backbone_name)
+    model.routing.collect_route = True
+    model.routing.reset_records()
+    try:
+        model(encode_pairs(tok, examples))
+        return model.routing.example_group_probs(len(examples))
+    finally:
+        model.routing.collect_route = False
+
+
+def _header(model, G: int, E: int) -> dict:
+    return {"env_id": "layermoe-arc", "task": "arc-easy", "split": "train", "fingerprint": model_fingerprint(model),
+            "num_groups": G, "num_experts": E, "num_actions": E, "action_mode": "primary", "agent": "test",
+            "agent_config": {}}
+
+
+def test_group_probs_are_distributions_and_match_per_example_forwards(warm_checkpoint, data_dir):
+    model = load_checkpoint(warm_checkpoint).eval()
+    exs = load_task("arc-easy", "train", data_dir, limit=5)
+    p = _group_probs(model, exs)
+    assert p.shape == (5, 3, 4) and torch.allclose(p.sum(-1), torch.ones(5, 3), atol=1e-5)
+    # Batching (padding, length-sorted chunks) does not change an example's group distribution.
+    for b in (0, 3):
+        assert torch.allclose(_group_probs(model, [exs[b]])[0], p[b], atol=1e-5)
+
+
+def test_routing_loss_is_zero_at_the_targets_and_positive_elsewhere(warm_checkpoint, data_dir):
+    model = load_checkpoint(warm_checkpoint)
+    p = _group_probs(model, load_task("arc-easy", "train", data_dir, limit=4))
+    w = torch.ones(4, 3)
+    assert routing_loss(p, p.detach(), w).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.nn.functional.one_hot(p.detach().argmin(-1), 4).float()  # the least likely expert
+    loss = routing_loss(p, other, w)
+    assert loss.item() == pytest.approx(-torch.log(p.detach().min(-1).values).mean().item(), rel=1e-5)
+    assert loss.item() > 1.0
+    loss.backward()
+    router = next(m for m in model.modules() if hasattr(m, "router")).router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    # No targets, no loss; agreement is 1 at the targets.
+    assert routing_loss(p, other, torch.zeros(4, 3)).item() == 0.0
+    assert group_agreement(p.detach(), p.detach(), w).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_layermoe_finetune_moves_the_group_toward_a_one_expert_target(warm_checkpoint, data_dir, tmp_path):
+    model = load_checkpoint(warm_checkpoint).eval()
+    exs = load_task("arc-easy", "train", data_dir, limit=16)
+    with torch.no_grad():
+        before = _group_probs(model, exs)  # [16, 3, 4]
+    e = int(before[:, 1].mean(0).argmin())  # the expert group 1 likes least
+    writer = TargetsWriter(tmp_path / "t.jsonl", _header(model, 3, 4))
+    recs = []
+    for b, ex in enumerate(exs):
+        t = before[b].numpy().astype(float)
+        t = t / t.sum(-1, keepdims=True)
+        t[1] = np.eye(4)[e]  # only group 1 is asked to change
+        recs.append({"example": b, "id": ex.id, "targets": t, "values": np.full((3, 4), np.nan), "path": [0, e, 0]})
+    writer.write(recs)
+
+    res = finetune.main(finetune.Config(task="arc-easy", method="layermoe", init_checkpoint=str(warm_checkpoint),
+                                        targets=str(tmp_path / "t.jsonl"), beta=5.0, epochs=1, train_limit=16,
+                                        eval_limit=8, batch_size=8, lr=3e-3, data_dir=str(data_dir),
+                                        logdir=str(tmp_path), name="l"))
+    assert res["targets_coverage"] == 1.0
+    after_model = load_checkpoint(tmp_path / "l" / "final").eval()
+    with torch.no_grad():
+        after = _group_probs(after_model, exs)
+    assert after[:, 1, e].mean() > before[:, 1, e].mean() + 0.05
+    # Groups whose targets were the router's own distribution moved much less.
+    assert (after[:, 1, e] - before[:, 1, e]).mean() > 3 * (after[:, 0] - before[:, 0]).abs().max(-1).values.mean()
+
+
+def test_layermoe_refuses_targets_from_another_model(warm_checkpoint, data_dir, tmp_path):
+    model = load_checkpoint(warm_checkpoint)
+    TargetsWriter(tmp_path / "t.jsonl", _header(model, 3, 4) | {"fingerprint": "deadbeef"})
+    cfg = finetune.Config(task="arc-easy", method="layermoe", init_checkpoint=str(warm_checkpoint),
+                          targets=str(tmp_path / "t.jsonl"), train_limit=8, data_dir=str(data_dir), logdir=str(tmp_path))
+    with pytest.raises(TargetsError, match="fingerprint: file has 'deadbeef'"):
+        finetune.main(cfg)
+    with pytest.raises(ValueError, match="needs --init-checkpoint"):
+        finetune.main(finetune.Config(task="arc-easy", method="layermoe", train_limit=8, data_dir=str(data_dir),
+                                      logdir=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown routing-loss weighting"):
+        TargetTable(load_targets(tmp_path / "t.jsonl"), {}, "loudest")
