@@ -10,7 +10,7 @@ ifeq ($(strip $(ROUTING_ENV_DATA)),)
   endif
 endif
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench reproduce clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ bench: install
 	$(PY) bench/mcts.py
 	$(PY) bench/env_step.py
 	$(PY) bench/lora_moe_cpu.py
+
+# The LayerMoE comparison (3 seeds x lora, lora-moe, layermoe-mcts, layermoe-ppo) on three tasks;
+# many CPU hours at full size, see README "Results". Finished stages are skipped on a rerun.
+reproduce: install
+	for task in arc-easy arc-challenge obqa; do $(PY) -m routing_env.pipeline --task $$task || exit 1; done
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -84,6 +84,8 @@ def main(cfg: Config) -> dict:
     name = cfg.name or f"{cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
+        (run_dir / "agent.zip").unlink(missing_ok=True)
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=cfg.device,
@@ -133,6 +135,7 @@ def main(cfg: Config) -> dict:
         sims = sum(r.extra.get("simulations", 0) for r in batch)
         if sims:
             writer.add_scalar("search/simulations_per_example", sims / len(batch), step)
+            # One simulation advances every tree of the batch, so this is per batched simulation.
             writer.add_scalar("search/time_per_simulation_ms", 1e3 * seconds * len(batch) / sims, step)
             writer.add_scalar("search/depth", float(np.mean([r.extra["depth"] for r in batch])), step)
             writer.add_scalar("search/visit_share_of_chosen", float(np.mean([r.targets.max(1).mean() for r in batch])), step)

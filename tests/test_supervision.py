@@ -98,3 +98,30 @@ def test_layermoe_refuses_targets_from_another_model(warm_checkpoint, data_dir, 
                                       logdir=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown routing-loss weighting"):
         TargetTable(load_targets(tmp_path / "t.jsonl"), {}, "loudest")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_group_probs_on_both_backbone_kinds(kind):
+    """Per-example group distributions: independent of batching, padding and chunking; with gradient."""
+    from routing_env.data import MCBatch
+    from routing_env.moe import MoEConfig, build_model
+    from tests.conftest import random_pairs_batch, random_prompt_batch, tiny_bert, tiny_llama
+
+    module, k = (tiny_bert if kind == "encoder" else tiny_llama)()
+    model = build_model("lora-moe", backbone_module=(module, k), moe=MoEConfig(num_groups=2, num_experts=3)).eval()
+    model.chunk_rows = 4  # several chunks per batch on the encoder
+    batch = random_pairs_batch(B=3) if kind == "encoder" else random_prompt_batch(B=3)
+    model.routing.collect_route = True
+    model.routing.reset_records()
+    model(batch)
+    p = model.routing.example_group_probs(3)
+    assert p.shape == (3, 2, 3) and torch.allclose(p.sum(-1), torch.ones(3, 2), atol=1e-5)
+    routing_loss(p, torch.full_like(p, 1 / 3).roll(1, 0), torch.ones(3, 2)).backward()
+    assert all(m.router.weight.grad is not None for m in model.modules() if hasattr(m, "router"))
+    for b in range(3):
+        one = MCBatch(**{f: (v[b : b + 1] if isinstance(v, torch.Tensor) else v[b : b + 1] if isinstance(v, list) else v)
+                         for f, v in vars(batch).items()})
+        model.routing.reset_records()
+        model(one)
+        assert torch.allclose(model.routing.example_group_probs(1)[0], p[b].detach(), atol=1e-5)
+    model.routing.collect_route = False

@@ -122,7 +122,7 @@ class MCModel(nn.Module):
         else:
             ids, mask = batch.input_ids, batch.attention_mask
             self.routing.token_mask = mask.bool()
-            self.routing.row_example, self.routing.row_index, self.routing.num_rows = torch.arange(ids.shape[0]), None, None
+            self.routing.row_example, self.routing.row_index, self.routing.num_rows = torch.arange(ids.shape[0], device=ids.device), None, None
             # Left padding: count positions from each row's first real token, as in unpadded inference.
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
