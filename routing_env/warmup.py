@@ -8,7 +8,9 @@ from pathlib import Path
 __all__ = ["cache_dir", "default_checkpoint", "DEMO_WARMUP"]
 
 #: Demo-size warm-up: enough training that experts differ (fresh experts are identical, B = 0).
-DEMO_WARMUP = dict(method="lora-moe", epochs=1, train_limit=400, eval_limit=200)
+#: At the default lr (1e-3) 25 steps leave the model at chance (37.5% test on ARC-Easy); 3e-3 gives
+#: 46.5% in the same ~2 minutes, a model whose routing choices matter.
+DEMO_WARMUP = dict(method="lora-moe", epochs=1, train_limit=400, eval_limit=200, lr=3e-3)
 
 
 def cache_dir() -> Path:
