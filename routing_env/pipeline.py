@@ -1,7 +1,7 @@
 """The whole LayerMoE pipeline on one task, every method on equal terms, and its results table.
 
     python -m routing_env.pipeline --task arc-easy                      # 3 seeds, all four methods
-    python -m routing_env.pipeline --task obqa --seeds 0 --train-limit 500 --eval-limit 200
+    python -m routing_env.pipeline --task obqa --seeds 0,1 --methods lora-moe,layermoe-mcts --train-limit 500
 
 Per seed: ``lora`` and ``lora-moe`` train ``epochs`` epochs; ``layermoe-<agent>`` trains a lora-moe
 warm-up for ``warmup_epochs``, searches routing targets with ``<agent>`` (train_rl.py), then
@@ -35,8 +35,8 @@ class PipelineConfig:
 
     task: str = cfg_field("arc-easy", f"task ({', '.join(TASK_ENV)})", choices=list(TASK_ENV))
     methods: list[str] = cfg_field(["lora", "lora-moe", "layermoe-mcts", "layermoe-ppo"],
-                                   "methods: lora, lora-moe, layermoe-<agent> (any registered agent)")
-    seeds: list[int] = cfg_field([0, 1, 2], "seeds; every method runs every seed")
+                                   "comma-separated methods: lora, lora-moe, layermoe-<agent> (any registered agent)")
+    seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds; every method runs every seed")
     epochs: int = cfg_field(2, "epochs of task training for every method (layermoe: warm-up + stage 3)")
     warmup_epochs: int = cfg_field(1, "layermoe: epochs of the lora-moe warm-up before the search")
     backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")

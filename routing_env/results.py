@@ -39,7 +39,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for method, per_seed in runs.items():
         row = {k: _stat([r["metrics"][k] for r in per_seed]) for k in METRICS}
-        stages = sorted({s for r in per_seed for s in r["seconds"]})
+        stages = list(dict.fromkeys(s for r in per_seed for s in r["seconds"]))  # in pipeline order
         row["seconds"] = {s: _stat([r["seconds"].get(s) for r in per_seed]) for s in stages}
         row["seeds"] = [r["seed"] for r in per_seed]
         table[method] = row
@@ -49,6 +49,8 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def _fmt(s: dict, scale: float = 1.0, digits: int = 3) -> str:
     if s["mean"] is None:
         return "n/a"
+    if len(s["values"]) < 2:  # one seed has no spread; "± 0" would claim one
+        return f"{s['mean'] * scale:.{digits}f}"
     return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
 
 
@@ -61,7 +63,7 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds)", "",
+    lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds; one seed: no spread)", "",
              "| method | seeds | test accuracy (%) | load CV | max/mean | norm. entropy | wall time per stage (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, row in table.items():
