@@ -127,3 +127,10 @@ def test_agent_errors():
         agents.make("mcts", num_simulations=0)
     with pytest.raises(ValueError, match="leaf_value"):
         LeafEvaluator(SyntheticRoutingEnv(num_examples=2), "rollouts")
+
+
+def test_mcts_agent_as_a_plain_step_by_step_agent():
+    """``act`` searches from the env's current node; stepping with it reaches the known best path."""
+    env = SyntheticRoutingEnv(num_examples=6, router_accuracy=0.3)
+    res = agents.rollout(agents.make("mcts", num_simulations=24), env, range(6))
+    assert all(np.array_equal(r.path, env.best[r.example]) for r in res)
