@@ -10,18 +10,25 @@ ifeq ($(strip $(ROUTING_ENV_DATA)),)
   endif
 endif
 
-.PHONY: install demo test bench reproduce clean
+.PHONY: install demo test test-portable constraints bench reproduce clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions the suite last passed with (`make constraints`
+# refreshes it); pyproject.toml keeps ranges for library users.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Without an NVIDIA driver, take the CPU build of torch first; an unpinned torch would pull
 	# several GB of CUDA packages. With a GPU, pip resolves torch (CUDA build) from pyproject.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -c constraints.txt torch; fi
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# After upgrading packages in the venv and passing `make test`: record what passed.
+constraints: install
+	{ echo "# Versions the test suite last passed with (make constraints); used by make install."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^-e '; } > constraints.txt
 
 # The main job: search layer-group routing on ARC-Easy with MCTS (trains and caches a demo-size
 # warm-up checkpoint first when none is cached) and write routing targets + TensorBoard logs.
@@ -42,6 +49,12 @@ reproduce: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The fast tests on ATen's scalar kernels and oneDNN/MKL capped at SSE4.1: other kernels, other
+# summation orders, so a comparison that is bit-exact only on this CPU fails here first.
+test-portable: install
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+		$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

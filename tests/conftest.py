@@ -68,3 +68,25 @@ def warm_checkpoint(tmp_path_factory, data_dir) -> Path:
     finetune.main(finetune.Config(task="arc-easy", method="lora-moe", epochs=1, train_limit=48, eval_limit=8,
                                   batch_size=8, data_dir=str(data_dir), logdir=str(out), name="w", lr=3e-3))
     return out / "w" / "final"
+
+
+@pytest.fixture(scope="session")
+def distinct_checkpoint(tmp_path_factory, warm_checkpoint) -> Path:
+    """The warm-up with its experts and head drawn apart, for tests that compare two computations.
+
+    The 48-question warm-up barely separates its experts (its head is near zero, so a wrong expert
+    moves log p(correct) by ~3e-4, the order of a float32 tolerance). Here a wrong expert in one
+    group moves it by ~2e-2 (median), two orders of magnitude above ``LOGP_ATOL``, so a tolerance
+    comparison still fails on a routing bug.
+    """
+    from routing_env.moe import load_checkpoint, moe_layers, save_checkpoint
+
+    model = load_checkpoint(warm_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.lora_B.add_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
+        model.head.weight.normal_(0.0, 0.5, generator=g)
+    out = tmp_path_factory.mktemp("distinct") / "final"
+    save_checkpoint(model, out)
+    return out

@@ -15,12 +15,14 @@ import routing_env  # noqa: F401  (registers the ids)
 from routing_env.data import encode_pairs
 from routing_env.env import RoutingEnv
 from routing_env.moe import load_checkpoint
+from tests.tolerances import LOGP_ATOL, PROB_ATOL
 
 
 @pytest.fixture(scope="module")
-def make(warm_checkpoint, data_dir):
+def make(distinct_checkpoint, data_dir):
+    # Experts drawn apart (conftest): a wrong expert moves log p far beyond LOGP_ATOL.
     def _make(**kw) -> RoutingEnv:
-        base = dict(checkpoint=warm_checkpoint, max_examples=12, data_dir=data_dir)
+        base = dict(checkpoint=distinct_checkpoint, max_examples=12, data_dir=data_dir)
         return gym.make("layermoe-arc", **(base | kw)).unwrapped
     return _make
 
@@ -50,6 +52,7 @@ def _rollout(env: RoutingEnv, seed: int, episodes: int = 3):
 
 
 def test_same_seed_same_trajectory_and_rewards(make):
+    # Bit for bit: both rollouts run the same ops on the same shapes in one process.
     a, b = _rollout(make(), 7), _rollout(make(), 7)
     assert len(a) == 9
     for (oa, ra), (ob, rb) in zip(a, b):
@@ -58,10 +61,17 @@ def test_same_seed_same_trajectory_and_rewards(make):
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
-def test_learned_routing_reproduces_the_plain_forward_exactly(make, warm_checkpoint):
-    """Zero bias at every group is the learned router's own routing: same log p(correct) as MCModel.forward."""
+def test_learned_routing_reproduces_the_plain_forward_exactly(make, distinct_checkpoint):
+    """Zero bias at every group is the learned router's own routing: same log p(correct) as MCModel.forward.
+
+    Stepping one example runs each layer on the same ``[C, T]`` rows as the plain forward of that
+    one example (adding a zero bias to router logits is exact), so the same shapes go through the
+    same kernels on any CPU and the float32 scores are bit for bit the same. Only the float64
+    log-softmax sums the choices in another order (the env keeps rows length-sorted), hence 1e-12:
+    a float32 difference anywhere upstream would show as ~1e-7 or more.
+    """
     env = make(action_mode="bias")
-    model = load_checkpoint(warm_checkpoint).eval()
+    model = load_checkpoint(distinct_checkpoint).eval()
     for i in range(4):
         env.reset(options={"example": i})
         for _ in range(env.G):
@@ -70,7 +80,7 @@ def test_learned_routing_reproduces_the_plain_forward_exactly(make, warm_checkpo
         with torch.no_grad():
             logits = model(encode_pairs(env.tokenizer, [ex]))[0, : len(ex.choices)]
         expected = torch.log_softmax(logits.double(), 0)[ex.answer].item()
-        assert info["outcome"] == expected
+        assert info["outcome"] == pytest.approx(expected, abs=1e-12)
         assert info["correct"] == (int(logits.argmax()) == ex.answer)
 
 
@@ -85,7 +95,9 @@ def test_forcing_an_expert_changes_loads_and_outcome(make):
         loads.append(info["group_loads"])
         # Every token routes k experts, one of them the forced one.
         assert np.all(info["group_loads"][:, a] == info["group_loads"].sum(1) / env.k)
-    assert len(set(np.round(outcomes, 9))) > 1
+    # Forcing another expert moves the outcome far beyond the float32 tolerance the other tests use.
+    gaps = np.abs(np.subtract.outer(outcomes, outcomes))[np.triu_indices(env.E, 1)]
+    assert gaps.min() > 10 * LOGP_ATOL, gaps
 
 
 def test_step_after_end_and_invalid_actions_raise(make):
@@ -149,9 +161,21 @@ def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make):
         for a in paths[n]:
             _, _, _, _, info = fresh.step(int(a))
         fresh.load_stats[:] = 0  # score every path against the same (empty) running loads
-        assert res["outcome"][n] == pytest.approx(info["outcome"], abs=1e-5)
+        # Tolerance, not equality: the batch stacks 10 questions' rows, stepping runs one question's.
+        assert res["outcome"][n] == pytest.approx(info["outcome"], abs=LOGP_ATOL)
         assert res["correct"][n] == info["correct"]
-        np.testing.assert_allclose(res["loads"][n], info["group_loads"])
+        np.testing.assert_array_equal(res["loads"][n], info["group_loads"])  # integer token counts
+    # ... and that tolerance would catch a wrong expert: changing one group's choice of these paths
+    # moves log p by two orders of magnitude more (median over every single-group change).
+    wrong_ids, wrong_paths, right = [], [], []
+    for n in range(10):
+        for g in range(env.G):
+            for d in range(1, env.E):
+                p = paths[n].copy()
+                p[g] = (p[g] + d) % env.E
+                wrong_ids.append(ids[n]), wrong_paths.append(p), right.append(res["outcome"][n])
+    gaps = np.abs(env.evaluate_paths(wrong_ids, wrong_paths)["outcome"] - np.array(right))
+    assert np.median(gaps) > 100 * LOGP_ATOL, np.median(gaps)
 
 
 def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make):
@@ -163,11 +187,14 @@ def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make):
     env.reset(options={"example": 4})
     for g, a in enumerate(path):
         s = env.get_state()
-        assert np.allclose(res["prior"][g], env.router_probs(4, s.prefix) / env.router_probs(4, s.prefix).sum())
+        expected = env.router_probs(4, s.prefix) / env.router_probs(4, s.prefix).sum()
+        np.testing.assert_allclose(res["prior"][g], expected, atol=PROB_ATOL)  # batched prefixes vs one
         _, r, done, _, info = env.step(a)
         if not done:
-            assert res["reward"][g + 1] == pytest.approx(r)  # the balance term of that step
-    assert res["reward"][3] == pytest.approx(r) and res["outcome"][3] == info["outcome"]
+            assert res["reward"][g + 1] == pytest.approx(r, rel=1e-9)  # the balance term: from integer loads
+    # Tolerance: the batch holds every prefix's rows, stepping one question's.
+    assert res["reward"][3] == pytest.approx(r, abs=LOGP_ATOL)
+    assert res["outcome"][3] == pytest.approx(info["outcome"], abs=LOGP_ATOL)
     assert np.isnan(res["outcome"][:3]).all() and (res["prior"][3] == 0).all()
     with pytest.raises(ValueError, match="at most 3 actions"):
         env.evaluate_prefixes([0], [(0, 0, 0, 0)])
@@ -183,7 +210,9 @@ def test_mcts_on_the_real_env_matches_its_own_records(make):
     res = agents.run_agent(agents.make("mcts", num_simulations=6, batch_size=4), env, [0, 1, 2, 3])
     check = env.evaluate_paths([r.example for r in res], [r.path for r in res])
     for n, r in enumerate(res):
-        assert r.outcome == check["outcome"][n] and np.array_equal(r.loads, check["loads"][n])
+        # Tolerance: the search scored these paths in batches of other trees' leaves.
+        assert r.outcome == pytest.approx(check["outcome"][n], abs=LOGP_ATOL)
+        assert np.array_equal(r.loads, check["loads"][n])
         assert np.allclose(r.targets.sum(1), 1.0) and r.values[0, r.path[0]] <= 0.5
     assert env.load_stats.sum() == pytest.approx(sum(r.loads.sum() for r in res))  # batch fed the running loads
 
@@ -197,6 +226,7 @@ def test_process_and_outcome_rewards_sum_to_the_same_return(make):
         rewards = [env.step(a)[1] for a in (0, 3, 1)]
         totals[mode] = (sum(rewards), rewards)
     assert totals["outcome"][1][:2] == [0.0, 0.0] and totals["process"][1][0] != 0.0
+    # Same shapes on both sides (one question stepped), only the bookkeeping of rewards differs.
     assert totals["outcome"][0] == pytest.approx(totals["process"][0], abs=1e-9)
 
 

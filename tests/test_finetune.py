@@ -17,6 +17,7 @@ def _cfg(tmp_path, data_dir, **kw) -> finetune.Config:
     return finetune.Config(**(base | kw))
 
 
+@pytest.mark.slow
 def test_finetune_writes_results_logs_heatmaps_and_resumes(tmp_path, data_dir):
     res1 = finetune.main(_cfg(tmp_path, data_dir))
     run = tmp_path / "tiny"

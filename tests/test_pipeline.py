@@ -11,6 +11,7 @@ import train_rl
 from routing_env import pipeline
 
 
+@pytest.mark.slow
 def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     calls: list[str] = []
     real_ft, real_rl = finetune.main, train_rl.main

@@ -12,6 +12,7 @@ from routing_env.moe import load_checkpoint
 from routing_env.planning import model_fingerprint
 from routing_env.supervision import TargetTable, group_agreement, routing_loss
 from routing_env.targets import TargetsError, TargetsWriter, load_targets
+from tests.tolerances import PROB_ATOL
 
 
 def _group_probs(model, examples) -> torch.Tensor:  # [B, G, E]
@@ -36,9 +37,10 @@ def test_group_probs_are_distributions_and_match_per_example_forwards(warm_check
     exs = load_task("arc-easy", "train", data_dir, limit=5)
     p = _group_probs(model, exs)
     assert p.shape == (5, 3, 4) and torch.allclose(p.sum(-1), torch.ones(5, 3), atol=1e-5)
-    # Batching (padding, length-sorted chunks) does not change an example's group distribution.
+    # Batching (padding, length-sorted chunks) does not change an example's group distribution,
+    # up to float32 summation order (other shapes, other kernels).
     for b in (0, 3):
-        assert torch.allclose(_group_probs(model, [exs[b]])[0], p[b], atol=1e-5)
+        torch.testing.assert_close(_group_probs(model, [exs[b]])[0], p[b], atol=PROB_ATOL, rtol=0)
 
 
 def test_routing_loss_is_zero_at_the_targets_and_positive_elsewhere(warm_checkpoint, data_dir):
@@ -58,6 +60,7 @@ def test_routing_loss_is_zero_at_the_targets_and_positive_elsewhere(warm_checkpo
     assert group_agreement(p.detach(), p.detach(), w).tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_layermoe_finetune_moves_the_group_toward_a_one_expert_target(warm_checkpoint, data_dir, tmp_path):
     model = load_checkpoint(warm_checkpoint).eval()
     exs = load_task("arc-easy", "train", data_dir, limit=16)
@@ -123,5 +126,6 @@ def test_group_probs_on_both_backbone_kinds(kind):
                          for f, v in vars(batch).items()})
         model.routing.reset_records()
         model(one)
-        assert torch.allclose(model.routing.example_group_probs(1)[0], p[b].detach(), atol=1e-5)
+        # One row group vs the chunked batch: other shapes, so a float32 tolerance.
+        torch.testing.assert_close(model.routing.example_group_probs(1)[0], p[b].detach(), atol=PROB_ATOL, rtol=0)
     model.routing.collect_route = False

@@ -8,6 +8,7 @@ import finetune
 from routing_env import warmup
 
 
+@pytest.mark.slow
 def test_default_checkpoint_is_trained_once_then_reused(tmp_path, monkeypatch, capsys, data_dir):
     monkeypatch.setenv("ROUTING_GYM_CACHE", str(tmp_path))
     monkeypatch.setattr(warmup, "DEMO_WARMUP", dict(method="lora-moe", epochs=1, train_limit=8, eval_limit=4))

@@ -8,6 +8,7 @@ import torch
 from routing_env.moe.kernels import lora_moe, lora_moe_lowrank, lora_moe_naive, lora_moe_reference
 
 
+# float64 throughout, so torch's float64 defaults (rtol 1e-7, atol 1e-7) hold whatever the summation order.
 def _problem(T: int, d_in: int, d_out: int, E: int, k: int, r: int, seed: int = 0, empty_expert: bool = False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d_in, generator=g, dtype=torch.float64)
@@ -67,5 +68,6 @@ def test_gradcheck_reference():
 def test_dispatcher_uses_the_sorted_form_for_wide_experts():
     """Many experts: the low-rank form would compute all E down-projections, so the sorted one is used."""
     x, A, B, idx, gates = _problem(5, 8, 4, 16, 2, 2)
+    # Exact: the dispatcher calls the very same function on the same tensors.
     torch.testing.assert_close(lora_moe(x, A, B, idx, gates, 1.0), lora_moe_reference(x, A, B, idx, gates, 1.0),
                                rtol=0, atol=0)
