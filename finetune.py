@@ -58,7 +58,9 @@ class Config:
     num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
     group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
     aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe, layermoe)")
-    init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are used)")
+    init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are "
+                                            "used); an epoch checkpoint of a lora-moe run continues that run's optimiser, "
+                                            "schedule and RNG (paired design: only the routing loss differs)")
     targets: str | None = cfg_field(None, "layermoe: routing-targets file from train_rl.py for that checkpoint")
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss KL(target || group router distribution)")
     route_weighting: str = cfg_field("none", "layermoe: weight each (example, group) term equally, or by the spread "
@@ -71,6 +73,7 @@ class Config:
     name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
     logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
     resume: bool = cfg_field(False, "continue from the last epoch checkpoint of this run")
+    eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
     log_every: int = cfg_field(20, "optimiser steps between TensorBoard loss points")
 
 
@@ -99,6 +102,25 @@ def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> Non
     fig = load_heatmap([s.loads for s in stats.values()], [f"layer {i}" for i in stats],
                        f"expert load, {tag}", run_dir / f"expert_load_{tag}.png")
     writer.add_figure(f"routing/expert_load_{tag.split('_')[0]}", fig, step)
+
+
+#: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them
+#: different the two runs would differ in more than the routing loss.
+PAIRED_FIELDS = ("task", "seed", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+                 "max_length", "aux_loss_coef", "train_limit", "backbone")
+
+
+def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
+    """Refuse to continue a run whose training settings differ from ``cfg``'s, naming each."""
+    if run is None:
+        raise ValueError(f"{checkpoint}/training_state.pt records no config (written by an older version); "
+                         "retrain the lora-moe run to pair layermoe with it")
+    if run.get("method") != "lora-moe":
+        raise ValueError(f"--init-checkpoint {checkpoint} is from a {run.get('method')!r} run; layermoe continues a lora-moe run")
+    diff = [f"{k}: {run.get(k)!r} there, {getattr(cfg, k)!r} here" for k in PAIRED_FIELDS if run.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"layermoe continues the lora-moe run of {checkpoint}, so its training settings must be that "
+                         f"run's; differing: {'; '.join(diff)}")
 
 
 def main(cfg: Config) -> dict:
@@ -146,16 +168,27 @@ def main(cfg: Config) -> dict:
     start_epoch = 0
 
     # ---- resume: adapters, optimiser, schedule and RNG from the last finished epoch ----------------
+    # Of this run (--resume), else, for layermoe, of the lora-moe run whose epoch checkpoint it
+    # continues: the paired design, in which stage 3 is that run's remaining epochs plus the routing
+    # loss, so with beta 0 it *is* that run.
     done = sorted(ckpt_root.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) if cfg.resume else []
-    if done:
-        last = done[-1]
-        load_adapter_state(model, last)
+    paired = table is not None and not done and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
+    if done or paired:
+        last = done[-1] if done else Path(cfg.init_checkpoint)
         state = torch.load(last / "training_state.pt", weights_only=False)
+        if paired:
+            check_paired(cfg, state.get("config"), last)
+        else:
+            load_adapter_state(model, last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
-        print(f"resuming {name} after epoch {state['epoch'] + 1} from {last}")
+        print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
+              f"{' with the routing loss (paired design)' if paired else ''}")
+    elif table is not None:
+        print(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
+              "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
 
     # ---- train -----------------------------------------------------------------------------------
     use_aux = cfg.method in ("lora-moe", "layermoe") and cfg.aux_loss_coef > 0
@@ -207,21 +240,23 @@ def main(cfg: Config) -> dict:
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
         ckpt = save_checkpoint(model, ckpt_root / f"epoch_{epoch + 1}", extra={"task": cfg.task, "seed": cfg.seed})
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch},
+                    "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "config": asdict(cfg)},
                    ckpt / "training_state.pt")
 
     # ---- test ------------------------------------------------------------------------------------
-    res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                   device=device, desc="test")
-    writer.add_scalar("eval/test_accuracy", res.accuracy, step)
-    log_routing(writer, model, res.layer_stats, "test", step, run_dir)
+    test_res = None
+    if cfg.eval_test:
+        test_res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                            device=device, desc="test")
+        writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
+        log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
     final = save_checkpoint(model, run_dir / "final", extra={"task": cfg.task, "seed": cfg.seed,
-                                                             "test_accuracy": res.accuracy})
+                                                             "test_accuracy": test_res.accuracy if test_res else None})
     results = {
         "name": name,
         "task": cfg.task,
         "method": cfg.method,
-        "test": res.summary(),
+        "test": test_res.summary() if test_res else None,
         "history": history,
         "wall_time_s": time.time() - t_start,
         "checkpoint": str(final),
@@ -230,7 +265,8 @@ def main(cfg: Config) -> dict:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     writer.close()
-    print(f"test accuracy {res.accuracy:.4f} on {res.n} questions; results in {run_dir / 'results.json'}")
+    if test_res:
+        print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")
     return results
 
 

@@ -1,6 +1,6 @@
 """Agents for the routing MDP and their registry: ``agents.make("mcts", num_simulations=64)``.
 
-Built-in names: ``mcts``, ``ppo``, ``router`` (the learned router, greedy), ``random`` and
+Built-in names: ``mcts``, ``exhaustive`` (every path, exact Q*; small trees), ``ppo``, ``router`` (the learned router, greedy), ``random`` and
 ``round-robin``. A user's agent is named ``"my_module:MyAgent"`` (importable module, class or
 factory); it needs ``act(obs, env)`` (see ``agents/base.py`` for the optional methods).
 """
@@ -17,6 +17,7 @@ __all__ = ["AGENTS", "Agent", "SearchResult", "check_agent", "factory", "make", 
 #: name -> "module:attribute", imported on first use (PPO pulls in stable-baselines3).
 AGENTS: dict[str, str] = {
     "mcts": "agents.mcts:MCTSAgent",
+    "exhaustive": "agents.exhaustive:ExhaustiveAgent",
     "ppo": "agents.ppo:PPOAgent",
     "router": "agents.baselines:RouterAgent",
     "random": "agents.baselines:RandomAgent",

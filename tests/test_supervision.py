@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,40 @@ def test_group_probs_on_both_backbone_kinds(kind):
         # One row group vs the chunked batch: other shapes, so a float32 tolerance.
         torch.testing.assert_close(model.routing.example_group_probs(1)[0], p[b].detach(), atol=PROB_ATOL, rtol=0)
     model.routing.collect_route = False
+
+
+def _one_hot_targets(model, exs, path: Path, expert: int) -> None:
+    writer = TargetsWriter(path, _header(model, 3, 4))
+    writer.write({"example": b, "id": ex.id, "targets": np.tile(np.eye(4)[expert], (3, 1)),
+                  "values": np.full((3, 4), np.nan), "path": [expert] * 3} for b, ex in enumerate(exs))
+
+
+@pytest.mark.slow
+def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir, tmp_path):
+    """Stage 3 continues a lora-moe run's epoch checkpoint (optimiser, schedule, RNG): beta 0 is that run.
+
+    Bit for bit: the same ops on the same shapes in one process; the routing loss enters as 0 * loss,
+    whose gradient is exactly zero. With beta > 0 the adapters differ, so the test can fail.
+    """
+    from safetensors.torch import load_file
+
+    base = dict(task="arc-easy", epochs=2, train_limit=24, eval_limit=4, batch_size=8, lr=3e-3,
+                data_dir=str(data_dir), logdir=str(tmp_path), eval_test=False)
+    finetune.main(finetune.Config(method="lora-moe", name="moe", **base))
+    warm = tmp_path / "moe" / "checkpoints" / "epoch_1"
+    model = load_checkpoint(warm)
+    _one_hot_targets(model, load_task("arc-easy", "train", data_dir, limit=24), tmp_path / "t.jsonl", expert=3)
+    finals = {}
+    for beta in (0.0, 2.0):
+        res = finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
+                                            beta=beta, name=f"b{beta}", **base))
+        assert [h["epoch"] for h in res["history"]] == [1, 2]  # epoch 1 is the lora-moe run's own
+        finals[beta] = load_file(tmp_path / f"b{beta}" / "final" / "adapter.safetensors")
+    reference = load_file(tmp_path / "moe" / "final" / "adapter.safetensors")
+    assert reference.keys() == finals[0.0].keys()
+    assert all(torch.equal(reference[k], finals[0.0][k]) for k in reference)
+    assert not all(torch.equal(reference[k], finals[2.0][k]) for k in reference)
+    # A continuation with other training settings is refused, naming them.
+    with pytest.raises(ValueError, match="differing: lr: 0.003 there, 0.001 here"):
+        finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
+                                      name="bad", **(base | {"lr": 1e-3})))

@@ -1,0 +1,137 @@
+"""The exact oracle: every path of the routing tree, exact Q* of every group choice.
+
+With ``A`` actions and ``G`` groups a question has ``A**G`` paths; the tree has ``A + A**2 + ... +
+A**G`` non-root nodes, each one group forward (prefixes are cached, so a node is computed once).
+For MiniLM's default (E=4 primary actions, G=3) that is 84 group forwards per question, fewer than
+MCTS spends at 32 simulations per group, and every value is exact. Where that is affordable this is
+the right target source and the ground truth MCTS is measured against; MCTS is for trees too big to
+enumerate (``combo`` actions, more groups, more experts).
+
+Values use the env's ``process`` decomposition of the return: the edge reward into a node is its
+group's balance term (against the running loads when the batch starts) plus, at a leaf,
+``log p(correct)``. Backward induction gives ``Q*(s, a) = r(s, a) + max_b Q*(s + a, b)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from agents.base import SearchResult
+
+__all__ = ["ExhaustiveAgent", "exhaustive_q", "q_targets"]
+
+
+def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.ndarray]]:
+    """``Q*`` of every non-terminal node of every example's tree: ``{prefix: Q [A]}`` per example.
+
+    One ``env.evaluate_prefixes`` call per tree level over all examples together, so the whole
+    batch costs ``G`` batched calls.
+    """
+    A, G = int(env.action_space.n), env.G
+    ids = [int(i) for i in example_ids]
+    reward: list[dict[tuple, float]] = [{} for _ in ids]  # edge reward into each node
+    level: list[tuple] = [()]
+    for _ in range(G):
+        level = [p + (a,) for p in level for a in range(A)]  # every prefix one group deeper
+        res = env.evaluate_prefixes([i for i in ids for _ in level], [p for _ in ids for p in level])
+        for n in range(len(ids)):
+            for m, p in enumerate(level):
+                reward[n][p] = float(res["reward"][n * len(level) + m])
+    out: list[dict[tuple, np.ndarray]] = []
+    for n in range(len(ids)):
+        q: dict[tuple, np.ndarray] = {}
+        for depth in range(G - 1, -1, -1):  # leaves' parents first
+            for p in _prefixes(A, depth):
+                v_child = [0.0 if depth + 1 == G else float(q[p + (a,)].max()) for a in range(A)]
+                q[p] = np.array([reward[n][p + (a,)] + v_child[a] for a in range(A)])
+        out.append(q)
+    return out
+
+
+def _prefixes(A: int, depth: int) -> list[tuple]:
+    level: list[tuple] = [()]
+    for _ in range(depth):
+        level = [p + (a,) for p in level for a in range(A)]
+    return level
+
+
+def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
+    """A group's target distribution from its ``Q* [A]``: softmax at ``temperature``, one-hot at 0.
+
+    Q* is in log-probability units, so temperature 1 weighs each route by how much more likely it
+    makes the correct answer; ties at temperature 0 go to the lower index.
+    """
+    if temperature <= 0:
+        return np.eye(len(q))[int(np.argmax(q))]
+    z = (q - q.max()) / temperature
+    w = np.exp(z)
+    return w / w.sum()
+
+
+class ExhaustiveAgent:
+    """Enumerates every path; targets ``q_targets(Q*, temperature)`` along the optimal path.
+
+    ``search`` is what ``train_rl.py`` calls: examples are enumerated ``batch_size`` at a time and
+    the running loads are updated with each batch's optimal paths before the next batch, as MCTS
+    does. Refuses trees above ``max_paths`` leaves, naming MCTS as the agent for those.
+    """
+
+    def __init__(self, temperature: float = 0.0, batch_size: int = 16, max_paths: int = 4096) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = one-hot of the best action), got {temperature}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.temperature, self.batch_size, self.max_paths = temperature, batch_size, max_paths
+
+    def _check(self, env: Any) -> None:
+        paths = int(env.action_space.n) ** env.G
+        if paths > self.max_paths:
+            raise ValueError(f"the routing tree has {paths} paths per question ({int(env.action_space.n)} actions, "
+                             f"{env.G} groups), above max_paths={self.max_paths}: use --agent mcts for trees this big, "
+                             "or raise max_paths")
+
+    def search(self, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
+        self._check(env)
+        out: list[SearchResult] = []
+        for start in range(0, len(example_ids), self.batch_size):
+            ids = [int(i) for i in example_ids[start : start + self.batch_size]]
+            qs = exhaustive_q(env, ids)
+            A, G = int(env.action_space.n), env.G
+            paths, targets, values = [], np.zeros((len(ids), G, A)), np.zeros((len(ids), G, A))
+            for n, q in enumerate(qs):
+                p: tuple = ()
+                for g in range(G):  # follow the optimal path; each group's Q* at the node it reaches
+                    values[n, g] = q[p]
+                    targets[n, g] = q_targets(q[p], self.temperature)
+                    p = p + (int(np.argmax(q[p])),)
+                paths.append(list(p))
+            final = env.evaluate_paths(ids, paths)
+            nodes = sum(A**g for g in range(1, G + 1))
+            for n, i in enumerate(ids):
+                r = SearchResult(example=i, targets=targets[n], values=values[n], path=np.array(paths[n]),
+                                 outcome=float(final["outcome"][n]), correct=bool(final["correct"][n]),
+                                 loads=final["loads"][n], balance=float(final["balance"][n]),
+                                 extra={"group_forwards": nodes, "depth": 1.0, "nodes": nodes})
+                env.finish_episode(r.loads)
+                out.append(r)
+        return out
+
+    def act(self, obs: np.ndarray, env: Any) -> int:
+        """The first action of the optimal path from the env's current node (enumerates its subtree)."""
+        self._check(env)
+        s = env.get_state()
+        A, rest = int(env.action_space.n), env.G - len(s.prefix)
+        best, best_return = 0, -np.inf
+        # Enumerate the subtree's complete paths and score them in one batch; the return from here on
+        # is what differs between them (the prefix's rewards are shared).
+        tails = _prefixes(A, rest)
+        res = env.evaluate_paths([s.example] * len(tails), [list(s.prefix) + list(t) for t in tails])
+        for t, o, b in zip(tails, res["outcome"], res["balance"]):
+            if o + b > best_return:
+                best, best_return = t[0], o + b
+        return int(best)
+
+    def config(self) -> dict:
+        return {"temperature": self.temperature, "batch_size": self.batch_size, "max_paths": self.max_paths}
