@@ -3,12 +3,15 @@
     python -m routing_env.pipeline --task arc-easy                      # 3 seeds, all four methods
     python -m routing_env.pipeline --task obqa --seeds 0,1 --methods lora-moe,layermoe-mcts --train-limit 500
 
-Per seed: ``lora`` and ``lora-moe`` train ``epochs`` epochs; ``layermoe-<agent>`` trains a lora-moe
-warm-up for ``warmup_epochs``, searches routing targets with ``<agent>`` (train_rl.py), then
-continues ``epochs - warmup_epochs`` epochs with task loss + beta * routing loss. So every method
-sees the same backbone, data, seeds and epochs of task training. A stage whose outputs exist is
-skipped; an interrupted one resumes (fine-tunes from their last epoch checkpoint, searches after
-their last written example). The table goes to ``results/<task>.md`` + JSON + a PNG plot.
+Per seed: ``lora`` and ``lora-moe`` train ``epochs`` epochs. ``layermoe-<agent>`` is paired with that
+seed's lora-moe run: ``<agent>`` (train_rl.py) searches routing targets on the run's checkpoint after
+``warmup_epochs`` (stage 1 = the run's first epochs), then stage 3 continues *that run* from that
+checkpoint, with its optimiser state, schedule and RNG, adding beta * routing loss. The only
+difference from lora-moe is the routing loss, so the table reports per-seed paired differences
+(``layermoe-router``, targets from the learned router itself, is the no-search control). A stage
+whose outputs exist is skipped; an interrupted one resumes (fine-tunes from their last epoch
+checkpoint, searches after their last written example). The table goes to ``results/<task>.md`` +
+JSON + a PNG plot.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ class PipelineConfig:
     backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
     train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
-    search_examples: int = cfg_field(256, "training questions searched for routing targets (the rest: task loss only)")
+    search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "
+                                            "rest get the task loss only)")
     num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
+    agent_kwargs: str = cfg_field("{}", "JSON object of agent settings for every search, e.g. '{\"temperature\": 0.5}'")
+    balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
     route_weighting: str = cfg_field("none", "layermoe: none or value-gap (weight by the spread of process values)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
@@ -73,8 +79,10 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
         return json.loads(done.read_text())
     print(f"[pipeline] {cfg.task} {name}: running")
     return train_rl.main(train_rl.Config(env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
-                                         num_examples=cfg.search_examples, num_simulations=cfg.num_simulations,
-                                         data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True))
+                                         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
+                                         agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight,
+                                         data_dir=cfg.data_dir, logdir=str(root),
+                                         name=name, compare_router=True))
 
 
 def main(cfg: PipelineConfig) -> dict:
@@ -94,16 +102,19 @@ def main(cfg: PipelineConfig) -> dict:
                 runs[method].append({"seed": seed, "metrics": run_metrics(res), "seconds": {"train": res["wall_time_s"]}})
                 continue
             agent = method.removeprefix("layermoe-")
-            # ---- stage 1: warm-up (shared by every layermoe-<agent> of this seed) ---------------
-            warm = _finetune(cfg, root, f"warmup-s{seed}", seed, method="lora-moe", epochs=cfg.warmup_epochs)
-            # ---- stage 2: search routing targets on the warm-up ---------------------------------
-            search = _search(cfg, root, agent, seed, Path(warm["checkpoint"]))
-            # ---- stage 3: process-supervised fine-tune from the warm-up -------------------------
-            res = _finetune(cfg, root, f"{method}-s{seed}", seed, method="layermoe", epochs=cfg.epochs - cfg.warmup_epochs,
-                            init_checkpoint=warm["checkpoint"], targets=search["targets"], beta=cfg.beta,
+            # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
+            base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, method="lora-moe", epochs=cfg.epochs)
+            warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
+            warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
+            # ---- stage 2: search routing targets on that checkpoint -----------------------------
+            search = _search(cfg, root, agent, seed, warm)
+            # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
+            res = _finetune(cfg, root, f"{method}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
+                            init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
                             route_weighting=cfg.route_weighting)
             runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
-                                 "seconds": {"warm-up": warm["wall_time_s"], "search": search.get("wall_time_s"),
+                                 "paired_with": run_metrics(base),
+                                 "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"),
                                              "stage 3": res["wall_time_s"]}})
 
     # ---- the table ---------------------------------------------------------------------------------

@@ -42,16 +42,21 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
         stages = list(dict.fromkeys(s for r in per_seed for s in r["seconds"]))  # in pipeline order
         row["seconds"] = {s: _stat([r["seconds"].get(s) for r in per_seed]) for s in stages}
         row["seeds"] = [r["seed"] for r in per_seed]
+        if per_seed and all("paired_with" in r for r in per_seed):
+            # Same seed, same lora-moe run up to the warm-up: the per-seed difference is the effect.
+            row["paired_diff"] = {k: _stat([None if r["metrics"][k] is None else r["metrics"][k] - r["paired_with"][k]
+                                            for r in per_seed]) for k in ("accuracy", "cv")}
         table[method] = row
     return table
 
 
-def _fmt(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+def _fmt(s: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
     if s["mean"] is None:
         return "n/a"
+    sign = "+" if signed else ""
     if len(s["values"]) < 2:  # one seed has no spread; "± 0" would claim one
-        return f"{s['mean'] * scale:.{digits}f}"
-    return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
+        return f"{s['mean'] * scale:{sign}.{digits}f}"
+    return f"{s['mean'] * scale:{sign}.{digits}f} ± {s['std'] * scale:.{digits}f}"
 
 
 def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: dict, writer: Any = None) -> Path:
@@ -64,12 +69,18 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds; one seed: no spread)", "",
-             "| method | seeds | test accuracy (%) | load CV | max/mean | norm. entropy | wall time per stage (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "Paired Δ: layermoe minus the same seed's lora-moe run, which it continues from the warm-up "
+             "checkpoint (only the routing loss differs).", "",
+             "| method | seeds | test accuracy (%) | paired Δ accuracy (pts) | load CV | paired Δ CV | max/mean | "
+             "norm. entropy | wall time per stage (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, row in table.items():
         times = ", ".join(f"{s} {row['seconds'][s]['mean']:.0f}" for s in row["seconds"] if row["seconds"][s]["mean"] is not None)
-        lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {_fmt(row['cv'])} | "
-                     f"{_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
+        diff = row.get("paired_diff")
+        d_acc = _fmt(diff["accuracy"], 100, 2, signed=True) if diff else ""
+        d_cv = _fmt(diff["cv"], signed=True) if diff else ""
+        lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {d_acc} | {_fmt(row['cv'])} | "
+                     f"{d_cv} | {_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
     lines += ["", "Budget (the same for every method): " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]
     (out / f"{task}.md").write_text("\n".join(lines))
     (out / f"{task}.json").write_text(json.dumps({"task": task, "budget": budget, "methods": table}, indent=2))
