@@ -28,7 +28,8 @@ from routing_env.moe import (DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, 
                              moe_layers, save_checkpoint)
 from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
-from routing_env.supervision import WEIGHTINGS, TargetTable, group_agreement, routing_loss
+from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
+                                     group_agreement, routing_loss)
 from routing_env.targets import load_targets
 from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
 
@@ -65,6 +66,17 @@ class Config:
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss KL(target || group router distribution)")
     route_weighting: str = cfg_field("none", "layermoe: weight each (example, group) term equally, or by the spread "
                                      "of its process values", choices=list(WEIGHTINGS))
+    target_form: str = cfg_field("file", "layermoe: targets as the agent wrote them, a one-hot of the best-valued "
+                                 "action, or a softmax of the process values at --target-temperature",
+                                 choices=list(TARGET_FORMS))
+    target_temperature: float = cfg_field(1.0, "layermoe: temperature of --target-form softmax (values are in log-p units)")
+    route_granularity: str = cfg_field("group", "layermoe: KL to the target of the group's router distribution averaged "
+                                       "over the example's tokens, or of every token's", choices=list(GRANULARITIES))
+    teacher_forcing: float = cfg_field(0.0, "layermoe: share of targeted examples whose task-loss forward runs through "
+                                       "their searched route, annealed linearly to 0 over stage 3")
+    target_balance: str = cfg_field("none", "layermoe: use the targets as searched, or rescale them (sinkhorn) so every "
+                                    "expert of a group gets the same total target mass over the training questions",
+                                    choices=list(TARGET_BALANCING))
     train_limit: int | None = cfg_field(None, "use only the first N training questions")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
     eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
@@ -153,8 +165,12 @@ def main(cfg: Config) -> dict:
         table = TargetTable(load_targets(cfg.targets), {
             "task": Path(cfg.task).stem if Path(cfg.task).suffix else cfg.task, "fingerprint": model_fingerprint(model),
             "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
-            "num_actions": layers[0].num_experts}, cfg.route_weighting)
+            "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
+            cfg.target_temperature)
         print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+        hist = table.histogram()
+        print("layermoe: mean target per expert, by group: " + "; ".join(
+            f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
     else:
         model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
     tokenizer = model.tokenizer_for(model.backbone_name)
@@ -193,6 +209,8 @@ def main(cfg: Config) -> dict:
     # ---- train -----------------------------------------------------------------------------------
     use_aux = cfg.method in ("lora-moe", "layermoe") and cfg.aux_loss_coef > 0
     step = start_epoch * steps_per_epoch
+    stage3_start = step  # teacher forcing anneals over the steps this run trains
+    forcing_rng = np.random.default_rng([cfg.seed, 0x7F])  # its own stream: the paired runs' RNG is untouched
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         model.routing.compute_aux = use_aux
@@ -203,14 +221,25 @@ def main(cfg: Config) -> dict:
         for exs in bar:
             batch = encode(exs).to(device)
             model.routing.reset_records()
+            if table is not None and cfg.teacher_forcing > 0:
+                # Teacher-forced routing: a share of the targeted examples (annealed to 0 by the
+                # end of stage 3) runs the task loss through its searched route.
+                share = cfg.teacher_forcing * (1 - (step - stage3_start) / max(total_steps - stage3_start, 1))
+                paths = table.batch_paths(batch.ids)  # [B, G]
+                paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
+                B, C = batch.choice_mask.shape
+                row_example = torch.arange(B * C)[batch.choice_mask.reshape(-1).cpu()] // C  # [R]
+                model.routing.selection_bias = forced_route_bias(paths, row_example, layers[0].num_experts)
             logits = model(batch)  # [B, C]
+            model.routing.selection_bias = {}
             task_loss = F.cross_entropy(logits, batch.labels)
             aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
             loss = task_loss + cfg.aux_loss_coef * aux_loss
             if table is not None:  # stage 3: pull each group's router toward the example's target
                 probs = model.routing.example_group_probs(len(exs))  # [B, G, E]
                 tgt, w = (x.to(device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
-                route_loss = routing_loss(probs, tgt, w)
+                logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
+                route_loss = routing_loss(probs, tgt, w, logp)
                 loss = loss + cfg.beta * route_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -261,6 +290,7 @@ def main(cfg: Config) -> dict:
         "wall_time_s": time.time() - t_start,
         "checkpoint": str(final),
         "targets_coverage": None if table is None else sum(e.id in table.targets for e in train) / len(train),
+        "targets_histogram": None if table is None else table.histogram().tolist(),
         "config": asdict(cfg),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

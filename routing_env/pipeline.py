@@ -52,6 +52,11 @@ class PipelineConfig:
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
     route_weighting: str = cfg_field("none", "layermoe: none or value-gap (weight by the spread of process values)")
+    target_balance: str = cfg_field("none", "layermoe: none or sinkhorn (rescale targets to equal mass per expert)")
+    target_form: str = cfg_field("file", "layermoe: file (as searched), onehot or softmax of the process values")
+    target_temperature: float = cfg_field(1.0, "layermoe: temperature of target_form softmax")
+    route_granularity: str = cfg_field("group", "layermoe: group (token-averaged router) or token (per-token KL)")
+    teacher_forcing: float = cfg_field(0.0, "layermoe: share of examples trained through their searched route (annealed)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
     device: str = cfg_field("auto", "device for fine-tuning (auto, cpu, cuda)")
     logdir: str = cfg_field("runs/pipeline", "parent folder of the stage runs (<logdir>/<task>/<stage>-s<seed>)")
@@ -111,7 +116,9 @@ def main(cfg: PipelineConfig) -> dict:
             # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
             res = _finetune(cfg, root, f"{method}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
                             init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
-                            route_weighting=cfg.route_weighting)
+                            route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,
+                            target_form=cfg.target_form, target_temperature=cfg.target_temperature,
+                            teacher_forcing=cfg.teacher_forcing, route_granularity=cfg.route_granularity)
             runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
                                  "paired_with": run_metrics(base),
                                  "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"),

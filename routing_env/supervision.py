@@ -18,21 +18,60 @@ import torch
 
 from routing_env.targets import RoutingTargets, check_compatible
 
-__all__ = ["WEIGHTINGS", "TargetTable", "routing_loss", "group_agreement"]
+__all__ = ["GRANULARITIES", "WEIGHTINGS", "TARGET_BALANCING", "TARGET_FORMS", "TargetTable", "balance_targets", "routing_loss",
+           "group_agreement", "forced_route_bias"]
 
 #: How each (example, group) term is weighted: equally, or by how much the search said the choice
 #: mattered (the spread of its process values, max Q - min Q, normalised to mean 1 over the file).
 WEIGHTINGS = ("none", "value-gap")
 
+#: Which distribution a group is pulled toward: the file's targets as the agent wrote them (MCTS:
+#: visit counts), a one-hot of the best-valued action, or a softmax of the process values (Q, in
+#: log-p units) at ``target_temperature``. The last two need a file with values (MCTS, exhaustive).
+TARGET_FORMS = ("file", "onehot", "softmax")
 
-def routing_loss(probs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+#: How the file's targets are adjusted before training: as searched, or (``sinkhorn``) rescaled so
+#: that, per group, every expert receives the same total target mass over the training questions.
+TARGET_BALANCING = ("none", "sinkhorn")
+
+
+def balance_targets(targets: np.ndarray, iters: int = 200, smoothing: float = 1e-3) -> np.ndarray:
+    """Sinkhorn projection of ``targets [N, E]`` (one group's targets over N questions) onto balance.
+
+    Returns ``diag(u) (targets + smoothing) diag(v)`` with every row summing to 1 and every column
+    to ``N / E``. Column scaling is shared by all questions, so which questions prefer expert e over
+    f *more than the others do* is kept (the odds ratio ``t_e / t_f`` of every question is scaled by
+    the same factor), while an expert the searched targets favour across the whole split is scaled
+    down for everyone. Why: targets concentrated on one expert per group (a single strong expert is
+    the best hindsight route for most questions) pull every router toward it, and stage 3 then
+    trains an imbalanced model. ``smoothing`` keeps one-hot rows rescalable.
+    """
+    t = np.asarray(targets, dtype=float) + smoothing
+    n, e = t.shape
+    col = np.full(e, n / e)
+    for _ in range(iters):
+        t = t / t.sum(1, keepdims=True)  # rows: distributions
+        t = t * (col / t.sum(0))[None, :]  # columns: equal mass
+    return t / t.sum(1, keepdims=True)
+
+
+#: Where the routing loss compares router and target: the group's router distribution averaged over
+#: the example's tokens (``group``), or each token's distribution (``token``: mean per-token KL).
+GRANULARITIES = ("group", "token")
+
+
+def routing_loss(probs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                 log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean of ``KL(targets || probs)`` over (example, group) terms with weight > 0.
 
     ``probs``, ``targets`` ``[B, G, E]``; ``weights [B, G]`` (0 = no target). Zero exactly when the
-    router already matches the targets wherever a target is given.
+    router already matches the targets wherever a target is given. With ``log_probs [B, G, E]``
+    (the tokens' mean log probabilities, ``example_group_probs(log=True)``) it is the mean over
+    tokens of the per-token KL instead, which asks *every* token to follow the target.
     """
     t = targets.to(probs.dtype)
-    kl = (torch.xlogy(t, t) - t * torch.log(probs.clamp_min(1e-12))).sum(-1)  # [B, G]
+    logp = log_probs if log_probs is not None else torch.log(probs.clamp_min(1e-12))
+    kl = (torch.xlogy(t, t) - t * logp).sum(-1)  # [B, G]
     w = weights.to(probs.dtype)
     return (kl * w).sum() / w.sum().clamp_min(1e-12)
 
@@ -44,17 +83,56 @@ def group_agreement(probs: torch.Tensor, targets: torch.Tensor, weights: torch.T
     return (same * has).sum(0) / has.sum(0).clamp_min(1.0)
 
 
+def _target_form(record: dict, form: str, temperature: float) -> np.ndarray:
+    """``[G, E]`` targets of one record in the chosen form (see ``TARGET_FORMS``)."""
+    if form == "file":
+        return record["targets"]
+    q = np.asarray(record["values"], dtype=float)  # [G, E], NaN = not estimated
+    if np.isnan(q).all(1).any():
+        raise ValueError(f"target form {form!r} needs process values for every group; example {record['id']!r} has none "
+                         "(a file from an agent without values: use --target-form file)")
+    if form == "onehot" or temperature <= 0:
+        return np.eye(q.shape[1])[np.nanargmax(q, 1)]
+    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, 1, keepdims=True)) / temperature
+    w = np.exp(z)
+    return w / w.sum(1, keepdims=True)
+
+
+def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor, num_experts: int) -> dict[int, torch.Tensor]:
+    """Teacher forcing: ``paths [B, G]`` (-1 = free) -> per group a ``[R, E]`` selection bias for the batch's rows.
+
+    ``row_example [R]`` is the example of each (question, choice) row; a forced row puts its
+    example's searched expert into every token's top-k in that group, as the env's primary action does.
+    """
+    from routing_env.moe.routing import primary_bias
+
+    per_row = paths[row_example]  # [R, G]
+    return {g: primary_bias(per_row[:, g], num_experts) for g in range(paths.shape[1])}
+
+
 class TargetTable:
     """Targets of a file, checked against the model, looked up by example id for training batches."""
 
-    def __init__(self, targets: RoutingTargets, expected: dict, weighting: str = "none") -> None:
+    def __init__(self, targets: RoutingTargets, expected: dict, weighting: str = "none", balancing: str = "none",
+                 form: str = "file", temperature: float = 1.0) -> None:
+        if form not in TARGET_FORMS:
+            raise ValueError(f"unknown target form {form!r}; valid: {', '.join(TARGET_FORMS)}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown routing-loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        if balancing not in TARGET_BALANCING:
+            raise ValueError(f"unknown target balancing {balancing!r}; valid: {', '.join(TARGET_BALANCING)}")
         check_compatible(targets.header, expected)
         if targets.header.get("action_mode", "primary") != "primary":
             raise ValueError("stage 3 needs per-expert targets (a search with action_mode='primary')")
         self.G, self.E = targets.header["num_groups"], targets.header["num_experts"]
-        self.targets = {k: r["targets"] for k, r in targets.records.items()}
+        self.targets = {k: _target_form(r, form, temperature) for k, r in targets.records.items()}
+        self.paths = {k: np.asarray(r["path"], dtype=int) for k, r in targets.records.items()}
+        if balancing == "sinkhorn" and self.targets:
+            keys = list(self.targets)
+            stacked = np.stack([self.targets[k] for k in keys])  # [N, G, E]
+            for g in range(self.G):
+                stacked[:, g] = balance_targets(stacked[:, g])
+            self.targets = dict(zip(keys, stacked))
         gaps = {k: self._gap(r["values"]) for k, r in targets.records.items()}
         mean_gap = np.mean([g for v in gaps.values() for g in v if g > 0] or [1.0])
         self.weights = {k: (g / mean_gap if weighting == "value-gap" else np.ones(self.G)) for k, g in gaps.items()}
@@ -69,6 +147,19 @@ class TargetTable:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def histogram(self) -> np.ndarray:
+        """``[G, E]`` mean target mass per expert over the file's questions (uniform = 1/E each).
+
+        What stage 3 asks of each group's router on average: a skewed row here becomes a skewed
+        expert load after training."""
+        if not self.targets:
+            return np.full((self.G, self.E), np.nan)
+        return np.mean(np.stack(list(self.targets.values())), axis=0)
+
+    def batch_paths(self, ids: Sequence[str]) -> torch.Tensor:
+        """``[B, G]`` searched paths (-1 rows for examples without a target)."""
+        return torch.tensor(np.stack([self.paths.get(i, np.full(self.G, -1)) for i in ids]), dtype=torch.long)
 
     def batch(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``targets [B, G, E]`` and ``weights [B, G]`` (zeros for examples without a target)."""

@@ -155,16 +155,115 @@ def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir
     model = load_checkpoint(warm)
     _one_hot_targets(model, load_task("arc-easy", "train", data_dir, limit=24), tmp_path / "t.jsonl", expert=3)
     finals = {}
-    for beta in (0.0, 2.0):
+    for beta, forcing in ((0.0, 0.0), (2.0, 0.0), (0.0, 1.0)):
+        name = f"b{beta}-tf{forcing}"
         res = finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
-                                            beta=beta, name=f"b{beta}", **base))
+                                            beta=beta, teacher_forcing=forcing, name=name, **base))
         assert [h["epoch"] for h in res["history"]] == [1, 2]  # epoch 1 is the lora-moe run's own
-        finals[beta] = load_file(tmp_path / f"b{beta}" / "final" / "adapter.safetensors")
+        finals[beta, forcing] = load_file(tmp_path / name / "final" / "adapter.safetensors")
     reference = load_file(tmp_path / "moe" / "final" / "adapter.safetensors")
-    assert reference.keys() == finals[0.0].keys()
-    assert all(torch.equal(reference[k], finals[0.0][k]) for k in reference)
-    assert not all(torch.equal(reference[k], finals[2.0][k]) for k in reference)
+    assert reference.keys() == finals[0.0, 0.0].keys()
+    assert all(torch.equal(reference[k], finals[0.0, 0.0][k]) for k in reference)
+    # The routing loss, and alone the teacher-forced route, each change the result.
+    for other in ((2.0, 0.0), (0.0, 1.0)):
+        assert not all(torch.equal(reference[k], finals[other][k]) for k in reference)
     # A continuation with other training settings is refused, naming them.
     with pytest.raises(ValueError, match="differing: lr: 0.003 there, 0.001 here"):
         finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
                                       name="bad", **(base | {"lr": 1e-3})))
+
+
+def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferences():
+    from routing_env.supervision import balance_targets
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1, (40, 4))
+    logits[:, 2] += 2.0  # expert 2 is every question's favourite: a skewed target histogram
+    t = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    b = balance_targets(t)
+    np.testing.assert_allclose(b.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(b.sum(0), 10.0, atol=1e-6)
+    assert t.mean(0)[2] > 0.5 and b.mean(0)[2] == pytest.approx(0.25, abs=1e-6)
+    # Column scaling is shared by all questions: ranking questions by how much they prefer
+    # expert 2 over expert 0 is unchanged.
+    ts = t + 1e-3
+    assert (np.argsort(b[:, 2] / b[:, 0]) == np.argsort(ts[:, 2] / ts[:, 0])).all()
+
+
+def test_target_forms_from_process_values():
+    from routing_env.supervision import _target_form
+
+    rec = {"id": "q", "targets": np.full((2, 3), 1 / 3), "values": np.array([[-1.0, -0.5, np.nan], [-2.0, -2.0 + np.log(2), -3.0]])}
+    assert _target_form(rec, "file", 1.0) is rec["targets"]
+    assert _target_form(rec, "onehot", 1.0).tolist() == [[0, 1, 0], [0, 1, 0]]
+    soft = _target_form(rec, "softmax", 1.0)
+    assert soft[0, 2] == 0.0 and soft[0, 1] / soft[0, 0] == pytest.approx(np.exp(0.5))  # unestimated: no mass
+    assert soft[1, 1] / soft[1, 0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="needs process values.*--target-form file"):
+        _target_form({"id": "r", "targets": rec["targets"], "values": np.full((2, 3), np.nan)}, "softmax", 1.0)
+
+
+def test_teacher_forced_route_reaches_every_token_of_the_forced_rows_through_chunks():
+    from routing_env.moe import MoEConfig, build_model, moe_layers
+    from routing_env.supervision import forced_route_bias
+    from tests.conftest import random_pairs_batch, tiny_bert
+
+    module, kind = tiny_bert()
+    model = build_model("lora-moe", backbone_module=(module, kind), moe=MoEConfig(num_groups=2, num_experts=4)).eval()
+    model.chunk_rows = 2  # the batch's rows go through in several chunks
+    ctx = model.routing
+    seen = []  # (group, rows of the batch, real-token mask, chosen experts [r, S, k], unforced choice)
+
+    def hook(mod, args, out):
+        x = args[0]
+        chosen = mod.route(x.reshape(-1, x.shape[-1]))[1].reshape(x.shape[0], x.shape[1], -1)
+        bias, ctx.selection_bias = ctx.selection_bias, {}
+        free = mod.route(x.reshape(-1, x.shape[-1]))[1].reshape(x.shape[0], x.shape[1], -1)
+        ctx.selection_bias = bias
+        seen.append((mod.group, ctx.row_index.clone(), ctx.token_mask.clone(), chosen, free))
+
+    for m in moe_layers(model):
+        m.register_forward_hook(hook)
+    batch = random_pairs_batch(B=3, C=4)
+    paths = torch.tensor([[3, 3], [-1, -1], [0, 3]])  # example 1 free; example 2 forced to 0, then 3
+    B, C = batch.choice_mask.shape
+    row_example = torch.arange(B * C)[batch.choice_mask.reshape(-1)] // C  # [R]
+    ctx.selection_bias = forced_route_bias(paths, row_example, 4)
+    with torch.no_grad():
+        model(batch)
+    assert len({tuple(r.tolist()) for _, r, *_ in seen}) > 1  # really chunked
+    for g, rows, mask, chosen, free in seen:
+        want = paths[row_example[rows], g]  # [r] forced expert per row of this chunk, -1 = free
+        has = (chosen == want.clamp_min(0)[:, None, None]).any(-1)  # [r, S]
+        assert has[want >= 0][mask[want >= 0]].all()  # every real token of a forced row has its expert
+        assert torch.equal(chosen[want < 0], free[want < 0])  # free rows route as the router alone
+    assert any(not (f == 3).any(-1)[m].all() for g, r, m, c, f in seen)  # the router alone would not pick 3
+
+
+def test_per_token_granularity_averages_the_tokens_log_probabilities():
+    from routing_env.moe import MoEConfig, build_model, moe_layers
+    from tests.conftest import random_pairs_batch, tiny_bert
+
+    module, kind = tiny_bert()
+    model = build_model("lora-moe", backbone_module=(module, kind), moe=MoEConfig(num_groups=2, num_experts=3)).eval()
+    ctx = model.routing
+    logs = []  # group 0's per-token log probabilities of real tokens, every module
+
+    def hook(mod, args, out):
+        if mod.group == 0:
+            x = args[0]
+            logp = torch.log(mod.route(x.reshape(-1, x.shape[-1]))[0]).reshape(x.shape[0], x.shape[1], -1)
+            logs.append(logp[ctx.token_mask])  # [tokens, E]
+
+    for m in moe_layers(model):
+        m.register_forward_hook(hook)
+    batch = random_pairs_batch(B=1, C=3)
+    ctx.collect_route = True
+    with torch.no_grad():
+        model(batch)
+    expected = torch.cat(logs).mean(0)  # every (module, real token) pair weighs the same
+    torch.testing.assert_close(ctx.example_group_probs(1, log=True)[0, 0], expected, rtol=1e-5, atol=1e-6)
+    # Jensen: the per-token loss is never below the group-averaged one, and is above it here.
+    p, lp = ctx.example_group_probs(1), ctx.example_group_probs(1, log=True)
+    t, w = torch.full_like(p, 1 / 3).roll(1, -1), torch.ones(1, 2)
+    assert routing_loss(p, t, w, lp) > routing_loss(p, t, w) + 1e-4

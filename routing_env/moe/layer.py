@@ -71,6 +71,9 @@ class LoRAMoELinear(nn.Module):
         select = logits
         bias = self.context.selection_bias.get(self.group)
         if bias is not None:
+            ctx = self.context
+            if ctx.row_index is not None and bias.shape[0] == ctx.num_rows:
+                bias = bias[ctx.row_index.to(bias.device)]  # a chunked pass holds only these rows of the batch
             R = bias.shape[0]
             if T % R:
                 raise ValueError(f"{self.name}: {T} tokens do not split into the override's {R} rows")
@@ -114,7 +117,8 @@ class LoRAMoELinear(nn.Module):
         if ctx.collect_route:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
-            ctx.add_route(self.group, (probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)))
+            logp = torch.log(probs.clamp_min(1e-12)).reshape(R, -1, E)
+            ctx.add_route(self.group, (probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1))
         if ctx.record_rows:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]

@@ -49,13 +49,14 @@ class RoutingContext:
     row_modules: dict[int, int] = field(default_factory=dict)  # group -> modules that added to row_probs
     route_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of probs (grad)
     route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
+    route_logsum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of log probs (grad)
 
     def reset_records(self) -> None:
         """Forget what earlier forwards recorded (keeps the settings)."""
         self.aux_losses = []
         self.loads = {}
         self.row_probs, self.row_counts, self.row_modules = {}, {}, {}
-        self.route_sum, self.route_count = {}, {}
+        self.route_sum, self.route_count, self.route_logsum = {}, {}, {}
 
     def clear(self) -> None:
         """Back to plain learned routing with nothing recorded."""
@@ -65,21 +66,26 @@ class RoutingContext:
         self.row_index = self.num_rows = self.row_example = None
         self.reset_records()
 
-    def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Accumulate a module's per-row router probability sums ``[r, E]`` and token counts ``[r]``."""
+    def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor, logprob_sum: torch.Tensor) -> None:
+        """Accumulate a module's per-row router probability sums ``[r, E]``, token counts ``[r]`` and
+        log-probability sums ``[r, E]`` (for the per-token routing loss)."""
         rows = self.row_index if self.row_index is not None else torch.arange(prob_sum.shape[0], device=prob_sum.device)
         n = self.num_rows if self.num_rows is not None else prob_sum.shape[0]
         if group not in self.route_sum:
             self.route_sum[group] = prob_sum.new_zeros(n, prob_sum.shape[1])
+            self.route_logsum[group] = prob_sum.new_zeros(n, prob_sum.shape[1])
             self.route_count[group] = count.new_zeros(n)
-        self.route_sum[group] = self.route_sum[group].index_add(0, rows.to(prob_sum.device), prob_sum)
-        self.route_count[group] = self.route_count[group].index_add(0, rows.to(count.device), count)
+        rows = rows.to(prob_sum.device)
+        self.route_sum[group] = self.route_sum[group].index_add(0, rows, prob_sum)
+        self.route_logsum[group] = self.route_logsum[group].index_add(0, rows, logprob_sum)
+        self.route_count[group] = self.route_count[group].index_add(0, rows, count)
 
-    def example_group_probs(self, num_examples: int) -> torch.Tensor:
+    def example_group_probs(self, num_examples: int, log: bool = False) -> torch.Tensor:
         """``[B, G, E]`` router distribution per example and layer group, with gradient.
 
         The mean over the group's adapted modules and over every real token of the example's rows
         (all its choices): one distribution per (example, group), the granularity of a routing target.
+        ``log=True``: the same mean of the tokens' *log* probabilities instead (per-token loss).
         """
         groups = sorted(self.route_sum)
         if not groups or self.row_example is None:
@@ -87,7 +93,8 @@ class RoutingContext:
         out = []
         for g in groups:
             ex = self.row_example.to(self.route_sum[g].device)
-            s = self.route_sum[g].new_zeros(num_examples, self.route_sum[g].shape[1]).index_add(0, ex, self.route_sum[g])
+            src = self.route_logsum[g] if log else self.route_sum[g]
+            s = src.new_zeros(num_examples, src.shape[1]).index_add(0, ex, src)
             n = self.route_count[g].new_zeros(num_examples).index_add(0, ex, self.route_count[g])
             out.append(s / n.clamp_min(1.0)[:, None])
         return torch.stack(out, 1)
