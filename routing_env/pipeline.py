@@ -16,8 +16,9 @@ JSON + a PNG plot.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import finetune
@@ -75,9 +76,23 @@ def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> di
                                          logdir=str(root), name=name, resume=True, **kw))
 
 
+#: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so
+#: a rerun with other settings never reuses a stage computed with different ones.
+SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight")
+STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "target_temperature", "teacher_forcing",
+                 "route_granularity")
+
+
+def settings_tag(cfg: PipelineConfig, names: tuple[str, ...]) -> str:
+    """``""`` when ``names`` are all at their defaults, else ``"-<8 hex>"`` naming those settings."""
+    defaults = {f.name: f.default for f in fields(PipelineConfig)}
+    changed = {k: getattr(cfg, k) for k in names if getattr(cfg, k) != defaults[k]}
+    return "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
+
+
 def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path) -> dict:
     """A search stage: reuse its summary.json if it finished, else run (train_rl resumes its targets)."""
-    name = f"search-{agent}-s{seed}"
+    name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
     done = root / name / "summary.json"
     if done.is_file():
         print(f"[pipeline] {cfg.task} {name}: done, skipped")
@@ -114,7 +129,8 @@ def main(cfg: PipelineConfig) -> dict:
             # ---- stage 2: search routing targets on that checkpoint -----------------------------
             search = _search(cfg, root, agent, seed, warm)
             # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
-            res = _finetune(cfg, root, f"{method}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
+            tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
+            res = _finetune(cfg, root, f"{method}{tag}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
                             init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
                             route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,
                             target_form=cfg.target_form, target_temperature=cfg.target_temperature,
@@ -128,7 +144,8 @@ def main(cfg: PipelineConfig) -> dict:
     table = aggregate(runs)
     budget = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "logdir", "results_dir", "data_dir", "device")}
     writer = make_writer(root / "pipeline")
-    path = write_table(cfg.task, table, cfg.results_dir, budget, writer)
+    # Other layermoe settings: another table beside the default one, the settings in its budget line.
+    path = write_table(cfg.task + settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS), table, cfg.results_dir, budget, writer)
     writer.close()
     print(Path(path).read_text())
     return table

@@ -52,3 +52,12 @@ def test_pipeline_bad_config(tmp_path):
         pipeline.main(pipeline.PipelineConfig(epochs=2, warmup_epochs=2, logdir=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown method 'moe'; valid: lora, lora-moe, layermoe-<agent>"):
         pipeline.main(pipeline.PipelineConfig(methods=["moe"], logdir=str(tmp_path)))
+
+
+def test_other_stage_settings_get_their_own_run_folders():
+    base = pipeline.PipelineConfig()
+    assert pipeline.settings_tag(base, pipeline.STAGE3_FIELDS) == ""
+    tagged = pipeline.PipelineConfig(beta=0.3)
+    tag = pipeline.settings_tag(tagged, pipeline.STAGE3_FIELDS)
+    assert tag.startswith("-") and len(tag) == 9 and pipeline.settings_tag(tagged, pipeline.SEARCH_FIELDS) == ""
+    assert pipeline.settings_tag(pipeline.PipelineConfig(beta=3.0), pipeline.STAGE3_FIELDS) != tag
