@@ -35,6 +35,7 @@ SEARCHES = {
 
 #: variant -> (search, finetune.py stage-3 arguments)
 VARIANTS = {
+    "beta 0 (checks the pairing: should equal the base)": ("exh", ["--beta", "0"]),
     "router control, beta 1": ("router", ["--beta", "1"]),
     "oracle one-hot, beta 1": ("exh", ["--beta", "1"]),
     "oracle one-hot, beta 0.3": ("exh", ["--beta", "0.3"]),

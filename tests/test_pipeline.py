@@ -22,16 +22,19 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
                                   data_dir=str(data_dir), device="cpu", logdir=str(tmp_path / "runs"),
                                   results_dir=str(tmp_path / "results"))
     table = pipeline.main(cfg)
-    assert calls == ["lora-s0", "lora-moe-s0", "search-mcts-s0", "layermoe-mcts-s0"]
-    md = (tmp_path / "results" / "arc-easy.md").read_text()
+    # A tiny search budget is a non-default setting: its runs carry the settings' tag.
+    s_tag = pipeline.settings_tag(cfg, pipeline.SEARCH_FIELDS)
+    tag = pipeline.settings_tag(cfg, pipeline.SEARCH_FIELDS + pipeline.STAGE3_FIELDS)
+    assert calls == ["lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0", f"layermoe-mcts{tag}-s0"]
+    md = (tmp_path / "results" / f"arc-easy{tag}.md").read_text()
     assert "| layermoe-mcts | 1 |" in md and "| lora | 1 |" in md and "n/a" in md  # lora has no experts
     row = table["layermoe-mcts"]  # paired with the same seed's lora-moe run
     assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table["lora-moe"]["accuracy"]["mean"])
-    assert (tmp_path / "results" / "arc-easy_accuracy_vs_balance.png").is_file()
-    saved = json.loads((tmp_path / "results" / "arc-easy.json").read_text())
+    assert (tmp_path / "results" / f"arc-easy{tag}_accuracy_vs_balance.png").is_file()
+    saved = json.loads((tmp_path / "results" / f"arc-easy{tag}.json").read_text())
     assert saved["methods"]["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
     assert set(saved["methods"]["layermoe-mcts"]["seconds"]) == {"warm-up", "search", "stage 3"}
-    stage3 = json.loads((tmp_path / "runs" / "arc-easy" / "layermoe-mcts-s0" / "results.json").read_text())
+    stage3 = json.loads((tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").read_text())
     assert stage3["config"]["init_checkpoint"].endswith("lora-moe-s0/checkpoints/epoch_1")
     assert stage3["targets_coverage"] == 0.25 and [h["epoch"] for h in stage3["history"]] == [1, 2]
 
@@ -40,10 +43,10 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     assert pipeline.main(cfg) == table and calls == []
 
     # A lost final result: only that stage runs, resuming from its last epoch checkpoint (no retraining).
-    (tmp_path / "runs" / "arc-easy" / "layermoe-mcts-s0" / "results.json").unlink()
+    (tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").unlink()
     calls.clear()
     again = pipeline.main(cfg)
-    assert calls == ["layermoe-mcts-s0"]
+    assert calls == [f"layermoe-mcts{tag}-s0"]
     assert again["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
 
 

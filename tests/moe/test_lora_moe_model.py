@@ -76,17 +76,27 @@ def test_both_backbone_kinds_init_exact_and_trainable(make):
 
 
 def _routes(model: MCModel, batch) -> dict[str, torch.Tensor]:
-    """Top-k expert ids ``[T, k]`` every MoE module chose in one forward (inputs captured by hooks)."""
-    inputs, hooks = {}, []
+    """Top-k expert ids ``[R, S, k]`` every MoE module chose in one forward, rows in batch order.
+
+    Routed inside a forward hook, while the routing context still says which of the batch's rows
+    the pass holds (the encoder runs rows length-sorted in chunks), then put back in batch order.
+    """
+    out, hooks, ctx = {}, [], model.routing
+
+    def hook(mod, args, _):
+        x = args[0]
+        _, idx, _ = mod.route(x.reshape(-1, x.shape[-1]))
+        idx = idx.reshape(x.shape[0], x.shape[1], -1)  # [r, S, k]
+        rows = ctx.row_index if ctx.row_index is not None else torch.arange(x.shape[0])
+        full = out.setdefault(mod.name, torch.full((ctx.num_rows or x.shape[0], x.shape[1], idx.shape[-1]), -1))
+        if full.shape[1] < idx.shape[1]:  # a later chunk is longer: widen (padding positions stay -1)
+            full = out[mod.name] = torch.cat([full, full.new_full((full.shape[0], idx.shape[1] - full.shape[1], full.shape[2]), -1)], 1)
+        full[rows, : idx.shape[1]] = idx
+
     for m in moe_layers(model):
-        hooks.append(m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.name, args[0].detach())))
+        hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         model(batch)
-        out = {}
-        for m in moe_layers(model):
-            x = inputs[m.name]
-            _, idx, _ = m.route(x.reshape(-1, x.shape[-1]))
-            out[m.name] = idx.reshape(x.shape[0], -1, m.top_k)  # [R, S, k]
     for h in hooks:
         h.remove()
     return out
