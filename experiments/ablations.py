@@ -75,12 +75,17 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/ablations", help="folder of the runs (not committed)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--train-limit", type=int, default=500)
-    ap.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated variant slugs to run, e.g. router-control-beta-1 "
+                    "(default: all)")
     ap.add_argument("--table-only", action="store_true", help="write the table from finished runs, run nothing")
     args = ap.parse_args()
     py, runs = "python", Path(args.runs)
     limit = ["--train-limit", str(args.train_limit)]
-    chosen = args.only.split(",") if args.only else list(VARIANTS)
+    slugs = {_slug(v): v for v in VARIANTS}
+    unknown = set(args.only.split(",")) - set(slugs) if args.only else set()
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; valid: {', '.join(slugs)}")
+    chosen = [slugs[s] for s in args.only.split(",")] if args.only else list(VARIANTS)
     rows, commands = [], {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         base = runs / f"moe-s{seed}"
