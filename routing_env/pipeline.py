@@ -64,16 +64,38 @@ class PipelineConfig:
     results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
 
 
-def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> dict:
-    """A fine-tune stage: reuse its results.json if it finished, else run (resuming its checkpoints)."""
-    done = root / name / "results.json"
-    if done.is_file():
+def _record(cfg: PipelineConfig, name: str) -> Path:
+    """Where a finished stage's results are committed: ``<results_dir>/runs/<task>/<name>.json``."""
+    return Path(cfg.results_dir) / "runs" / cfg.task / f"{name}.json"
+
+
+def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, run, force: bool = False) -> dict:
+    """A stage's results: from its run folder, else from its committed record, else by running it.
+
+    Whatever way they come, they are (re)written to the record, so committing ``results/runs``
+    after each stage lets an interrupted table resume on another machine. ``force`` ignores a
+    record (not a local run folder): for a stage whose local outputs a later stage needs.
+    """
+    local, record = root / name / filename, _record(cfg, name)
+    if local.is_file():
         print(f"[pipeline] {cfg.task} {name}: done, skipped")
-        return json.loads(done.read_text())
-    print(f"[pipeline] {cfg.task} {name}: running")
-    return finetune.main(finetune.Config(task=cfg.task, backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit,
-                                         eval_limit=cfg.eval_limit, data_dir=cfg.data_dir, device=cfg.device,
-                                         logdir=str(root), name=name, resume=True, **kw))
+        res = json.loads(local.read_text())
+    elif record.is_file() and not force:
+        print(f"[pipeline] {cfg.task} {name}: done (committed record {record}), skipped")
+        return json.loads(record.read_text())
+    else:
+        print(f"[pipeline] {cfg.task} {name}: running")
+        res = run()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool = False, **kw) -> dict:
+    """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
+    return _stage(cfg, root, name, "results.json", lambda: finetune.main(finetune.Config(
+        task=cfg.task, backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
+        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, **kw)), force)
 
 
 #: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so
@@ -90,19 +112,14 @@ def settings_tag(cfg: PipelineConfig, names: tuple[str, ...]) -> str:
     return "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
 
 
-def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path) -> dict:
-    """A search stage: reuse its summary.json if it finished, else run (train_rl resumes its targets)."""
+def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, force: bool = False) -> dict:
+    """A search stage (train_rl resumes after its last written example)."""
     name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
-    done = root / name / "summary.json"
-    if done.is_file():
-        print(f"[pipeline] {cfg.task} {name}: done, skipped")
-        return json.loads(done.read_text())
-    print(f"[pipeline] {cfg.task} {name}: running")
-    return train_rl.main(train_rl.Config(env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
-                                         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
-                                         agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight,
-                                         data_dir=cfg.data_dir, logdir=str(root),
-                                         name=name, compare_router=True))
+    return _stage(cfg, root, name, "summary.json", lambda: train_rl.main(train_rl.Config(
+        env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
+        num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
+        agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root),
+        name=name, compare_router=True)), force)
 
 
 def main(cfg: PipelineConfig) -> dict:
@@ -114,22 +131,31 @@ def main(cfg: PipelineConfig) -> dict:
             raise ValueError(f"unknown method {m!r}; valid: lora, lora-moe, layermoe-<agent> (e.g. layermoe-mcts)")
     root = Path(cfg.logdir) / cfg.task
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
     for seed in cfg.seeds:
+        # Stage 3 continues the very lora-moe run it is compared with: when a layermoe stage is
+        # still to run and only committed records of that run exist here (another machine), the
+        # seed's lora-moe run is recomputed, so both rows come from the same run.
+        warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
+        pending = [m for m in cfg.methods if m.startswith("layermoe-")
+                   and not ((root / f"{m}{tag}-s{seed}" / "results.json").is_file() or _record(cfg, f"{m}{tag}-s{seed}").is_file())]
+        rerun_base = bool(pending) and not warm.is_dir()
         for method in cfg.methods:
             # ---- baselines: the same epochs of task training, no search ------------------------
             if method in ("lora", "lora-moe"):
-                res = _finetune(cfg, root, f"{method}-s{seed}", seed, method=method, epochs=cfg.epochs)
+                res = _finetune(cfg, root, f"{method}-s{seed}", seed, force=rerun_base and method == "lora-moe",
+                                method=method, epochs=cfg.epochs)
                 runs[method].append({"seed": seed, "metrics": run_metrics(res), "seconds": {"train": res["wall_time_s"]}})
                 continue
             agent = method.removeprefix("layermoe-")
             # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
-            base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, method="lora-moe", epochs=cfg.epochs)
-            warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
+            base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, force=rerun_base, method="lora-moe", epochs=cfg.epochs)
             warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
             # ---- stage 2: search routing targets on that checkpoint -----------------------------
             search = _search(cfg, root, agent, seed, warm)
+            if method in pending and not Path(search["targets"]).is_file():  # a record, but no targets here
+                search = _search(cfg, root, agent, seed, warm, force=True)
             # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
-            tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
             res = _finetune(cfg, root, f"{method}{tag}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
                             init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
                             route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,

@@ -44,10 +44,27 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
 
     # A lost final result: only that stage runs, resuming from its last epoch checkpoint (no retraining).
     (tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").unlink()
+    (tmp_path / "results" / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0.json").unlink()  # and its committed record
     calls.clear()
     again = pipeline.main(cfg)
     assert calls == [f"layermoe-mcts{tag}-s0"]
     assert again["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
+
+    # Another machine: only the committed records (results/runs). Nothing reruns, same table.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    records = tmp_path / "results" / "runs" / "arc-easy"
+    assert {p.stem for p in records.glob("*.json")} == {"lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0",
+                                                         f"layermoe-mcts{tag}-s0"}
+    calls.clear()
+    assert pipeline.main(cfg) == again and calls == []
+    # ... and with a stage 3 still to run there, the seed's chain is recomputed (the lora-moe run it
+    # continues must be the one it is compared with), the plain LoRA run is not.
+    (records / f"layermoe-mcts{tag}-s0.json").unlink()
+    calls.clear()
+    pipeline.main(cfg)
+    assert calls == ["lora-moe-s0", f"search-mcts{s_tag}-s0", f"layermoe-mcts{tag}-s0"]
 
 
 def test_pipeline_bad_config(tmp_path):
