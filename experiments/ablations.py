@@ -141,6 +141,18 @@ def _write(rows: list[dict], commands: dict, args) -> None:
         srch = f"{r['search_outcome']:.3f} ({r['router_outcome']:.3f})" if "search_outcome" in r else ""
         lines.append(f"| {r['variant']} | {r['seed']} | {100 * r['dev_accuracy']:.2f} | {d_acc} | {r['dev_cv']:.3f} | "
                      f"{d_cv} | {hist} | {srch} |")
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        if "paired_diff_accuracy" in r:
+            by_variant.setdefault(r["variant"], []).append(r)
+    multi = {v: rs for v, rs in by_variant.items() if len(rs) > 1}
+    if multi:
+        lines += ["", "Over seeds (variants run on more than one seed): mean ± sample std of the paired differences.", "",
+                  "| variant | seeds | Δ acc (pts) | Δ CV |", "| --- | --- | --- | --- |"]
+        for v, rs in multi.items():
+            d = 100 * np.array([r["paired_diff_accuracy"] for r in rs])
+            c = np.array([r["paired_diff_cv"] for r in rs])
+            lines.append(f"| {v} | {len(rs)} | {d.mean():+.2f} ± {d.std(ddof=1):.2f} | {c.mean():+.3f} ± {c.std(ddof=1):.3f} |")
     lines += ["", "Seed 0's base ran with 2 CPU threads, every other run with 1 (OMP_NUM_THREADS=1): at beta 0 the "
               "dev loss differs by 2e-7 from the base, the accuracy not at all. One question of dev is 0.18 points.",
               "", "## Not run, and why", "",
