@@ -54,7 +54,8 @@ class PipelineConfig:
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
     route_weighting: str = cfg_field("none", "layermoe: none or value-gap (weight by the spread of process values)")
     target_balance: str = cfg_field("none", "layermoe: none or sinkhorn (rescale targets to equal mass per expert)")
-    target_form: str = cfg_field("file", "layermoe: file (as searched), onehot or softmax of the process values")
+    target_form: str = cfg_field("file", "layermoe: file (as searched), onehot or softmax of the process values "
+                                 "(agents with values: mcts, exhaustive; the others keep their distributions)")
     target_temperature: float = cfg_field(1.0, "layermoe: temperature of target_form softmax")
     route_granularity: str = cfg_field("group", "layermoe: group (token-averaged router) or token (per-token KL)")
     teacher_forcing: float = cfg_field(0.0, "layermoe: share of examples trained through their searched route (annealed)")
@@ -103,6 +104,10 @@ def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool
 SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight")
 STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "target_temperature", "teacher_forcing",
                  "route_granularity")
+
+
+#: Agents whose targets files carry process values, so ``target_form`` onehot / softmax applies.
+VALUE_AGENTS = ("mcts", "exhaustive")
 
 
 def settings_tag(cfg: PipelineConfig, names: tuple[str, ...]) -> str:
@@ -159,7 +164,9 @@ def main(cfg: PipelineConfig) -> dict:
             res = _finetune(cfg, root, f"{method}{tag}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
                             init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
                             route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,
-                            target_form=cfg.target_form, target_temperature=cfg.target_temperature,
+                            # Agents without process values (router, PPO, ...) keep their own distributions.
+                            target_form=cfg.target_form if agent in VALUE_AGENTS else "file",
+                            target_temperature=cfg.target_temperature,
                             teacher_forcing=cfg.teacher_forcing, route_granularity=cfg.route_granularity)
             runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
                                  "paired_with": run_metrics(base),
