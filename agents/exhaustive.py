@@ -14,6 +14,7 @@ group's balance term (against the running loads when the batch starts) plus, at 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,9 +33,8 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
     A, G = int(env.action_space.n), env.G
     ids = [int(i) for i in example_ids]
     reward: list[dict[tuple, float]] = [{} for _ in ids]  # edge reward into each node
-    level: list[tuple] = [()]
-    for _ in range(G):
-        level = [p + (a,) for p in level for a in range(A)]  # every prefix one group deeper
+    for depth in range(1, G + 1):
+        level = _prefixes(A, depth)  # every prefix of this many groups
         res = env.evaluate_prefixes([i for i in ids for _ in level], [p for _ in ids for p in level])
         for n in range(len(ids)):
             for m, p in enumerate(level):
@@ -51,10 +51,8 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
 
 
 def _prefixes(A: int, depth: int) -> list[tuple]:
-    level: list[tuple] = [()]
-    for _ in range(depth):
-        level = [p + (a,) for p in level for a in range(A)]
-    return level
+    """Every action prefix of ``depth`` groups, in lexicographic order."""
+    return list(itertools.product(range(A), repeat=depth))
 
 
 def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
