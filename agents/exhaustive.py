@@ -21,7 +21,7 @@ import numpy as np
 
 from agents.base import SearchResult
 
-__all__ = ["ExhaustiveAgent", "exhaustive_q", "q_targets"]
+__all__ = ["ExhaustiveAgent", "exhaustive_q", "optimal_path", "q_targets"]
 
 
 def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.ndarray]]:
@@ -55,17 +55,27 @@ def _prefixes(A: int, depth: int) -> list[tuple]:
     return list(itertools.product(range(A), repeat=depth))
 
 
-def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
-    """A group's target distribution from its ``Q* [A]``: softmax at ``temperature``, one-hot at 0.
+def optimal_path(q: dict[tuple, np.ndarray], num_groups: int) -> tuple:
+    """The path that takes the best ``Q*`` action at every group (ties to the lower index)."""
+    p: tuple = ()
+    for _ in range(num_groups):
+        p = p + (int(np.argmax(q[p])),)
+    return p
 
-    Q* is in log-probability units, so temperature 1 weighs each route by how much more likely it
-    makes the correct answer; ties at temperature 0 go to the lower index.
+
+def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
+    """A target distribution from action values ``q [..., A]``: softmax at ``temperature``, one-hot at 0.
+
+    Q is in log-probability units, so temperature 1 weighs each route by how much more likely it
+    makes the correct answer; ties at temperature 0 go to the lower index. NaN (an action whose value
+    was not estimated, as in MCTS) gets no mass.
     """
+    q = np.asarray(q, dtype=float)
     if temperature <= 0:
-        return np.eye(len(q))[int(np.argmax(q))]
-    z = (q - q.max()) / temperature
+        return np.eye(q.shape[-1])[np.nanargmax(q, -1)]
+    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, -1, keepdims=True)) / temperature
     w = np.exp(z)
-    return w / w.sum()
+    return w / w.sum(-1, keepdims=True)
 
 
 class ExhaustiveAgent:
@@ -97,15 +107,11 @@ class ExhaustiveAgent:
             ids = [int(i) for i in example_ids[start : start + self.batch_size]]
             qs = exhaustive_q(env, ids)
             A, G = int(env.action_space.n), env.G
-            paths, targets, values = [], np.zeros((len(ids), G, A)), np.zeros((len(ids), G, A))
-            for n, q in enumerate(qs):
-                p: tuple = ()
-                for g in range(G):  # follow the optimal path; each group's Q* at the node it reaches
-                    values[n, g] = q[p]
-                    targets[n, g] = q_targets(q[p], self.temperature)
-                    p = p + (int(np.argmax(q[p])),)
-                paths.append(list(p))
-            final = env.evaluate_paths(ids, paths)
+            paths = [optimal_path(q, G) for q in qs]
+            # Each group's Q* at the node the optimal path reaches.
+            values = np.array([[q[p[:g]] for g in range(G)] for q, p in zip(qs, paths)])  # [B, G, A]
+            targets = q_targets(values, self.temperature)
+            final = env.evaluate_paths(ids, [list(p) for p in paths])
             nodes = sum(A**g for g in range(1, G + 1))
             for n, i in enumerate(ids):
                 r = SearchResult(example=i, targets=targets[n], values=values[n], path=np.array(paths[n]),

@@ -25,7 +25,7 @@ import numpy as np
 
 import agents
 import routing_env  # noqa: F401  (registers the ids)
-from agents.exhaustive import exhaustive_q
+from agents.exhaustive import exhaustive_q, optimal_path
 
 
 def measure(checkpoint: str, env_id: str, n: int, data_dir: str | None) -> dict:
@@ -35,10 +35,7 @@ def measure(checkpoint: str, env_id: str, n: int, data_dir: str | None) -> dict:
     oracle_path, oracle, random_route = [], [], []
     for start in range(0, len(ids), 16):
         for q in exhaustive_q(env, ids[start : start + 16]):
-            p: tuple = ()
-            for _ in range(env.G):
-                p = p + (int(np.argmax(q[p])),)
-            oracle_path.append(p)
+            oracle_path.append(optimal_path(q, env.G))
             oracle.append(float(q[()].max()))
             leaves = [q[pre] for pre in q if len(pre) == env.G - 1]  # [A**(G-1)] rows of leaf values
             random_route.append(float(np.mean(leaves)))

@@ -70,6 +70,11 @@ def _record(cfg: PipelineConfig, name: str) -> Path:
     return Path(cfg.results_dir) / "runs" / cfg.task / f"{name}.json"
 
 
+def _finished(cfg: PipelineConfig, root: Path, name: str, filename: str = "results.json") -> bool:
+    """Whether a stage has results here: its run folder's file, or its committed record."""
+    return (root / name / filename).is_file() or _record(cfg, name).is_file()
+
+
 def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, run, force: bool = False) -> dict:
     """A stage's results: from its run folder, else from its committed record, else by running it.
 
@@ -142,8 +147,7 @@ def main(cfg: PipelineConfig) -> dict:
         # still to run and only committed records of that run exist here (another machine), the
         # seed's lora-moe run is recomputed, so both rows come from the same run.
         warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
-        pending = [m for m in cfg.methods if m.startswith("layermoe-")
-                   and not ((root / f"{m}{tag}-s{seed}" / "results.json").is_file() or _record(cfg, f"{m}{tag}-s{seed}").is_file())]
+        pending = [m for m in cfg.methods if m.startswith("layermoe-") and not _finished(cfg, root, f"{m}{tag}-s{seed}")]
         rerun_base = bool(pending) and not warm.is_dir()
         for method in cfg.methods:
             # ---- baselines: the same epochs of task training, no search ------------------------
@@ -178,7 +182,7 @@ def main(cfg: PipelineConfig) -> dict:
     budget = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "logdir", "results_dir", "data_dir", "device")}
     writer = make_writer(root / "pipeline")
     # Other layermoe settings: another table beside the default one, the settings in its budget line.
-    path = write_table(cfg.task + settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS), table, cfg.results_dir, budget, writer)
+    path = write_table(cfg.task + tag, table, cfg.results_dir, budget, writer)
     writer.close()
     print(Path(path).read_text())
     return table

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from agents.exhaustive import q_targets
 from routing_env.targets import RoutingTargets, check_compatible
 
 __all__ = ["GRANULARITIES", "WEIGHTINGS", "TARGET_BALANCING", "TARGET_FORMS", "TargetTable", "balance_targets", "routing_loss",
@@ -92,11 +93,7 @@ def _target_form(record: dict, form: str, temperature: float) -> np.ndarray:
     if np.isnan(q).all(1).any():
         raise ValueError(f"target form {form!r} needs process values for every group; example {record['id']!r} has none "
                          "(a file from an agent without values: use --target-form file)")
-    if form == "onehot" or temperature <= 0:
-        return np.eye(q.shape[1])[np.nanargmax(q, 1)]
-    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, 1, keepdims=True)) / temperature
-    w = np.exp(z)
-    return w / w.sum(1, keepdims=True)
+    return q_targets(q, 0.0 if form == "onehot" else temperature)
 
 
 def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor, num_experts: int) -> dict[int, torch.Tensor]:
