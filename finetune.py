@@ -191,7 +191,7 @@ def main(cfg: Config) -> dict:
     paired = table is not None and not done and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
     if done or paired:
         last = done[-1] if done else Path(cfg.init_checkpoint)
-        state = torch.load(last / "training_state.pt", weights_only=False)
+        state = torch.load(last / "training_state.pt", weights_only=False, map_location="cpu")  # saved on any device
         if paired:
             check_paired(cfg, state.get("config"), last)
         else:
@@ -199,6 +199,8 @@ def main(cfg: Config) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":  # dropout on the GPU draws from here
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
         print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
               f"{' with the routing loss (paired design)' if paired else ''}")
@@ -269,7 +271,8 @@ def main(cfg: Config) -> dict:
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
         ckpt = save_checkpoint(model, ckpt_root / f"epoch_{epoch + 1}", extra={"task": cfg.task, "seed": cfg.seed})
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch, "config": asdict(cfg)},
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None, "history": history, "epoch": epoch, "config": asdict(cfg)},
                    ckpt / "training_state.pt")
 
     # ---- test ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import routing_env  # importing registers the env ids
 from agents.base import SearchResult
 from routing_env.plots import load_heatmap
 from routing_env.targets import TargetsWriter
-from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, seed_everything
+from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Config:
     batch_size: int = cfg_field(16, "examples searched together (one batched forward per tree level)")
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward")
     seed: int = cfg_field(0, "seed of the agent and of torch / numpy")
-    device: str = cfg_field("cpu", "device of the env's model (cpu, cuda[:i])")
+    device: str = cfg_field("auto", "device of the env's model: auto (CUDA when available), cpu, cuda[:i]")
     output: str | None = cfg_field(None, "routing-targets file (default: <logdir>/<name>/targets.jsonl)")
     overwrite: bool = cfg_field(False, "start the targets file again instead of resuming it")
     compare_router: bool = cfg_field(True, "also score the learned router's greedy paths on the same examples")
@@ -88,7 +88,7 @@ def main(cfg: Config) -> dict:
         (run_dir / "agent.zip").unlink(missing_ok=True)
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
-    env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=cfg.device,
+    env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),
                    balance_weight=cfg.balance_weight).unwrapped
     if env.action_mode != "primary":
         raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")

@@ -49,6 +49,7 @@ class PipelineConfig:
     search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "
                                             "rest get the task loss only)")
     num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
+    search_batch_size: int = cfg_field(16, "questions searched together (a larger batch fills a GPU; float rounding only)")
     agent_kwargs: str = cfg_field("{}", "JSON object of agent settings for every search, e.g. '{\"temperature\": 0.5}'")
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
@@ -60,7 +61,7 @@ class PipelineConfig:
     route_granularity: str = cfg_field("group", "layermoe: group (token-averaged router) or token (per-token KL)")
     teacher_forcing: float = cfg_field(0.0, "layermoe: share of examples trained through their searched route (annealed)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
-    device: str = cfg_field("auto", "device for fine-tuning (auto, cpu, cuda)")
+    device: str = cfg_field("auto", "device of every stage, search included (auto, cpu, cuda[:i])")
     logdir: str = cfg_field("runs/pipeline", "parent folder of the stage runs (<logdir>/<task>/<stage>-s<seed>)")
     results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
 
@@ -128,7 +129,7 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
     return _stage(cfg, root, name, "summary.json", lambda: train_rl.main(train_rl.Config(
         env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
-        agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root),
+        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root),
         name=name, compare_router=True)), force)
 
 
