@@ -22,23 +22,28 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from routing_env.data import load_task, task_names
+from routing_env.data import TaskSource, describe_split, resolve_task, task_names
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
 from routing_env.moe import (DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_adapter_state, load_checkpoint,
                              moe_layers, save_checkpoint)
 from routing_env.planning import model_fingerprint
+from routing_env.safefiles import RunLock, atomic_write, atomic_write_text, mark_complete
 from routing_env.plots import load_heatmap
 from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
                                      group_agreement, routing_loss)
 from routing_env.targets import load_targets
-from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
+from routing_env.utils import cfg_field, log_hparams, make_writer, pick_device, run_cli, seed_everything
 
 
 @dataclass
 class Config:
     """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
 
-    task: str = cfg_field("arc-easy", f"task ({', '.join(task_names())}) or the path of an AI2-format JSONL file")
+    task: str = cfg_field("arc-easy", f"task: a name ({', '.join(task_names())}), a folder of train/dev/test "
+                          ".jsonl[.gz] files, or one file (split 80/10/10 by question-id hash)")
+    train_file: str | None = cfg_field(None, "your own training split (with --dev-file and --test-file; overrides --task)")
+    dev_file: str | None = cfg_field(None, "your own dev split (model selection and ablations read it)")
+    test_file: str | None = cfg_field(None, "your own test split (read once, at the end)")
     method: str = cfg_field("lora-moe", "lora / lora-moe (stage 1), or layermoe: continue a lora-moe warm-up "
                             "with routing targets (stage 3)", choices=[*METHODS, "layermoe"])
     backbone: str = cfg_field(DEFAULT_BACKBONE, "'minilm' (packaged, offline), a local folder or a hub id")
@@ -86,7 +91,7 @@ class Config:
     logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
     resume: bool = cfg_field(False, "continue from the last epoch checkpoint of this run")
     eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
-    log_every: int = cfg_field(20, "optimiser steps between TensorBoard loss points")
+    log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
 
 
 def moe_config(cfg: Config) -> MoEConfig:
@@ -118,7 +123,7 @@ def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> Non
 
 #: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them
 #: different the two runs would differ in more than the routing loss.
-PAIRED_FIELDS = ("task", "seed", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+PAIRED_FIELDS = ("task", "train_file", "dev_file", "test_file", "seed", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
                  "max_length", "aux_loss_coef", "train_limit", "backbone")
 
 
@@ -135,12 +140,76 @@ def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
                          f"run's; differing: {'; '.join(diff)}")
 
 
+def load_training_state(folder: Path) -> dict:
+    return torch.load(folder / "training_state.pt", weights_only=False, map_location="cpu")  # saved on any device
+
+
+def last_checkpoint(model, ckpt_root: Path) -> tuple[Path, dict] | None:
+    """The newest epoch checkpoint that loads (its adapters now in ``model``) and its training state.
+
+    A folder a crash left half-written (a file missing or truncated) is skipped with a warning, so
+    the run resumes from the epoch before it instead of failing for good.
+    """
+    folders = sorted((p for p in ckpt_root.glob("epoch_*") if p.name.split("_")[1].isdigit()),
+                     key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    for folder in folders:
+        try:
+            state = load_training_state(folder)
+            load_adapter_state(model, folder)
+            return folder, state
+        except Exception as e:  # noqa: BLE001 -- any unreadable file means "not this one"
+            print(f"resume: skipping {folder}, which is incomplete or damaged ({type(e).__name__}: {e})")
+    return None
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite; the run stopped with its state saved (see the message)."""
+
+
+def stop_nonfinite(model, optimizer, scheduler, run_dir: Path, step: int, epoch: int, ids: list[str], parts: dict,
+                   cfg: Config) -> None:
+    """Save the state before the bad step (adapters still finite) and raise, naming step and questions."""
+    where = save_checkpoint(model, run_dir / "nonfinite", extra={"step": step, "epoch": epoch + 1})
+    atomic_write(where / "training_state.pt", lambda tmp: torch.save({
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "config": asdict(cfg)}, tmp))
+    atomic_write_text(where / "nonfinite.json", json.dumps({"step": step, "epoch": epoch + 1, "example_ids": ids,
+                                                            "losses": parts}, indent=2))
+    raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch + 1}): {parts}; questions {ids}. The state "
+                        f"before this step is in {where}. Check the inputs of these questions (a targets file with "
+                        f"non-finite values?) or lower --lr.")
+
+
+def check_config(cfg: Config) -> TaskSource:
+    """Refuse settings that cannot train (naming the flag), before any folder or model is made."""
+    for flag, value, least in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
+                               ("eval-batch-size", cfg.eval_batch_size, 1), ("max-length", cfg.max_length, 8),
+                               ("top-k", cfg.top_k, 1), ("rank", cfg.rank, 1), ("log-every", cfg.log_every, 1)):
+        if value < least:
+            raise ValueError(f"--{flag} must be at least {least}, got {value}")
+    for flag, value in (("train-limit", cfg.train_limit), ("eval-limit", cfg.eval_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1 (or none for all), got {value}")
+    if not cfg.lr > 0 or not np.isfinite(cfg.lr):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
+        raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
+    return resolve_task(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
+
+
 def main(cfg: Config) -> dict:
-    # ---- set-up ----------------------------------------------------------------------------------
-    name = cfg.name or f"{Path(cfg.task).stem}-{cfg.method}-s{cfg.seed}"
+    """Check the settings, take the run folder (one writer at a time), train, test."""
+    source = check_config(cfg)
+    name = cfg.name or f"{source.name}-{cfg.method}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
+    with RunLock(run_dir):
+        return train(cfg, source, name, run_dir)
+
+
+def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
+    """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``)."""
+    # ---- set-up ----------------------------------------------------------------------------------
     ckpt_root = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     writer = make_writer(run_dir)
@@ -148,22 +217,20 @@ def main(cfg: Config) -> dict:
     t_start = time.time()
 
     # ---- data ------------------------------------------------------------------------------------
-    train = load_task(cfg.task, "train", cfg.data_dir, limit=cfg.train_limit)
-    dev = load_task(cfg.task, "dev", cfg.data_dir, limit=cfg.eval_limit)
-    test = load_task(cfg.task, "test", cfg.data_dir, limit=cfg.eval_limit)
+    train, dev, test = (source.load(split, cfg.data_dir, limit=limit) for split, limit in
+                        (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit)))
+    print(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
 
     # ---- model -----------------------------------------------------------------------------------
     table = None
     if cfg.method == "layermoe":
-        if not cfg.init_checkpoint or not cfg.targets:
-            raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
         model = load_checkpoint(cfg.init_checkpoint).to(device)
         if not moe_layers(model):
             raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
         layers = moe_layers(model)
         # The targets must come from a search on exactly this model (same tensors, groups, experts).
         table = TargetTable(load_targets(cfg.targets), {
-            "task": Path(cfg.task).stem if Path(cfg.task).suffix else cfg.task, "fingerprint": model_fingerprint(model),
+            "task": source.name, "fingerprint": model_fingerprint(model),
             "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
             "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
             cfg.target_temperature)
@@ -187,15 +254,12 @@ def main(cfg: Config) -> dict:
     # Of this run (--resume), else, for layermoe, of the lora-moe run whose epoch checkpoint it
     # continues: the paired design, in which stage 3 is that run's remaining epochs plus the routing
     # loss, so with beta 0 it *is* that run.
-    done = sorted(ckpt_root.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1])) if cfg.resume else []
-    paired = table is not None and not done and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
+    done = last_checkpoint(model, ckpt_root) if cfg.resume else None
+    paired = table is not None and done is None and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
     if done or paired:
-        last = done[-1] if done else Path(cfg.init_checkpoint)
-        state = torch.load(last / "training_state.pt", weights_only=False, map_location="cpu")  # saved on any device
+        last, state = done or (Path(cfg.init_checkpoint), load_training_state(Path(cfg.init_checkpoint)))
         if paired:
             check_paired(cfg, state.get("config"), last)
-        else:
-            load_adapter_state(model, last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -243,22 +307,28 @@ def main(cfg: Config) -> dict:
                 logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
                 route_loss = routing_loss(probs, tgt, w, logp)
                 loss = loss + cfg.beta * route_loss
+            task_value, loss_value = torch.stack([task_loss.detach(), loss.detach()]).tolist()  # one host sync
+            if not np.isfinite(loss_value):
+                parts = {"task": task_value, "aux": float(aux_loss), "total": loss_value}
+                if table is not None:
+                    parts["route"] = float(route_loss)
+                stop_nonfinite(model, optimizer, scheduler, run_dir, step + 1, epoch, batch.ids, parts, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
-            if step % cfg.log_every == 0:
-                writer.add_scalar("losses/task", task_loss.item(), step)
+            if step % cfg.log_every == 0 or step == stage3_start + 1:
+                writer.add_scalar("losses/task", task_value, step)
                 writer.add_scalar("losses/aux", aux_loss.item(), step)
-                writer.add_scalar("losses/total", loss.item(), step)
+                writer.add_scalar("losses/total", loss_value, step)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 if table is not None:
                     writer.add_scalar("losses/route", route_loss.item(), step)
                     for g, a in enumerate(group_agreement(probs.detach(), tgt, w).tolist()):
                         writer.add_scalar(f"routing/agreement_group_{g}", a, step)
-            bar.set_postfix(loss=f"{task_loss.item():.3f}")
+            bar.set_postfix(loss=f"{task_value:.3f}")
         model.routing.compute_aux = model.routing.collect_route = False
 
         # ---- evaluate on dev, checkpoint -------------------------------------------------------
@@ -269,11 +339,14 @@ def main(cfg: Config) -> dict:
         log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
         history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(), "elapsed_s": time.time() - t_start})
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
-        ckpt = save_checkpoint(model, ckpt_root / f"epoch_{epoch + 1}", extra={"task": cfg.task, "seed": cfg.seed})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        ckpt = save_checkpoint(model, ckpt_root / f"epoch_{epoch + 1}", extra={"task": source.name, "seed": cfg.seed},
+                               complete=False)
+        atomic_write(ckpt / "training_state.pt", lambda tmp: torch.save({
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None, "history": history, "epoch": epoch, "config": asdict(cfg)},
-                   ckpt / "training_state.pt")
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "history": history, "epoch": epoch, "config": asdict(cfg)}, tmp))
+        mark_complete(ckpt)  # last: a crash before this leaves a folder resume skips
 
     # ---- test ------------------------------------------------------------------------------------
     test_res = None
@@ -282,11 +355,11 @@ def main(cfg: Config) -> dict:
                             device=device, desc="test")
         writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
         log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
-    final = save_checkpoint(model, run_dir / "final", extra={"task": cfg.task, "seed": cfg.seed,
+    final = save_checkpoint(model, run_dir / "final", extra={"task": source.name, "seed": cfg.seed,
                                                              "test_accuracy": test_res.accuracy if test_res else None})
     results = {
         "name": name,
-        "task": cfg.task,
+        "task": source.name,
         "method": cfg.method,
         "test": test_res.summary() if test_res else None,
         "history": history,
@@ -296,7 +369,7 @@ def main(cfg: Config) -> dict:
         "targets_histogram": None if table is None else table.histogram().tolist(),
         "config": asdict(cfg),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     writer.close()
     if test_res:
         print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")
@@ -304,4 +377,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config, __doc__)

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 import agents
 import routing_env  # importing registers the env ids
 from agents.base import SearchResult
+from routing_env.data import TaskSource, resolve_task
 from routing_env.plots import load_heatmap
+from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
-from routing_env.utils import cfg_field, log_hparams, make_writer, parse_config, pick_device, seed_everything
+from routing_env.utils import cfg_field, log_hparams, make_writer, pick_device, run_cli, seed_everything
 
 
 @dataclass
@@ -35,6 +37,11 @@ class Config:
     """Search the routing MDP with an agent; write routing targets for the training examples."""
 
     env: str = cfg_field("layermoe-arc", f"registered env id ({', '.join(routing_env.ENV_IDS)})")
+    task: str | None = cfg_field(None, "your own task instead of the env id's: a folder of train/dev/test .jsonl[.gz] "
+                                 "files or one file (split 80/10/10 by question-id hash)")
+    train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
+    dev_file: str | None = cfg_field(None, "your own dev split")
+    test_file: str | None = cfg_field(None, "your own test split")
     agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(agents.AGENTS))}, or module:Class for your own")
     agent_kwargs: str = cfg_field("{}", "JSON object of extra agent constructor arguments, e.g. '{\"c_puct\": 2.0}'")
     checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
@@ -53,11 +60,35 @@ class Config:
     logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, targets, summary)")
 
 
+def parse_agent_kwargs(text: str) -> dict:
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--agent-kwargs is not valid JSON ({e.msg} at column {e.colno}): {text!r}; "
+                         "e.g. --agent-kwargs '{\"c_puct\": 2.0}'") from e
+    if not isinstance(kw, dict):
+        raise ValueError(f"--agent-kwargs must be a JSON object, got {text!r}")
+    return kw
+
+
+def check_config(cfg: Config) -> tuple[object, TaskSource | None]:
+    """Everything a typo can break, checked before the model loads: the agent's factory and the task."""
+    for flag, value in (("num-examples", cfg.num_examples), ("batch-size", cfg.batch_size),
+                        ("num-simulations", cfg.num_simulations)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if cfg.env not in gym.registry:
+        raise ValueError(f"unknown env {cfg.env!r}; registered: {', '.join(routing_env.ENV_IDS)}")
+    parse_agent_kwargs(cfg.agent_kwargs)
+    pick_device(cfg.device)
+    factory = agents.factory(cfg.agent)
+    custom = cfg.task or cfg.train_file or cfg.dev_file or cfg.test_file
+    return factory, resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
+
+
 def agent_kwargs(cfg: Config, factory: object, run_dir: Path) -> dict:
     """The agent's arguments: --agent-kwargs, plus the shared settings its constructor accepts."""
-    kw = json.loads(cfg.agent_kwargs)
-    if not isinstance(kw, dict):
-        raise ValueError(f"--agent-kwargs must be a JSON object, got {cfg.agent_kwargs!r}")
+    kw = parse_agent_kwargs(cfg.agent_kwargs)
     shared = {"num_simulations": cfg.num_simulations, "seed": cfg.seed, "batch_size": cfg.batch_size,
               "model_path": str(run_dir / "agent.zip")}
     try:
@@ -78,21 +109,28 @@ def as_result(rec: dict) -> SearchResult:
 
 
 def main(cfg: Config) -> dict:
+    """Check the settings, take the run folder (one writer at a time), search."""
+    factory, source = check_config(cfg)
+    name = cfg.name or f"{source.name if source else cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
+    run_dir = Path(cfg.logdir) / name
+    with RunLock(run_dir):
+        return search(cfg, factory, source, name, run_dir)
+
+
+def search(cfg: Config, factory: object, source: TaskSource | None, name: str, run_dir: Path) -> dict:
+    """Stage 2: search every example, writing its targets as it goes (``main`` holds ``run_dir``)."""
     # ---- set-up ----------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     t_start = time.time()
-    name = cfg.name or f"{cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
-    run_dir = Path(cfg.logdir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
         (run_dir / "agent.zip").unlink(missing_ok=True)
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),
-                   balance_weight=cfg.balance_weight).unwrapped
+                   balance_weight=cfg.balance_weight, **({"task": source} if source else {})).unwrapped
     if env.action_mode != "primary":
         raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")
-    agent = agents.make(cfg.agent, **agent_kwargs(cfg, agents.factory(cfg.agent), run_dir))
+    agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))
     agent_config = agent.config() if callable(getattr(agent, "config", None)) else {}
     n = min(cfg.num_examples, len(env.examples))
     example_ids = list(range(n))
@@ -163,10 +201,10 @@ def main(cfg: Config) -> dict:
         writer.add_figure(f"routing/loads_{who}", fig, len(results))
         print(f"{who:>7}: outcome (log p correct) {s['outcome_mean']:.4f}  accuracy {s['accuracy']:.3f}  "
               f"load CV {s['cv_mean']:.3f} (per group {', '.join(f'{c:.3f}' for c in s['cv'])})")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     writer.close()
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__))
+    run_cli(main, Config, __doc__)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gymnasium import spaces
 
 from routing_env.cache import TensorLRU
-from routing_env.data import encode_pairs, load_task
+from routing_env.data import TaskSource, encode_pairs, resolve_task
 from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
 from routing_env.moe.stepper import GroupStepper, Rows
 from routing_env.planning import EnvState, PlanningMixin
@@ -90,7 +90,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     ``gymnasium.make("layermoe-arc", checkpoint=None, split="train", action_mode="primary",
     reward_mode="outcome", balance_weight=0.1, num_groups=None, group_sizes=None, max_examples=None,
-    data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024)``. Without a
+    data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024)``. Each registered
+    id sets ``task``; pass ``task=`` to route your own data instead: a folder of train/dev/test
+    files, one file (split by question-id hash) or a ``TaskSource`` (``routing_env.data.resolve_task``). Without a
     ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo size) first.
     ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups);
     ``num_experts``, when given, must match the checkpoint's.
@@ -100,7 +102,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     def __init__(
         self,
-        task: str = "arc-easy",
+        task: str | TaskSource = "arc-easy",
         checkpoint: str | Path | None = None,
         split: str = "train",
         action_mode: str = "primary",
@@ -121,11 +123,14 @@ class RoutingEnv(PlanningMixin, gym.Env):
             raise ValueError(f"unknown action_mode {action_mode!r}; valid: {', '.join(ACTION_MODES)}")
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"unknown reward_mode {reward_mode!r}; valid: {', '.join(REWARD_MODES)}")
-        self.task, self.split = task, split
+        # The data first: a bad task or file is reported before any model is built or trained.
+        self.source = resolve_task(task)
+        self.task, self.split = self.source.name, split
+        self.examples = self.source.load(split, data_dir, limit=max_examples)
         self.action_mode, self.reward_mode, self.balance_weight = action_mode, reward_mode, float(balance_weight)
         self.device = torch.device(device)
         if model is None:
-            model = load_checkpoint(checkpoint or default_checkpoint(task, data_dir=data_dir))
+            model = load_checkpoint(checkpoint or default_checkpoint(self.source, data_dir=data_dir))
         self.model = model.to(self.device).eval()
         if num_groups is not None or group_sizes is not None:
             self._regroup(num_groups, group_sizes)
@@ -137,7 +142,6 @@ class RoutingEnv(PlanningMixin, gym.Env):
                              f"pass a checkpoint trained with --num-experts {num_experts} or drop num_experts")
         self.combos = list(itertools.combinations(range(self.E), self.k))
         self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
-        self.examples = load_task(task, split, data_dir, limit=max_examples)
         self._encoded: dict[int, _Example] = {}
         self._entry = self._entry_routers()
         d = self.model.backbone.config.hidden_size

@@ -26,7 +26,7 @@ import train_rl
 from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS
 from routing_env.results import aggregate, run_metrics, write_table
-from routing_env.utils import cfg_field, make_writer, parse_config
+from routing_env.utils import cfg_field, make_writer, run_cli
 
 __all__ = ["PipelineConfig", "main"]
 
@@ -190,4 +190,4 @@ def main(cfg: PipelineConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(PipelineConfig, description=__doc__))
+    run_cli(main, PipelineConfig, __doc__)

@@ -8,12 +8,13 @@ import random
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "pick_device", "make_writer", "parse_config", "cfg_field", "log_hparams"]
+__all__ = ["seed_everything", "pick_device", "make_writer", "parse_config", "cfg_field", "log_hparams", "run_cli"]
 
 T = TypeVar("T")
 
@@ -103,3 +104,29 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
         )
     ns = parser.parse_args(argv)
     return cls(**vars(ns))
+
+
+def run_cli(main: Callable[[T], Any], cls: type[T], description: str | None = None,
+            argv: list[str] | None = None) -> None:
+    """Parse ``cls`` from the command line and run ``main``; a user error ends in one line, not a traceback.
+
+    User errors are ``ValueError`` (``DataError`` included) and ``RuntimeError`` subclasses the
+    project raises with a fix in the message; exit status 2 for bad input, 1 for a run that failed.
+    ``ROUTING_GYM_TRACEBACK=1`` shows the traceback as well.
+    """
+    import os
+    import sys
+
+    cfg = parse_config(cls, argv, description)
+    try:
+        main(cfg)
+    except (ValueError, RuntimeError) as e:
+        ours = type(e).__module__.split(".")[0] in _PROJECT_MODULES
+        if os.environ.get("ROUTING_GYM_TRACEBACK") or not (isinstance(e, ValueError) or ours):
+            raise  # torch's and other libraries' runtime errors are bugs to see in full
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
+
+
+#: Modules whose RuntimeErrors (NonFiniteLoss, RunLockedError, ...) carry a message for the user.
+_PROJECT_MODULES = ("routing_env", "agents", "finetune", "train_rl", "__main__")

@@ -15,9 +15,14 @@ from .tasks import (
     resolve_data_dir,
     task_names,
 )
+from .sources import SINGLE_FILE_FRACTIONS, TaskSource, describe_split, resolve_task
 
 __all__ = [
     "DATA_ENV_VAR",
+    "SINGLE_FILE_FRACTIONS",
+    "TaskSource",
+    "describe_split",
+    "resolve_task",
     "LETTERS",
     "SPLITS",
     "TASKS",

@@ -83,7 +83,7 @@ _HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
 
 
 def task_names() -> list[str]:
-    """Names accepted by :func:`load_task` (besides a path to an AI2 JSONL file)."""
+    """The built-in task names (``load_task`` also takes folders and files: ``sources.resolve_task``)."""
     return list(TASKS)
 
 
@@ -186,8 +186,10 @@ _PARSERS = {"ai2": _parse_ai2, "race": _parse_race}
 
 
 def _open_text(path: Path) -> Iterator[str]:
-    """Yield lines of a .jsonl or .jsonl.gz file (gzip is detected by suffix)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    """Yield lines of a JSONL file, gzipped or not (told by its first bytes, whatever its name says)."""
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
     with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
         yield from fh
 
@@ -206,6 +208,7 @@ def _take(rows: Iterable[MCExample], limit: int | None) -> list[MCExample]:
 
 def _iter_file(path: Path, fmt: Format) -> Iterator[MCExample]:
     parse = _PARSERS[fmt]
+    seen: dict[str, int] = {}  # id -> line: ids key routing targets and results, so they must be unique
     try:
         lines = _open_text(path)
         for lineno, line in enumerate(lines, start=1):
@@ -218,7 +221,12 @@ def _iter_file(path: Path, fmt: Format) -> Iterator[MCExample]:
                 raise DataError(f"{where}: malformed JSON ({e}). Fix or remove this line.") from e
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}.")
-            yield parse(record, where)
+            ex = parse(record, where)
+            if ex.id in seen:
+                raise DataError(f"{where}: question id {ex.id!r} already used on line {seen[ex.id]}. Ids must be "
+                                "unique (routing targets and results are keyed by id); rename or remove one.")
+            seen[ex.id] = lineno
+            yield ex
     except (OSError, EOFError, UnicodeDecodeError) as e:
         # Truncated gzip streams and bad encodings surface here.
         raise DataError(f"{path}: cannot read file ({e}). Re-copy the file or point at another data dir.") from e
@@ -287,32 +295,24 @@ def _iter_hub(spec: TaskSpec, split: str) -> Iterator[MCExample]:
 # --------------------------------------------------------------------------- public
 
 
-def _unknown_task(task: str) -> DataError:
-    return DataError(
-        f"unknown task {task!r}: valid task names are {', '.join(task_names())}; "
-        "a path to an existing AI2-format .jsonl or .jsonl.gz file is also accepted."
-    )
-
-
 def load_task(
-    task: str,
+    task: Any,
     split: str = "train",
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
 ) -> list[MCExample]:
     """Load ``split`` of ``task`` as a list of :class:`MCExample`, in file order.
 
-    ``task`` is a name from :data:`TASKS` or a path to an AI2-format JSONL
-    (optionally gzipped) file, in which case ``split`` is ignored.  The local
-    data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured;
-    only when none is configured is the Hugging Face hub tried.  ``limit``
-    keeps the first ``limit`` examples.
+    ``task`` is a name from :data:`TASKS`, or anything :func:`.sources.resolve_task` accepts (a
+    folder of split files, one file split by question-id hash, a ``TaskSource``).  For a name the
+    local data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured; only when
+    none is configured is the Hugging Face hub tried.  ``limit`` keeps the first ``limit`` examples.
     """
     _check_limit(limit)
-    if task not in TASKS:
-        if isinstance(task, (str, os.PathLike)) and Path(task).is_file():
-            return _take(_iter_file(Path(task), "ai2"), limit)
-        raise _unknown_task(str(task))
+    if not isinstance(task, str) or task not in TASKS:
+        from .sources import resolve_task  # sources builds on this module
+
+        return resolve_task(task).load(split, data_dir, limit)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}.")
     spec = TASKS[task]
@@ -323,7 +323,10 @@ def load_task(
     candidates = spec.candidate_paths(root, split)
     for path in candidates:
         if path.is_file():
-            return _take(_iter_file(path, spec.fmt), limit)
+            out = _take(_iter_file(path, spec.fmt), limit)
+            if not out and limit != 0:
+                raise DataError(f"{path}: no questions. Re-copy the file or point at another data dir.")
+            return out
     missing_root = "" if root.is_dir() else f" (the data dir {root} does not exist)"
     raise DataError(
         f"data for task {task!r} split {split!r} not found{missing_root}; looked for "

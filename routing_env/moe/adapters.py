@@ -21,6 +21,7 @@ from torch import nn
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
+from routing_env.safefiles import COMPLETE, atomic_write, atomic_write_text, mark_complete
 
 __all__ = [
     "METHODS",
@@ -150,14 +151,21 @@ def _config_dict(model: MCModel) -> dict:
     return d
 
 
-def save_checkpoint(model: MCModel, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write the trainable tensors and the config needed to rebuild the model on a fresh backbone."""
+def save_checkpoint(model: MCModel, directory: str | Path, extra: dict | None = None, complete: bool = True) -> Path:
+    """Write the trainable tensors and the config needed to rebuild the model on a fresh backbone.
+
+    Each file is written atomically; ``complete`` then writes the folder's ``COMPLETE`` marker
+    (pass ``False`` when more files follow, and mark the folder yourself after the last).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE).unlink(missing_ok=True)  # an overwritten folder is incomplete until re-marked
     state = {k: v.contiguous().cpu() for k, v in model.trainable_state().items()}
-    save_file(state, str(out / "adapter.safetensors"))
+    atomic_write(out / "adapter.safetensors", lambda tmp: save_file(state, str(tmp)))
     cfg = _config_dict(model) | {"extra": extra or {}}
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    atomic_write_text(out / "adapter_config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    if complete:
+        mark_complete(out)
     return out
 
 

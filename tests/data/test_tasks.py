@@ -15,6 +15,7 @@ from routing_env.data import (
     TASKS,
     DataError,
     MCExample,
+    load_file,
     load_task,
     resolve_data_dir,
     task_names,
@@ -109,9 +110,15 @@ def test_env_var_is_used(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(load_task("arc-challenge", "dev")) == 299
 
 
-def test_real_file_as_task_path(data_dir: Path) -> None:
+def test_real_file_as_task_path_is_split_not_reused(data_dir: Path) -> None:
+    """One file as the task: each split is a disjoint share of it (never test on training questions)."""
     path = data_dir / "arc" / "arc-challenge-dev.jsonl.gz"
-    assert load_task(str(path), split="ignored", limit=5) == load_task("arc-challenge", "dev", data_dir=data_dir)[:5]
+    whole = load_file(path)
+    parts = {s: load_task(str(path), split=s) for s in SPLITS}
+    ids = {s: {ex.id for ex in exs} for s, exs in parts.items()}
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["dev"] and not ids["dev"] & ids["test"]
+    assert set().union(*ids.values()) == {ex.id for ex in whole}
+    assert parts["train"] == [ex for ex in whole if ex.id in ids["train"]]  # file order kept
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -134,10 +141,25 @@ def test_task_names() -> None:
 # ----------------------------------------------------------------------------- malformed input
 
 
+def test_gzip_named_jsonl_is_read(tmp_path: Path) -> None:
+    lines = [json.dumps(_ai2("q1", "B")), json.dumps(_ai2("q2"))]
+    real_gz = _write(tmp_path / "a.jsonl.gz", lines)
+    misnamed = tmp_path / "a.jsonl"
+    misnamed.write_bytes(real_gz.read_bytes())
+    assert load_file(misnamed) == load_file(real_gz) and len(load_file(misnamed)) == 2
+
+
+def test_duplicate_ids_name_both_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path / "dup.jsonl", [json.dumps(_ai2("q1")), json.dumps(_ai2("q2")), json.dumps(_ai2("q1"))])
+    with pytest.raises(DataError, match="line 3") as info:
+        load_file(path)
+    assert "'q1'" in str(info.value) and "line 1" in str(info.value) and "dup.jsonl" in str(info.value)
+
+
 def test_gz_and_plain_load_the_same(tmp_path: Path) -> None:
     lines = [json.dumps(_ai2("q1", "B")), "", json.dumps(_ai2("q2", "3", "1234"))]
-    gz = load_task(str(_write(tmp_path / "a.jsonl.gz", lines)))
-    plain = load_task(str(_write(tmp_path / "b.jsonl", lines)))
+    gz = load_file(str(_write(tmp_path / "a.jsonl.gz", lines)))
+    plain = load_file(str(_write(tmp_path / "b.jsonl", lines)))
     assert gz == plain and len(gz) == 2  # the blank line is skipped
     assert gz[0].answer == 1 and gz[1].answer == 2 and gz[1].labels == ("1", "2", "3", "4")
 
@@ -152,14 +174,14 @@ def test_plain_jsonl_in_data_dir(tmp_path: Path) -> None:
 def test_bad_json_names_file_and_line(tmp_path: Path) -> None:
     path = _write(tmp_path / "bad.jsonl", [json.dumps(_ai2("q1")), json.dumps(_ai2("q2")), '{"id": "q3", oops'])
     with pytest.raises(DataError, match="line 3") as info:
-        load_task(str(path))
+        load_file(str(path))
     assert "bad.jsonl" in str(info.value) and "malformed JSON" in str(info.value)
 
 
 def test_bad_answer_key(tmp_path: Path) -> None:
     path = _write(tmp_path / "key.jsonl", [json.dumps(_ai2("q1")), json.dumps(_ai2("q2", key="E"))])
     with pytest.raises(DataError) as info:
-        load_task(str(path))
+        load_file(str(path))
     msg = str(info.value)
     assert "key.jsonl" in msg and "line 2" in msg and "'q2'" in msg and "'E'" in msg and "'D'" in msg
 
@@ -169,13 +191,13 @@ def test_missing_field(tmp_path: Path) -> None:
     del rec["answerKey"]
     path = _write(tmp_path / "miss.jsonl", [json.dumps(rec)])
     with pytest.raises(DataError, match="answerKey") as info:
-        load_task(str(path))
+        load_file(str(path))
     assert "miss.jsonl" in str(info.value) and "line 1" in str(info.value)
     rec = _ai2("q1")
     del rec["question"]["choices"][1]["text"]
     _write(path, [json.dumps(rec)])
     with pytest.raises(DataError, match=r"question\.choices\[1\]\.text"):
-        load_task(str(path))
+        load_file(str(path))
 
 
 def test_missing_race_field(tmp_path: Path) -> None:
@@ -189,7 +211,7 @@ def test_missing_race_field(tmp_path: Path) -> None:
 def test_too_few_choices(tmp_path: Path) -> None:
     path = _write(tmp_path / "few.jsonl", [json.dumps(_ai2("lonely", labels="A"))])
     with pytest.raises(DataError, match="at least 2") as info:
-        load_task(str(path))
+        load_file(str(path))
     assert "few.jsonl" in str(info.value) and "line 1" in str(info.value) and "lonely" in str(info.value)
 
 
@@ -197,7 +219,7 @@ def test_unknown_task() -> None:
     with pytest.raises(DataError) as info:
         load_task("arc-medium")
     msg = str(info.value)
-    assert "arc-easy" in msg and "race" in msg and "path" in msg
+    assert "arc-easy" in msg and "race" in msg and "folder" in msg and "--train-file" in msg
 
 
 def test_unknown_split(tmp_path: Path) -> None:
