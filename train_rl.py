@@ -113,7 +113,8 @@ def main(cfg: Config) -> dict:
     factory, source = check_config(cfg)
     name = cfg.name or f"{source.name if source else cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
-    with RunLock(run_dir):
+    out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
+    with RunLock(run_dir), RunLock.for_file(out_path):  # --output may lie outside the run folder
         return search(cfg, factory, source, name, run_dir)
 
 

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import finetune
 import train_rl
+from routing_env.data import TaskSource, resolve_task
 from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS
 from routing_env.results import aggregate, run_metrics, write_table
+from routing_env.safefiles import atomic_write_text
 from routing_env.utils import cfg_field, make_writer, run_cli
 
 __all__ = ["PipelineConfig", "main"]
@@ -37,7 +39,11 @@ TASK_ENV = {task: env_id for env_id, task in ENV_IDS.items()}
 class PipelineConfig:
     """Warm-up -> search -> process-supervised fine-tune -> test, with the baselines, over seeds."""
 
-    task: str = cfg_field("arc-easy", f"task ({', '.join(TASK_ENV)})", choices=list(TASK_ENV))
+    task: str = cfg_field("arc-easy", f"task: a name ({', '.join(TASK_ENV)}), a folder of train/dev/test "
+                          ".jsonl[.gz] files, or one file (split 80/10/10 by question-id hash)")
+    train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
+    dev_file: str | None = cfg_field(None, "your own dev split")
+    test_file: str | None = cfg_field(None, "your own test split")
     methods: list[str] = cfg_field(["lora", "lora-moe", "layermoe-mcts", "layermoe-ppo"],
                                    "comma-separated methods: lora, lora-moe, layermoe-<agent> (any registered agent)")
     seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds; every method runs every seed")
@@ -66,9 +72,13 @@ class PipelineConfig:
     results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
 
 
+def _source(cfg: PipelineConfig) -> TaskSource:
+    return resolve_task(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
+
+
 def _record(cfg: PipelineConfig, name: str) -> Path:
     """Where a finished stage's results are committed: ``<results_dir>/runs/<task>/<name>.json``."""
-    return Path(cfg.results_dir) / "runs" / cfg.task / f"{name}.json"
+    return Path(cfg.results_dir) / "runs" / _source(cfg).name / f"{name}.json"
 
 
 def _finished(cfg: PipelineConfig, root: Path, name: str, filename: str = "results.json") -> bool:
@@ -85,23 +95,22 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, run, force
     """
     local, record = root / name / filename, _record(cfg, name)
     if local.is_file():
-        print(f"[pipeline] {cfg.task} {name}: done, skipped")
+        print(f"[pipeline] {_source(cfg).name} {name}: done, skipped")
         res = json.loads(local.read_text())
     elif record.is_file() and not force:
-        print(f"[pipeline] {cfg.task} {name}: done (committed record {record}), skipped")
+        print(f"[pipeline] {_source(cfg).name} {name}: done (committed record {record}), skipped")
         return json.loads(record.read_text())
     else:
-        print(f"[pipeline] {cfg.task} {name}: running")
+        print(f"[pipeline] {_source(cfg).name} {name}: running")
         res = run()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(res, indent=2))
+    atomic_write_text(record, json.dumps(res, indent=2))
     return res
 
 
 def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool = False, **kw) -> dict:
     """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
     return _stage(cfg, root, name, "results.json", lambda: finetune.main(finetune.Config(
-        task=cfg.task, backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
+        **_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
         data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, **kw)), force)
 
 
@@ -126,8 +135,9 @@ def settings_tag(cfg: PipelineConfig, names: tuple[str, ...]) -> str:
 def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, force: bool = False) -> dict:
     """A search stage (train_rl resumes after its last written example)."""
     name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
+    source = _source(cfg)  # a custom task goes to the env as files (the env id only picks the class)
     return _stage(cfg, root, name, "summary.json", lambda: train_rl.main(train_rl.Config(
-        env=TASK_ENV[cfg.task], agent=agent, checkpoint=str(checkpoint), seed=seed,
+        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()), agent=agent, checkpoint=str(checkpoint), seed=seed,
         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
         batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root),
         name=name, compare_router=True)), force)
@@ -140,7 +150,11 @@ def main(cfg: PipelineConfig) -> dict:
     for m in cfg.methods:
         if m not in ("lora", "lora-moe") and not m.startswith("layermoe-"):
             raise ValueError(f"unknown method {m!r}; valid: lora, lora-moe, layermoe-<agent> (e.g. layermoe-mcts)")
-    root = Path(cfg.logdir) / cfg.task
+    source = _source(cfg)  # checked before anything runs
+    for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
+        if not value:
+            raise ValueError(f"--{flag} is empty; give at least one")
+    root = Path(cfg.logdir) / source.name
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
     for seed in cfg.seeds:
@@ -183,7 +197,7 @@ def main(cfg: PipelineConfig) -> dict:
     budget = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "logdir", "results_dir", "data_dir", "device")}
     writer = make_writer(root / "pipeline")
     # Other layermoe settings: another table beside the default one, the settings in its budget line.
-    path = write_table(cfg.task + tag, table, cfg.results_dir, budget, writer)
+    path = write_table(source.name + tag, table, cfg.results_dir, budget, writer)
     writer.close()
     print(Path(path).read_text())
     return table

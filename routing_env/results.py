@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from routing_env.safefiles import atomic_write_text
+
 __all__ = ["run_metrics", "aggregate", "write_table"]
 
 METRICS = ("accuracy", "cv", "max_over_mean", "norm_entropy")
@@ -82,8 +84,8 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
         lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {d_acc} | {_fmt(row['cv'])} | "
                      f"{d_cv} | {_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
     lines += ["", "Budget (the same for every method): " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]
-    (out / f"{task}.md").write_text("\n".join(lines))
-    (out / f"{task}.json").write_text(json.dumps({"task": task, "budget": budget, "methods": table}, indent=2))
+    atomic_write_text(out / f"{task}.md", "\n".join(lines))
+    atomic_write_text(out / f"{task}.json", json.dumps({"task": task, "budget": budget, "methods": table}, indent=2))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method, row in table.items():

@@ -85,8 +85,13 @@ class RunLock:
     longer running (the owner was killed) is taken over, so a crash never blocks the resume.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.path = Path(folder) / ".lock"
+    def __init__(self, folder: str | os.PathLike[str], name: str = ".lock") -> None:
+        self.path = Path(folder) / name
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike[str]) -> RunLock:
+        """A lock for one file that several runs could append to (``.<name>.lock`` beside it)."""
+        return cls(Path(path).parent, f".{Path(path).name}.lock")
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from routing_env.safefiles import atomic_write_text
+
 __all__ = ["FORMAT", "VERSION", "MATCH_KEYS", "TargetsError", "RoutingTargets", "TargetsWriter", "load_targets",
            "check_compatible"]
 
@@ -71,13 +73,22 @@ def _parse_record(line: str, path: Path, lineno: int, header: dict) -> dict:
     t = np.asarray(rec["targets"], dtype=float)
     if t.shape != (G, A):
         raise TargetsError(f"{where}: targets of example {rec['id']!r} are {list(t.shape)}, the header says [G, A] = [{G}, {A}]")
-    if (t < 0).any() or not np.allclose(t.sum(1), 1.0, atol=1e-4):
+    if not np.isfinite(t).all() or (t < 0).any() or not np.allclose(t.sum(1), 1.0, atol=1e-4):
         raise TargetsError(f"{where}: targets of example {rec['id']!r} are not distributions (each group's row must be >= 0 and sum to 1)")
     p = np.asarray(rec["path"], dtype=int)
     if p.shape != (G,) or (p < 0).any() or (p >= A).any():
         raise TargetsError(f"{where}: path of example {rec['id']!r} must be {G} actions in [0, {A}), got {rec['path']}")
     rec["targets"], rec["path"] = t, p
-    rec["values"] = np.array([[np.nan if x is None else x for x in row] for row in rec.get("values", [[None] * A] * G)], float)
+    try:
+        values = np.array([[np.nan if x is None else x for x in row] for row in rec.get("values", [[None] * A] * G)], float)
+    except (TypeError, ValueError) as e:
+        raise TargetsError(f"{where}: values of example {rec['id']!r} must be a [G][A] array of numbers or null ({e})") from e
+    if values.shape != (G, A) or np.isinf(values).any():
+        # null (not estimated) is allowed; an infinite value would turn the value-gap weights and
+        # the softmax target forms into NaN and train the adapters to NaN.
+        raise TargetsError(f"{where}: values of example {rec['id']!r} must be [G, A] = [{G}, {A}] finite numbers or "
+                           f"null, got shape {list(values.shape)}{' with an infinite value' if np.isinf(values).any() else ''}")
+    rec["values"] = values
     if "loads" in rec:
         rec["loads"] = np.asarray(rec["loads"], dtype=float)
     return rec
@@ -98,6 +109,7 @@ def _read(path: Path) -> tuple[dict, list[dict], int]:
     if header.get("version") != VERSION:
         raise TargetsError(f"{path}:1: format version {header.get('version')} is not supported (this library reads {VERSION})")
     records, good = [], len(lines[0]) + 1
+    seen: dict[str, int] = {}  # id -> line
     for n, raw in enumerate(lines[1:], start=2):
         if not raw.strip():
             good += len(raw) + 1
@@ -110,6 +122,11 @@ def _read(path: Path) -> tuple[dict, list[dict], int]:
                 break
             raise
         good += len(raw) + 1
+        if str(records[-1]["id"]) in seen:  # two writers on one file, or files concatenated
+            raise TargetsError(f"{path}:{n}: example {records[-1]['id']!r} already has a record (line "
+                               f"{seen[str(records[-1]['id'])]}); one record per example: remove the duplicate or "
+                               "search again with --overwrite")
+        seen[str(records[-1]["id"])] = n
     return header, records, min(good, len(data))
 
 
@@ -151,8 +168,7 @@ class TargetsWriter:
                     f.write(b"\n")
             self.done = {str(r["id"]): r for r in records}
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.header) + "\n")
+            atomic_write_text(self.path, json.dumps(self.header) + "\n")
 
     def write(self, records: Iterable[dict]) -> None:
         with open(self.path, "a") as f:
