@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,11 @@ class _Example:
     order: torch.Tensor  # [C] row r holds choice order[r]
     answer_row: int
     id: str
-    embed: torch.Tensor | None = field(default=None, repr=False)  # [C, T, d] hidden entering group 0
+
+    def nbytes(self) -> int:
+        r = self.rows
+        return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids, self.order)
+                   if t is not None)
 
 
 class RoutingEnv(PlanningMixin, gym.Env):
@@ -142,7 +146,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
                              f"pass a checkpoint trained with --num-experts {num_experts} or drop num_experts")
         self.combos = list(itertools.combinations(range(self.E), self.k))
         self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
-        self._encoded: dict[int, _Example] = {}
+        # Visited examples' token rows: bounded too (RACE has ~88k questions), by an eighth of
+        # cache_mb; the embeddings entering group 0 live in the prefix cache under the empty prefix.
+        self._encoded = TensorLRU(int(cache_mb * 2**20) // 8, sizeof=_Example.nbytes)
         self._entry = self._entry_routers()
         d = self.model.backbone.config.hidden_size
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
@@ -207,7 +213,8 @@ class RoutingEnv(PlanningMixin, gym.Env):
         return entry
 
     def _example_rows(self, i: int) -> _Example:
-        if i not in self._encoded:
+        cached = self._encoded.get(i)
+        if cached is None:
             ex = self.examples[i]
             b = encode_pairs(self.tokenizer, [ex])
             C = len(ex.choices)
@@ -218,8 +225,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
             T = int(mask.sum(1).max())
             rows = Rows(ids[order, :T].to(self.device), mask[order, :T].to(self.device),
                         None if types is None else types[order, :T].to(self.device))
-            self._encoded[i] = _Example(rows, order, int((order == ex.answer).nonzero()), ex.id)
-        return self._encoded[i]
+            cached = _Example(rows, order, int((order == ex.answer).nonzero()), ex.id)
+            self._encoded.put(i, cached)
+        return cached
 
     # ---- actions and cached transitions ----------------------------------------------------------
     def _action_key(self, action: Any) -> int | tuple:
@@ -248,13 +256,13 @@ class RoutingEnv(PlanningMixin, gym.Env):
     def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:
         """Hidden states entering group ``len(prefix)`` after routing ``prefix``, and the last group's loads."""
         ex = self._example_rows(i)
-        if not prefix:
-            if ex.embed is None:
-                ex.embed = self.stepper.embed(ex.rows)
-            return ex.embed, None
         cached = self.cache.get((i, prefix))
         if cached is not None:
             return cached
+        if not prefix:  # the embeddings: cached like any boundary, under the cache_mb bound
+            out = (self.stepper.embed(ex.rows), None)
+            self.cache.put((i, prefix), out)
+            return out
         parent, _ = self._boundary(i, prefix[:-1])
         out = self._run_batch([parent], [ex.rows.attention_mask], len(prefix) - 1, [prefix[-1]])[0]
         self.cache.put((i, prefix), out)

@@ -247,3 +247,17 @@ def test_cache_stays_within_its_bound(make):
             env.step(0)
     assert env.cache.bytes <= 0.5 * 2**20 or len(env.cache) == 1
     assert len(env.cache) < 12 * env.G  # entries were evicted
+    # Per-example memory is bounded too: token rows by cache_mb / 8, embeddings inside the cache.
+    assert env._encoded.bytes <= 0.5 * 2**20 / 8 or len(env._encoded) == 1
+
+
+def test_evicted_examples_come_back_identical(make):
+    """Eviction only costs time: an example's rows and embeddings recomputed give the same scores."""
+    roomy, tight = make(), make(cache_mb=0.05)
+    for env in (roomy, tight):
+        for i in (0, 1, 2, 0):  # example 0 again, after the tight env has dropped it
+            env.reset(options={"example": i})
+            for _ in range(env.G):
+                _, reward, *_ = env.step(1)
+        env.last = reward
+    assert len(tight._encoded) < 3 and tight.last == roomy.last
