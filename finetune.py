@@ -89,7 +89,8 @@ class Config:
     device: str = cfg_field("auto", "auto, cpu or cuda[:i]")
     name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
     logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
-    resume: bool = cfg_field(False, "continue from the last epoch checkpoint of this run")
+    resume: bool = cfg_field(True, "continue from the last complete epoch checkpoint of this run (as train_rl.py "
+                             "does); false starts again, overwriting it")
     eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
     log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
 
@@ -109,16 +110,17 @@ def moe_config(cfg: Config) -> MoEConfig:
 
 
 def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> None:
-    """``routing/cv_layer_<i>`` scalars and an expert-load heatmap (PNG + TensorBoard image)."""
+    """``routing_<split>/cv_layer_<i>`` (and balance) scalars and an expert-load heatmap (PNG + TensorBoard image)."""
     if not stats:
         return
+    split = tag.split("_")[0]  # dev and test curves under their own tags, never one tag at one step
     for layer, s in stats.items():
-        writer.add_scalar(f"routing/cv_layer_{layer}", s.cv, step)
-        writer.add_scalar(f"routing/max_over_mean_layer_{layer}", s.max_over_mean, step)
-        writer.add_scalar(f"routing/norm_entropy_layer_{layer}", s.norm_entropy, step)
+        writer.add_scalar(f"routing_{split}/cv_layer_{layer}", s.cv, step)
+        writer.add_scalar(f"routing_{split}/max_over_mean_layer_{layer}", s.max_over_mean, step)
+        writer.add_scalar(f"routing_{split}/norm_entropy_layer_{layer}", s.norm_entropy, step)
     fig = load_heatmap([s.loads for s in stats.values()], [f"layer {i}" for i in stats],
                        f"expert load, {tag}", run_dir / f"expert_load_{tag}.png")
-    writer.add_figure(f"routing/expert_load_{tag.split('_')[0]}", fig, step)
+    writer.add_figure(f"routing_{split}/expert_load", fig, step)
 
 
 #: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them

@@ -166,9 +166,10 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
         seconds = time.time() - t0
         targets.write(record(r, env) for r in batch)
         for k, r in enumerate(batch):
-            writer.add_scalar("charts/episode_reward", r.outcome + r.balance, len(results) + k)
+            writer.add_scalar("charts/episodic_return", r.outcome + r.balance, len(results) + k)
         results += batch
         step = len(results)
+        writer.add_scalar("charts/SPS", len(batch) * env.G / max(seconds, 1e-9), step)  # env steps (groups) per second
         writer.add_scalar("charts/outcome_mean", float(np.mean([r.outcome for r in results])), step)
         writer.add_scalar("charts/accuracy", float(np.mean([r.correct for r in results])), step)
         sims = sum(r.extra.get("simulations", 0) for r in batch)

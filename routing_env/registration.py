@@ -15,4 +15,6 @@ ENV_IDS = {
 
 for _id, _task in ENV_IDS.items():
     if _id not in gym.registry:
-        gym.register(id=_id, entry_point="routing_env.env:RoutingEnv", kwargs={"task": _task})
+        # make_vec builds the batched env (one model for all sub-envs), not num_envs copies of the model.
+        gym.register(id=_id, entry_point="routing_env.env:RoutingEnv",
+                     vector_entry_point="routing_env.vector:RoutingVectorEnv", kwargs={"task": _task})

@@ -65,14 +65,24 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's layout kept; each flag's default shown once (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = ",".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {default})"
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Build an argparse CLI from a config dataclass (``field_name`` -> ``--field-name``) and parse it.
 
     Optional fields accept ``none``; list fields take comma-separated values; ``choices`` in a
     field's metadata are enforced with the valid values in the error.
     """
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
@@ -98,7 +108,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             default=default,
             help=f.metadata.get("help", ""),
             choices=f.metadata.get("choices"),
-            metavar=None if f.metadata.get("choices") else f.name.upper(),
+            metavar=None if f.metadata.get("choices") else "BOOL" if typ is bool else f.name.upper(),
             nargs="?" if typ is bool else None,
             const=True if typ is bool else None,
         )

@@ -51,3 +51,14 @@ def test_same_step_autoreset_returns_the_final_observation(warm_checkpoint, data
     assert (obs[:, 0] == 1.0).all()  # already the next episode's first observation
     assert (np.stack(info["final_obs"])[:, :3] == 0).all()  # object array, as Gymnasium's own vector envs give
     assert list(info["final_info"]["path"][0]) == [1, 1, 1] and list(info["final_info"]["path"][1]) == [2, 2, 2]
+
+
+def test_make_vec_builds_one_batched_env(warm_checkpoint, data_dir):
+    """``gym.make_vec`` goes to the batched env: one model for every sub-env, not num_envs copies."""
+    import gymnasium as gym
+
+    venv = gym.make_vec("layermoe-arc", 3, checkpoint=warm_checkpoint, max_examples=6, data_dir=data_dir)
+    assert isinstance(venv, RoutingVectorEnv) and venv.num_envs == 3 and venv.env.task == "arc-easy"
+    obs, _ = venv.reset(seed=0)
+    assert obs.shape == (3, *venv.single_observation_space.shape)
+    venv.close()

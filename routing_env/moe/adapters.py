@@ -154,7 +154,9 @@ def _config_dict(model: MCModel) -> dict:
 def save_checkpoint(model: MCModel, directory: str | Path, extra: dict | None = None, complete: bool = True) -> Path:
     """Write the trainable tensors and the config needed to rebuild the model on a fresh backbone.
 
-    Each file is written atomically; ``complete`` then writes the folder's ``COMPLETE`` marker
+    ``lora`` models also get ``peft/``: the backbone's LoRA as peft's ``save_pretrained`` writes it
+    (the multiple-choice head is only in ``adapter.safetensors``). Each file is written atomically
+    (``peft/`` by peft, covered by the marker); ``complete`` then writes the folder's ``COMPLETE`` marker
     (pass ``False`` when more files follow, and mark the folder yourself after the last).
     """
     out = Path(directory)
@@ -164,6 +166,8 @@ def save_checkpoint(model: MCModel, directory: str | Path, extra: dict | None = 
     atomic_write(out / "adapter.safetensors", lambda tmp: save_file(state, str(tmp)))
     cfg = _config_dict(model) | {"extra": extra or {}}
     atomic_write_text(out / "adapter_config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    if model.method == "lora":  # plain LoRA also in peft's own format, for PeftModel.from_pretrained
+        model.backbone.save_pretrained(str(out / "peft"))
     if complete:
         mark_complete(out)
     return out

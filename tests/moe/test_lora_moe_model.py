@@ -173,6 +173,21 @@ def test_save_load_round_trip_reproduces_logits(method, minilm, arc_batch, tmp_p
         assert torch.equal(loaded(arc_batch), model(arc_batch))  # same weights, shapes and ops: bit for bit
 
 
+def test_lora_checkpoint_is_also_a_peft_adapter(minilm, tmp_path):
+    """``--method lora`` checkpoints load with peft's own ``PeftModel.from_pretrained``, same LoRA weights."""
+    from peft import PeftModel
+
+    module, _, kind = minilm
+    model = build_model("lora", backbone_module=(copy.deepcopy(module), kind)).eval()
+    _perturb(model, scale=0.05)
+    save_checkpoint(model, tmp_path / "ckpt")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(module), str(tmp_path / "ckpt" / "peft"))
+    ours = {k: v for k, v in model.backbone.state_dict().items() if "lora_" in k}
+    theirs = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_single_expert_moe_equals_peft_lora():
     """E=1, k=1 LoRA-MoE is plain LoRA: same weights must give the same logits as peft's implementation."""
     module, kind = tiny_bert()
