@@ -147,7 +147,7 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     for res in finished:  # resumed examples count towards the running loads, as when they were searched
         env.finish_episode(res.loads)
     todo = [i for i in example_ids if env.examples[i].id not in targets.done]
-    print(f"{cfg.agent} on {cfg.env}: {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
+    print(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
 
     # ---- agent training (PPO and other learning agents) ------------------------------------------
     if todo and callable(getattr(agent, "fit", None)):

@@ -185,3 +185,32 @@ def test_targets_file_with_two_records_for_one_example_is_refused(tmp_path):
     w.write([rec])  # what two processes appending to one file produce
     with pytest.raises(TargetsError, match=r"t.jsonl:3: example 'q' already has a record \(line 2\)"):
         load_targets(tmp_path / "t.jsonl")
+
+
+# ---- own data through all three stages -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_own_task_folder_through_all_three_stages(tmp_path, data_dir):
+    """A folder of the user's files: warm-up, search and stage 3 all name it by its content identity."""
+    from routing_env.data import load_file, resolve_task
+
+    task = tmp_path / "my_task"
+    task.mkdir()
+    for split, n in (("train", 12), ("dev", 6), ("test", 6)):
+        src = data_dir / "arc" / f"arc-easy-{split}.jsonl.gz"
+        rows = [json.loads(line) for line in __import__("gzip").open(src, "rt")][:n]
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ident = resolve_task(str(task)).name
+    assert ident.startswith("my_task-") and len(load_file(task / "test.jsonl")) == 6
+    base = finetune.main(finetune.Config(task=str(task), epochs=2, batch_size=4, logdir=str(tmp_path / "runs")))
+    assert base["name"] == f"{ident}-lora-moe-s0" and base["task"] == ident and base["test"]["n"] == 6
+    warm = tmp_path / "runs" / base["name"] / "checkpoints" / "epoch_1"
+    search = train_rl.main(train_rl.Config(task=str(task), agent="router", checkpoint=str(warm), num_examples=100,
+                                           logdir=str(tmp_path / "runs")))
+    lines = Path(search["targets"]).read_text().splitlines()
+    assert search["name"] == f"{ident}-router-s0" and len(lines) == 1 + 12
+    assert json.loads(lines[0])["task"] == ident  # the content identity, not a file stem
+    stage3 = finetune.main(finetune.Config(task=str(task), method="layermoe", epochs=2, batch_size=4,
+                                           init_checkpoint=str(warm), targets=search["targets"],
+                                           logdir=str(tmp_path / "runs")))
+    assert stage3["targets_coverage"] == 1.0 and stage3["test"]["n"] == 6
