@@ -12,6 +12,7 @@ a final test evaluation written to ``runs/<name>/results.json``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
 from routing_env.moe import (DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_adapter_state, load_checkpoint,
                              moe_layers, save_checkpoint)
 from routing_env.planning import model_fingerprint
-from routing_env.safefiles import RunLock, atomic_write, atomic_write_text, mark_complete
 from routing_env.plots import load_heatmap
+from routing_env.safefiles import RunLock, atomic_write, atomic_write_text, mark_complete
 from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
                                      group_agreement, routing_loss)
 from routing_env.targets import load_targets
@@ -125,8 +126,8 @@ def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> Non
 
 #: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them
 #: different the two runs would differ in more than the routing loss.
-PAIRED_FIELDS = ("task", "train_file", "dev_file", "test_file", "seed", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-                 "max_length", "aux_loss_coef", "train_limit", "backbone")
+PAIRED_FIELDS = ("task", "train_file", "dev_file", "test_file", "seed", "epochs", "batch_size", "lr", "weight_decay",
+                 "warmup_ratio", "max_grad_norm", "max_length", "aux_loss_coef", "train_limit", "backbone")
 
 
 def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
@@ -212,6 +213,8 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
     """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``)."""
     # ---- set-up ----------------------------------------------------------------------------------
     ckpt_root = run_dir / "checkpoints"
+    if not cfg.resume and ckpt_root.is_dir():  # starting again: no stale epoch may be resumed later
+        shutil.rmtree(ckpt_root)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     writer = make_writer(run_dir)

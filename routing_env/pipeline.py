@@ -16,6 +16,7 @@ JSON + a PNG plot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
@@ -73,7 +74,12 @@ class PipelineConfig:
 
 
 def _source(cfg: PipelineConfig) -> TaskSource:
-    return resolve_task(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
+    return _resolve(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve(task: str, train_file: str | None, dev_file: str | None, test_file: str | None) -> TaskSource:
+    return resolve_task(task, train_file, dev_file, test_file)  # hashes a custom task's files once, not per stage
 
 
 def _record(cfg: PipelineConfig, name: str) -> Path:
