@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Triton kernels run in Triton's CPU interpreter in the tests (tests/moe/test_triton_kernel.py). Set
+# before anything imports triton (transformers does): the interpreter only works when the variable is
+# set at import time. On a GPU machine, TRITON_INTERPRET=0 runs them compiled instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
