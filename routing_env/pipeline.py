@@ -71,6 +71,8 @@ class PipelineConfig:
     device: str = cfg_field("auto", "device of every stage, search included (auto, cpu, cuda[:i])")
     logdir: str = cfg_field("runs/pipeline", "parent folder of the stage runs (<logdir>/<task>/<stage>-s<seed>)")
     results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
+    table_only: bool = cfg_field(False, "run nothing: write the table from the stages already finished (run "
+                                 "folders or committed records), listing the (method, seed) pairs still missing")
 
 
 def _source(cfg: PipelineConfig) -> TaskSource:
@@ -106,6 +108,8 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, run, force
     elif record.is_file() and not force:
         print(f"[pipeline] {_source(cfg).name} {name}: done (committed record {record}), skipped")
         return json.loads(record.read_text())
+    elif cfg.table_only:
+        raise ValueError(f"--table-only: stage {name} has no results yet; run the pipeline without --table-only")
     else:
         print(f"[pipeline] {_source(cfg).name} {name}: running")
         res = run()
@@ -163,14 +167,22 @@ def main(cfg: PipelineConfig) -> dict:
     root = Path(cfg.logdir) / source.name
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
+    missing: list[str] = []
     for seed in cfg.seeds:
+        if cfg.table_only:  # leave out what has not finished (its base run must have, for layermoe)
+            done = [m for m in cfg.methods if _finished(cfg, root, f"{m}-s{seed}" if m in ("lora", "lora-moe") else f"{m}{tag}-s{seed}")]
+            missing += [f"{m} s{seed}" for m in cfg.methods if m not in done]
+            if not done:
+                continue
         # Stage 3 continues the very lora-moe run it is compared with: when a layermoe stage is
         # still to run and only committed records of that run exist here (another machine), the
         # seed's lora-moe run is recomputed, so both rows come from the same run.
         warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
         pending = [m for m in cfg.methods if m.startswith("layermoe-") and not _finished(cfg, root, f"{m}{tag}-s{seed}")]
-        rerun_base = bool(pending) and not warm.is_dir()
+        rerun_base = bool(pending) and not warm.is_dir() and not cfg.table_only
         for method in cfg.methods:
+            if cfg.table_only and f"{method} s{seed}" in missing:
+                continue
             # ---- baselines: the same epochs of task training, no search ------------------------
             if method in ("lora", "lora-moe"):
                 res = _finetune(cfg, root, f"{method}-s{seed}", seed, force=rerun_base and method == "lora-moe",
@@ -199,8 +211,12 @@ def main(cfg: PipelineConfig) -> dict:
                                              "stage 3": res["wall_time_s"]}})
 
     # ---- the table ---------------------------------------------------------------------------------
-    table = aggregate(runs)
-    budget = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "logdir", "results_dir", "data_dir", "device")}
+    table = aggregate({m: r for m, r in runs.items() if r})
+    budget = {k: v for k, v in asdict(cfg).items()
+              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only")}
+    if missing:
+        budget["not finished (left out)"] = ", ".join(missing)
+        print(f"[pipeline] not finished, left out of the table: {', '.join(missing)}")
     writer = make_writer(root / "pipeline")
     # Other layermoe settings: another table beside the default one, the settings in its budget line.
     path = write_table(source.name + tag, table, cfg.results_dir, budget, writer)

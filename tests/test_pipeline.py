@@ -34,6 +34,11 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results" / f"arc-easy{tag}.json").read_text())
     assert saved["methods"]["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
     assert set(saved["methods"]["layermoe-mcts"]["seconds"]) == {"warm-up", "search", "stage 3"}
+    # --table-only runs nothing: seed 1 has not run, so it is listed as missing and left out.
+    calls.clear()
+    partial = pipeline.main(pipeline.PipelineConfig(**{**cfg.__dict__, "seeds": [0, 1], "table_only": True}))
+    assert calls == [] and partial["layermoe-mcts"]["seeds"] == [0] and partial["lora"]["seeds"] == [0]
+    assert "lora s1, lora-moe s1, layermoe-mcts s1" in (tmp_path / "results" / f"arc-easy{tag}.md").read_text()
     stage3 = json.loads((tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").read_text())
     assert stage3["config"]["init_checkpoint"].endswith("lora-moe-s0/checkpoints/epoch_1")
     assert stage3["targets_coverage"] == 0.25 and [h["epoch"] for h in stage3["history"]] == [1, 2]
