@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
+import sys
 import types
 import typing
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -124,9 +126,6 @@ def run_cli(main: Callable[[T], Any], cls: type[T], description: str | None = No
     project raises with a fix in the message; exit status 2 for bad input, 1 for a run that failed.
     ``ROUTING_GYM_TRACEBACK=1`` shows the traceback as well.
     """
-    import os
-    import sys
-
     cfg = parse_config(cls, argv, description)
     try:
         main(cfg)
