@@ -33,6 +33,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
         write(Path(tmp))
         with open(tmp, "rb") as fh:  # on disk before the rename, so a power cut cannot expose an empty file
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
