@@ -314,9 +314,9 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
                 loss = loss + cfg.beta * route_loss
             task_value, loss_value = torch.stack([task_loss.detach(), loss.detach()]).tolist()  # one host sync
             if not np.isfinite(loss_value):
-                parts = {"task": task_value, "aux": float(aux_loss), "total": loss_value}
+                parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value}
                 if table is not None:
-                    parts["route"] = float(route_loss)
+                    parts["route"] = float(route_loss.detach())
                 stop_nonfinite(model, optimizer, scheduler, run_dir, step + 1, epoch, batch.ids, parts, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
