@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from agents.base import SearchResult
+from routing_env.supervision import q_targets
 
-__all__ = ["ExhaustiveAgent", "exhaustive_q", "optimal_path", "q_targets"]
+__all__ = ["ExhaustiveAgent", "exhaustive_q", "optimal_path"]
 
 
 def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.ndarray]]:
@@ -61,21 +62,6 @@ def optimal_path(q: dict[tuple, np.ndarray], num_groups: int) -> tuple:
     for _ in range(num_groups):
         p = p + (int(np.argmax(q[p])),)
     return p
-
-
-def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
-    """A target distribution from action values ``q [..., A]``: softmax at ``temperature``, one-hot at 0.
-
-    Q is in log-probability units, so temperature 1 weighs each route by how much more likely it
-    makes the correct answer; ties at temperature 0 go to the lower index. NaN (an action whose value
-    was not estimated, as in MCTS) gets no mass.
-    """
-    q = np.asarray(q, dtype=float)
-    if temperature <= 0:
-        return np.eye(q.shape[-1])[np.nanargmax(q, -1)]
-    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, -1, keepdims=True)) / temperature
-    w = np.exp(z)
-    return w / w.sum(-1, keepdims=True)
 
 
 class ExhaustiveAgent:

@@ -147,10 +147,16 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
     name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
     source = _source(cfg)  # a custom task goes to the env as files (the env id only picks the class)
     return _stage(cfg, root, name, "summary.json", lambda: train_rl.main(train_rl.Config(
-        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()), agent=agent, checkpoint=str(checkpoint), seed=seed,
+        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()),
+        agent=agent, checkpoint=str(checkpoint), seed=seed,
         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
-        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs, balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root),
-        name=name, compare_router=True)), force)
+        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs,
+        balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)), force)
+
+
+def _run_name(method: str, seed: int, tag: str) -> str:
+    """A method's final run: ``<method>-s<seed>`` for the baselines, with the settings tag for layermoe."""
+    return f"{method}-s{seed}" if method in ("lora", "lora-moe") else f"{method}{tag}-s{seed}"
 
 
 def main(cfg: PipelineConfig) -> dict:
@@ -169,23 +175,21 @@ def main(cfg: PipelineConfig) -> dict:
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
     missing: list[str] = []
     for seed in cfg.seeds:
+        unfinished = [m for m in cfg.methods if not _finished(cfg, root, _run_name(m, seed, tag))]
         if cfg.table_only:  # leave out what has not finished (its base run must have, for layermoe)
-            done = [m for m in cfg.methods if _finished(cfg, root, f"{m}-s{seed}" if m in ("lora", "lora-moe") else f"{m}{tag}-s{seed}")]
-            missing += [f"{m} s{seed}" for m in cfg.methods if m not in done]
-            if not done:
-                continue
+            missing += [f"{m} s{seed}" for m in unfinished]
         # Stage 3 continues the very lora-moe run it is compared with: when a layermoe stage is
         # still to run and only committed records of that run exist here (another machine), the
         # seed's lora-moe run is recomputed, so both rows come from the same run.
         warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
-        pending = [m for m in cfg.methods if m.startswith("layermoe-") and not _finished(cfg, root, f"{m}{tag}-s{seed}")]
+        pending = [m for m in unfinished if m.startswith("layermoe-")]
         rerun_base = bool(pending) and not warm.is_dir() and not cfg.table_only
         for method in cfg.methods:
-            if cfg.table_only and f"{method} s{seed}" in missing:
+            if cfg.table_only and method in unfinished:
                 continue
             # ---- baselines: the same epochs of task training, no search ------------------------
             if method in ("lora", "lora-moe"):
-                res = _finetune(cfg, root, f"{method}-s{seed}", seed, force=rerun_base and method == "lora-moe",
+                res = _finetune(cfg, root, _run_name(method, seed, tag), seed, force=rerun_base and method == "lora-moe",
                                 method=method, epochs=cfg.epochs)
                 runs[method].append({"seed": seed, "metrics": run_metrics(res), "seconds": {"train": res["wall_time_s"]}})
                 continue
@@ -198,7 +202,7 @@ def main(cfg: PipelineConfig) -> dict:
             if method in pending and not Path(search["targets"]).is_file():  # a record, but no targets here
                 search = _search(cfg, root, agent, seed, warm, force=True)
             # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
-            res = _finetune(cfg, root, f"{method}{tag}-s{seed}", seed, method="layermoe", epochs=cfg.epochs,
+            res = _finetune(cfg, root, _run_name(method, seed, tag), seed, method="layermoe", epochs=cfg.epochs,
                             init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
                             route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,
                             # Agents without process values (router, PPO, ...) keep their own distributions.

@@ -16,10 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from agents.exhaustive import q_targets
 from routing_env.targets import RoutingTargets, check_compatible
 
-__all__ = ["GRANULARITIES", "WEIGHTINGS", "TARGET_BALANCING", "TARGET_FORMS", "TargetTable", "balance_targets", "routing_loss",
+__all__ = ["GRANULARITIES", "WEIGHTINGS", "TARGET_BALANCING", "TARGET_FORMS", "TargetTable", "balance_targets", "q_targets", "routing_loss",
            "group_agreement", "forced_route_bias"]
 
 #: How each (example, group) term is weighted: equally, or by how much the search said the choice
@@ -83,6 +82,21 @@ def group_agreement(probs: torch.Tensor, targets: torch.Tensor, weights: torch.T
     has = (weights > 0).to(probs.dtype)  # [B, G]
     same = (probs.argmax(-1) == targets.argmax(-1)).to(probs.dtype)
     return (same * has).sum(0) / has.sum(0).clamp_min(1.0)
+
+
+def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
+    """A target distribution from action values ``q [..., A]``: softmax at ``temperature``, one-hot at 0.
+
+    Q is in log-probability units, so temperature 1 weighs each route by how much more likely it
+    makes the correct answer; ties at temperature 0 go to the lower index. NaN (an action whose value
+    was not estimated, as in MCTS) gets no mass.
+    """
+    q = np.asarray(q, dtype=float)
+    if temperature <= 0:
+        return np.eye(q.shape[-1])[np.nanargmax(q, -1)]
+    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, -1, keepdims=True)) / temperature
+    w = np.exp(z)
+    return w / w.sum(-1, keepdims=True)
 
 
 def _target_form(record: dict, form: str, temperature: float) -> np.ndarray:
