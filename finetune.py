@@ -135,8 +135,11 @@ def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
     if run is None:
         raise ValueError(f"{checkpoint}/training_state.pt records no config (written by an older version); "
                          "retrain the lora-moe run to pair layermoe with it")
-    if run.get("method") != "lora-moe":
-        raise ValueError(f"--init-checkpoint {checkpoint} is from a {run.get('method')!r} run; layermoe continues a lora-moe run")
+    # A layermoe epoch checkpoint continues the same chain (expert iteration: search again on the
+    # stage-3 model, then train its next epoch on the new targets).
+    if run.get("method") not in ("lora-moe", "layermoe"):
+        raise ValueError(f"--init-checkpoint {checkpoint} is from a {run.get('method')!r} run; layermoe continues a "
+                         "lora-moe run (or an epoch of a layermoe run)")
     diff = [f"{k}: {run.get(k)!r} there, {getattr(cfg, k)!r} here" for k in PAIRED_FIELDS if run.get(k) != getattr(cfg, k)]
     if diff:
         raise ValueError(f"layermoe continues the lora-moe run of {checkpoint}, so its training settings must be that "

@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant slugs to run, e.g. router-control-beta-1 "
                     "(default: all)")
     ap.add_argument("--table-only", action="store_true", help="write the table from finished runs, run nothing")
+    ap.add_argument("--expert-iteration", action="store_true", help="also run the 3-epoch expert-iteration comparison "
+                    "(base, one round, two rounds) for each seed")
     args = ap.parse_args()
     py, runs = "python", Path(args.runs)
     limit = ["--train-limit", str(args.train_limit)]
@@ -121,7 +123,60 @@ def main() -> None:
                          "targets_histogram": res["targets_histogram"],
                          "search_outcome": summ["agent"]["outcome_mean"], "router_outcome": summ["router"]["outcome_mean"],
                          "search_seconds_per_question": summ["wall_time_s"] / summ["agent"]["examples"]})
+    if args.expert_iteration:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            _expert_iteration(seed, runs, limit, rows, commands, args.table_only)
     _write(rows, commands, args)
+
+
+#: the best stage-3 setting of the two-epoch ablations, used by every expert-iteration run
+BEST = ["--beta", "1", "--target-form", "softmax", "--target-temperature", "0.05", "--target-balance", "sinkhorn"]
+
+
+def _expert_iteration(seed: int, runs: Path, limit: list[str], rows: list[dict], commands: dict, table_only: bool) -> None:
+    """Search -> train -> search again, against one round, both paired with a 3-epoch lora-moe run.
+
+    Round 1 searches the base's epoch-1 checkpoint and trains epochs 2-3 on those targets (one
+    round). Round 2 searches that run's epoch-2 model again and trains epoch 3 on the new targets,
+    continuing the same chain (optimiser, schedule, RNG), so the two differ only in epoch 3's targets.
+    """
+    py, common = "python", ["--task", "arc-easy", "--epochs", "3", "--eval-test", "false", *limit]
+    base = runs / f"moe3-s{seed}"
+    steps = [("lora-moe, 3 epochs (the paired base)",
+              [py, "finetune.py", *common, "--method", "lora-moe", "--seed", str(seed), "--logdir", str(runs),
+               "--name", base.name], base / "results.json", None)]
+    for rnd, start in ((1, base / "checkpoints" / "epoch_1"), (2, runs / f"ei-round1-s{seed}" / "checkpoints" / "epoch_2")):
+        s_dir = runs / f"search3-exh-r{rnd}-s{seed}"
+        s_cmd = [py, "train_rl.py", "--env", "layermoe-arc", *SEARCHES["exh"], "--checkpoint", str(start),
+                 "--num-examples", limit[1], "--seed", str(seed), "--logdir", str(runs), "--name", s_dir.name]
+        name = f"ei-round{rnd}-s{seed}"
+        cmd = [py, "finetune.py", *common, "--method", "layermoe", "--seed", str(seed), "--init-checkpoint", str(start),
+               "--targets", str(s_dir / "targets.jsonl"), *BEST, "--logdir", str(runs), "--name", name]
+        label = ("expert iteration, 1 round: oracle targets of the epoch-1 model for epochs 2-3" if rnd == 1 else
+                 "expert iteration, 2 rounds: epoch 3 on targets re-searched on the round-1 epoch-2 model")
+        steps += [(None, s_cmd, s_dir / "summary.json", None), (label, cmd, runs / name / "results.json", s_dir)]
+    base_acc = base_cv = None
+    for label, cmd, done, s_dir in steps:
+        if label:
+            commands[label] = cmd
+        if not table_only:
+            _run(cmd, done)
+        if not done.is_file():
+            return
+        if label is None:
+            continue
+        res = json.loads(done.read_text())
+        acc, cv = _dev(res)
+        row = {"variant": label, "seed": seed, "dev_accuracy": acc, "dev_cv": cv}
+        if base_acc is None:
+            base_acc, base_cv = acc, cv
+        else:
+            summ = json.loads((s_dir / "summary.json").read_text())
+            row.update({"paired_diff_accuracy": acc - base_acc, "paired_diff_cv": cv - base_cv,
+                        "targets_histogram": res["targets_histogram"], "search_outcome": summ["agent"]["outcome_mean"],
+                        "router_outcome": summ["router"]["outcome_mean"],
+                        "search_seconds_per_question": summ["wall_time_s"] / summ["agent"]["examples"]})
+        rows.append(row)
 
 
 def _write(rows: list[dict], commands: dict, args) -> None:
