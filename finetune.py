@@ -301,9 +301,8 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
                 share = cfg.teacher_forcing * (1 - (step - stage3_start) / max(total_steps - stage3_start, 1))
                 paths = table.batch_paths(batch.ids)  # [B, G]
                 paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
-                B, C = batch.choice_mask.shape
-                row_example = torch.arange(B * C)[batch.choice_mask.reshape(-1).cpu()] // C  # [R]
-                model.routing.selection_bias = forced_route_bias(paths, row_example, layers[0].num_experts)
+                row_example = model.row_examples(batch)  # [R]
+                model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, layers[0].num_experts)
             logits = model(batch)  # [B, C]
             model.routing.selection_bias = {}
             task_loss = F.cross_entropy(logits, batch.labels)

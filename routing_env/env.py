@@ -315,10 +315,13 @@ class RoutingEnv(PlanningMixin, gym.Env):
     # ---- observation and rewards -----------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
         """``[E]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
+        return self._router_probs_t(i, prefix).cpu().numpy()
+
+    def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E] float32, on the model's device
         h, _ = self._boundary(i, prefix)
         mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).float()  # [C, T, 1]
         probs = [((m.router(h).float().softmax(-1) * mask).sum((0, 1)) / mask.sum()) for m in self._entry[len(prefix)]]
-        return torch.stack(probs).mean(0).detach().cpu().numpy()
+        return torch.stack(probs).mean(0).detach()
 
     def _load_share(self, g: int) -> np.ndarray:
         total = self.load_stats[g].sum()
@@ -344,10 +347,16 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     def outcome(self, i: int, prefix: tuple) -> tuple[float, bool]:
         """``(log p(correct), correct)`` of a complete path."""
+        return self._score(i, self._choice_logp_t(i, prefix).cpu().numpy())
+
+    def _choice_logp_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [C] float64 log p per choice, on the device
         h, _ = self._boundary(i, prefix)
         ex = self._example_rows(i)
-        logp = torch.log_softmax(self.stepper.row_scores(h, ex.rows.attention_mask).double(), 0)  # [C] in row order
-        return float(logp[ex.answer_row]), int(logp.argmax()) == ex.answer_row
+        return torch.log_softmax(self.stepper.row_scores(h, ex.rows.attention_mask).double(), 0)  # in row order
+
+    def _score(self, i: int, logp: np.ndarray) -> tuple[float, bool]:
+        row = self._example_rows(i).answer_row
+        return float(logp[row]), int(logp.argmax()) == row
 
     # ---- Gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

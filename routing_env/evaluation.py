@@ -87,18 +87,22 @@ def evaluate(
     ctx = model.routing
     ctx.reset_records()
     ctx.record_loads, ctx.compute_aux = True, False
-    correct, loss_sum, preds = 0, 0.0, []
+    # Sums and predictions stay on the device and are read once at the end: no host sync per batch.
+    losses, preds = [], []
     try:
         for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
             batch = encode(exs).to(device)
             logits = model(batch)  # [B, C]
-            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-            pred = logits.argmax(dim=1)
-            correct += int((pred == batch.labels).sum())
-            preds.extend(pred.tolist())
+            losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
+            preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
         stats = layer_load_stats(model)
     finally:
         ctx.record_loads = False
         model.train(was_training)
     n = len(examples)
-    return EvalResult(accuracy=correct / max(n, 1), loss=loss_sum / max(n, 1), n=n, layer_stats=stats, predictions=preds)
+    if not preds:
+        return EvalResult(accuracy=0.0, loss=0.0, n=0, layer_stats=stats)
+    pred, labels = torch.cat(preds, 1).cpu()  # [2, N] -> [N], [N]
+    loss_sum = float(torch.stack(losses).sum())
+    correct = int((pred == labels).sum())
+    return EvalResult(accuracy=correct / n, loss=loss_sum / n, n=n, layer_stats=stats, predictions=pred.tolist())

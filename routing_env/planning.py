@@ -87,7 +87,9 @@ class PlanningMixin:
         ``primary``: its mean expert probabilities; ``combo``: the product of the members'
         probabilities, renormalised. Undefined in ``bias`` mode (continuous actions).
         """
-        p = self.router_probs(i, prefix)
+        return self._priors_from_probs(self.router_probs(i, prefix))
+
+    def _priors_from_probs(self, p: np.ndarray) -> np.ndarray:
         if self.action_mode == "combo":
             p = np.array([np.prod(p[list(c)]) for c in self.combos])
         elif self.action_mode != "primary":
@@ -120,16 +122,32 @@ class PlanningMixin:
         A = self.action_space.n if hasattr(self.action_space, "n") else self.E
         out = {"reward": np.zeros(n), "terminal": np.zeros(n, bool), "prior": np.zeros((n, A)),
                "outcome": np.full(n, np.nan), "correct": np.zeros(n, bool)}
+        probs, logps = self._read_nodes(ids, keyed)
         for m, (i, p) in enumerate(zip(ids, keyed)):
             if p:
                 out["reward"][m] = self.balance_reward(len(p) - 1, self._boundary(i, p)[1])
             if len(p) == self.G:
                 out["terminal"][m] = True
-                out["outcome"][m], out["correct"][m] = self.outcome(i, p)
+                out["outcome"][m], out["correct"][m] = self._score(i, logps[m])
                 out["reward"][m] += out["outcome"][m]
             else:
-                out["prior"][m] = self.action_priors(i, p)
+                out["prior"][m] = self._priors_from_probs(probs[m])
         return out
+
+    def _read_nodes(self, ids: list[int], keyed: list[tuple]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Router probabilities ``[E]`` of the open nodes and choice log-probabilities ``[C]`` of the
+        complete ones, each kind copied from the device in one transfer (not one sync per node)."""
+        open_ = {m: self._router_probs_t(i, p) for m, (i, p) in enumerate(zip(ids, keyed)) if len(p) < self.G}
+        done = {m: self._choice_logp_t(i, p) for m, (i, p) in enumerate(zip(ids, keyed)) if len(p) == self.G}
+        out = []
+        for part in (open_, done):
+            if not part:
+                out.append({})
+                continue
+            host = torch.cat(list(part.values())).cpu().numpy()
+            sizes = np.cumsum([t.numel() for t in part.values()])[:-1]
+            out.append(dict(zip(part, np.split(host, sizes))))
+        return out[0], out[1]
 
     def evaluate_paths(self, example_ids: Any, paths: Any) -> dict[str, np.ndarray]:
         """Score complete paths, one batched forward per group over all paths' uncached prefixes.
@@ -145,8 +163,9 @@ class PlanningMixin:
         self.prefetch(list(zip(ids, keyed)))
         outcome, correct = np.zeros(len(ids)), np.zeros(len(ids), bool)
         loads = np.zeros((len(ids), self.G, self.E))
+        _, logps = self._read_nodes(ids, keyed)
         for n, (i, p) in enumerate(zip(ids, keyed)):
-            outcome[n], correct[n] = self.outcome(i, p)
+            outcome[n], correct[n] = self._score(i, logps[n])
             loads[n] = self.path_loads(i, p)
         balance = np.array([sum(self.balance_reward(g, l[g]) for g in range(self.G)) for l in loads])
         return {"outcome": outcome, "correct": correct, "loads": loads, "balance": balance}

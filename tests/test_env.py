@@ -202,6 +202,30 @@ def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make):
         env.evaluate_prefixes([99], [()])
 
 
+def test_expanding_nodes_reads_the_device_per_batch_not_per_node(make, monkeypatch):
+    """``evaluate_prefixes`` copies results to the host a fixed number of times, however many nodes."""
+    from routing_env.opcount import OpCounter
+
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(1) or real_cpu(t, *a, **k))
+    env = make()
+    env.batch_rows = 10_000  # one chunk per group level
+    for i in range(8):
+        env._example_rows(i)  # tokenised once, on the host (not part of a search step)
+    counts = []
+    for n in (2, 8):
+        env.cache.clear()
+        reads.clear()
+        nodes = [(i, p) for i in range(n) for p in ((), (1,), (1, 2), (1, 2, 3))]  # open and complete nodes
+        with OpCounter() as ops:
+            env.evaluate_prefixes([i for i, _ in nodes], [p for _, p in nodes])
+        counts.append((len(reads), ops.syncs))
+    # Per group level: one read of its row counts and transformers' one mask check (``mask.all()``);
+    # then one read of all priors and one of all outcomes. The same for 8 nodes as for 32.
+    assert counts[0] == counts[1] == (5, {"_local_scalar_dense": 3}), counts
+
+
 def test_mcts_on_the_real_env_matches_its_own_records(make):
     """A small real search: recorded outcomes and loads are those of the chosen paths."""
     import agents

@@ -11,6 +11,7 @@ import re
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
+from transformers.masking_utils import create_bidirectional_mask
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from routing_env.data import MCBatch
@@ -98,6 +99,10 @@ class MCModel(nn.Module):
         self.num_layers = len(transformer_layers(backbone))
         self.routing = RoutingContext()
         self.chunk_rows = 32  # rows per encoder pass; see ``_encode_rows``
+        # One fixed-shape pass over every (question, choice) slot, padded ones included: no host
+        # sync and no data-dependent shape (what a GPU and torch.compile want). None: on any device
+        # but the CPU, where the length-sorted chunks of ``_encode_rows`` save more than they cost.
+        self.one_pass: bool | None = None
         if kind == "encoder":
             hidden = backbone.config.hidden_size
             self.head = nn.Linear(hidden, 1)
@@ -108,6 +113,8 @@ class MCModel(nn.Module):
             self.head = None
 
     def forward(self, batch: MCBatch) -> torch.Tensor:
+        if self.kind == "encoder" and self._one_pass(batch.input_ids.device):
+            return self._forward_slots(batch)
         if self.kind == "encoder":
             B, C, T = batch.input_ids.shape
             # Only real choices are encoded: one 5-choice question would otherwise make every
@@ -127,6 +134,40 @@ class MCModel(nn.Module):
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
             scores = logits.float().gather(1, batch.letter_ids)  # [B, C]
+        return scores.masked_fill(~batch.choice_mask, float("-inf"))
+
+    def _one_pass(self, device: torch.device) -> bool:
+        return device.type != "cpu" if self.one_pass is None else self.one_pass
+
+    def row_examples(self, batch: MCBatch) -> torch.Tensor:
+        """``[R]`` the example of each row ``forward(batch)`` encodes: a per-row selection bias's rows."""
+        B, C = batch.choice_mask.shape
+        slots = torch.arange(B * C, device=batch.choice_mask.device) // C
+        if self.kind != "encoder":
+            return torch.arange(B, device=batch.choice_mask.device)
+        return slots if self._one_pass(batch.choice_mask.device) else slots[batch.choice_mask.reshape(-1)]
+
+    def _forward_slots(self, batch: MCBatch) -> torch.Tensor:
+        """Encoder scores ``[B, C]`` from one pass over all ``B * C`` slots (fixed shapes, no sync).
+
+        Padded choice slots hold a short real encoding (see ``encode_pairs``), so they run like any
+        row; they are left out of the routing statistics (zero token weight) and scored ``-inf``.
+        """
+        B, C, T = batch.input_ids.shape
+        mask = batch.attention_mask.reshape(B * C, T)  # [R, T], R = B * C
+        ctx = self.routing
+        ctx.token_mask = mask.bool() & batch.choice_mask.reshape(B * C, 1)
+        ctx.row_example = torch.arange(B * C, device=mask.device) // C  # [R]
+        ctx.row_index = ctx.num_rows = None
+        types = batch.token_type_ids.reshape(B * C, T) if batch.token_type_ids is not None else None
+        # The 4D mask built here, not inside the backbone: transformers would first ask whether any
+        # token is padding (``mask.all()``, a host sync) to skip the mask; built once, it is passed through.
+        dtype = next(self.backbone.parameters()).dtype
+        mask4d = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=mask.new_empty((B * C, T, 0), dtype=dtype),
+                                           attention_mask=mask, allow_is_bidirectional_skip=False)
+        hidden = self.backbone(input_ids=batch.input_ids.reshape(B * C, T), attention_mask=mask4d,
+                               token_type_ids=types).last_hidden_state
+        scores = self.score_hidden(hidden, mask).reshape(B, C)
         return scores.masked_fill(~batch.choice_mask, float("-inf"))
 
     def _encode_rows(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from routing_env.moe.kernels import lora_moe
@@ -65,55 +64,88 @@ class LoRAMoELinear(nn.Module):
         """Router for flat tokens ``x [T, d_in]`` -> ``(probs [T, E], expert_idx [T, k], gates [T, k])``."""
         logits = self.router(x).float()  # [T, E]
         probs = logits.softmax(dim=-1)
-        return probs, *self._select(logits, probs, x.shape[0])
+        expert_idx = self._select(logits)
+        gates = probs.gather(1, expert_idx)
+        return probs, expert_idx, gates / gates.sum(dim=-1, keepdim=True)
 
-    def _select(self, logits: torch.Tensor, probs: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[T, k]`` the experts each token uses: top-k of the logits plus the group's selection bias."""
         select = logits
         bias = self.context.selection_bias.get(self.group)
         if bias is not None:
             ctx = self.context
             if ctx.row_index is not None and bias.shape[0] == ctx.num_rows:
                 bias = bias[ctx.row_index.to(bias.device)]  # a chunked pass holds only these rows of the batch
-            R = bias.shape[0]
+            T, R = logits.shape[0], bias.shape[0]
             if T % R:
                 raise ValueError(f"{self.name}: {T} tokens do not split into the override's {R} rows")
-            # Every row's tokens are contiguous in the flattened [R, S, d] input.
-            select = logits + bias.to(logits.device).repeat_interleave(T // R, dim=0)
-        expert_idx = select.topk(self.top_k, dim=-1).indices  # [T, k]
-        gates = probs.gather(1, expert_idx)
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-        return expert_idx, gates
+            # Every row's tokens are contiguous in the flattened [R, S, d] input; a broadcast, not
+            # repeat_interleave, so no op depends on data.
+            select = (logits.view(R, T // R, -1) + bias.to(logits.device)[:, None, :]).view(T, -1)
+        return select.topk(self.top_k, dim=-1).indices  # [T, k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, d_in], T = R * S
-        probs, expert_idx, gates = self.route(flat)
-        delta = lora_moe(self.dropout(flat), self.lora_A, self.lora_B, expert_idx, gates.to(flat.dtype), self.scale)
+        out = self.base(flat)  # [T, d_out]
+        logits = self.router(flat).float()  # [T, E]
+        probs = logits.softmax(dim=-1)
+        expert_idx = self._select(logits)  # [T, k]
+        chosen = probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0)  # [T, E] 1 where chosen
+        E, r, d_in = self.lora_A.shape
+        if E * r * 4 <= d_in:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
+            dense = probs * chosen
+            dense = dense / dense.sum(dim=-1, keepdim=True)  # [T, E] gates renormalised over the chosen, 0 elsewhere
+            a_t, b_flat, spread = self._flat_weights()
+            h = self.dropout(flat) @ a_t  # [T, E*r] every expert's down-projection
+            h = h * (dense.to(h.dtype) @ spread)  # gate each expert's r columns (spread: [E, E*r] of 0/1)
+            out = torch.addmm(out, h, b_flat.to(h.dtype), alpha=self.scale)  # out + scale * h @ B
+        else:
+            gates = probs.gather(1, expert_idx)
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+            delta = lora_moe(self.dropout(flat), self.lora_A, self.lora_B, expert_idx, gates.to(flat.dtype), self.scale)
+            out = out + delta.to(out.dtype)
         ctx = self.context
         if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
-            self._record(probs, expert_idx, shape)
-        return out + delta.reshape(*shape[:-1], -1).to(out.dtype)
+            self._record(probs, chosen, shape)
+        return out.view(*shape[:-1], -1)
 
-    def _record(self, probs: torch.Tensor, expert_idx: torch.Tensor, shape: torch.Size) -> None:
+    def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``A^T [d_in, E*r]``, ``B [E*r, d_out]`` and the gate spreader ``[E, E*r]``.
+
+        With gradients these are views and one copy of B, part of the graph. Without (evaluation, the
+        env, search) they are cached until the weights change, so a forward does not copy B again.
+        """
+        A, B = self.lora_A, self.lora_B
+        E, r, d_in = A.shape
+        # A compiled graph does its own caching (and cannot trace data-pointer checks).
+        cached = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.dtype) if cached else None
+        cache = self.__dict__.get("_flat_cache")
+        if cached and cache is not None and cache[0] == key:
+            return cache[1]
+        spread = torch.eye(E, dtype=A.dtype, device=A.device)[:, :, None].expand(E, E, r).reshape(E, E * r)  # [E, E*r]
+        flat = (A.reshape(E * r, d_in).t(), B.permute(0, 2, 1).reshape(E * r, -1), spread)
+        if cached:
+            self.__dict__["_flat_cache"] = (key, flat)
+        return flat
+
+    def _record(self, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size) -> None:
+        """Statistics of this call (``chosen [T, E]``: 1 where a token uses an expert), kept on the device."""
         ctx, E = self.context, self.num_experts
         T = probs.shape[0]
-        mask = ctx.token_mask
-        if mask is not None and mask.numel() == T:
-            w = mask.reshape(-1).to(probs.device, probs.dtype)  # [T] 1 for real tokens
-        else:
-            w = probs.new_ones(T)
-        onehot = F.one_hot(expert_idx, E).sum(dim=1).to(probs.dtype)  # [T, E] 1 where chosen
+        w = ctx.token_weight(T, probs)  # [T] 1 for real tokens
         if ctx.compute_aux:
             # Switch Transformer balance loss: E * sum_e f_e * P_e over real tokens.
             n = w.sum().clamp_min(1.0)
-            f = (onehot * w[:, None]).sum(0) / (n * self.top_k)
-            P = (probs * w[:, None]).sum(0) / n
+            f = (w @ chosen) / (n * self.top_k)
+            P = (w @ probs) / n
             ctx.aux_losses.append(E * (f * P).sum())
         if ctx.record_loads:
-            counts = (onehot.detach() * w[:, None]).sum(0).double().cpu()
+            # Accumulated in float64 on the model's device; read once per evaluation (no host sync here).
+            counts = w @ chosen.detach()  # [E]
             prev = ctx.loads.get(self.name)
-            ctx.loads[self.name] = counts if prev is None else prev + counts
+            ctx.loads[self.name] = counts.double() if prev is None else prev.add_(counts)
         if ctx.collect_route:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
@@ -124,7 +156,7 @@ class LoRAMoELinear(nn.Module):
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
             n_row = wr.sum(1).clamp_min(1.0)  # [R, 1]
             p_row = (probs.detach().reshape(R, -1, E) * wr).sum(1) / n_row  # [R, E]
-            c_row = (onehot.detach().reshape(R, -1, E) * wr).sum(1)  # [R, E]
+            c_row = (chosen.detach().reshape(R, -1, E) * wr).sum(1)  # [R, E]
             g = self.group
             if g in ctx.row_probs:
                 ctx.row_probs[g] = ctx.row_probs[g] + p_row

@@ -51,6 +51,20 @@ class RoutingContext:
     route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
     route_logsum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of log probs (grad)
 
+    def token_weight(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """``[T]`` 1.0 for the real tokens of the current pass (``token_mask``), 0.0 for padding.
+
+        Computed once per mask and shared by every layer of the pass (one conversion, not one per module).
+        """
+        mask = self.token_mask
+        if mask is None or mask.numel() != num_tokens:
+            return like.new_ones(num_tokens)
+        cached = self.__dict__.get("_weight")
+        if cached is None or cached[0] is not mask or cached[1].device != like.device or cached[1].dtype != like.dtype:
+            cached = (mask, mask.reshape(-1).to(like.device, like.dtype))
+            self.__dict__["_weight"] = cached
+        return cached[1]
+
     def reset_records(self) -> None:
         """Forget what earlier forwards recorded (keeps the settings)."""
         self.aux_losses = []
@@ -106,10 +120,10 @@ class RoutingContext:
 
 def primary_bias(primary: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[R]`` expert ids (-1: no override) -> ``[R, E]`` selection bias forcing each into the top-k."""
-    bias = torch.zeros(primary.shape[0], num_experts)
-    rows = torch.nonzero(primary >= 0).squeeze(1)
-    bias[rows, primary[rows]] = float("inf")
-    return bias
+    # A scatter, not boolean indexing: no data-dependent shape, so no host sync on a GPU.
+    forced = torch.where(primary >= 0, float("inf"), 0.0).to(torch.float32)[:, None]  # [R, 1]
+    bias = torch.zeros(primary.shape[0], num_experts, device=primary.device)
+    return bias.scatter_(1, primary.clamp_min(0)[:, None], forced)
 
 
 def combo_bias(combo: torch.Tensor) -> torch.Tensor:

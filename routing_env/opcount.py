@@ -1,0 +1,52 @@
+"""Counting the aten ops a piece of code sends to kernels, and the ones that would stall a GPU.
+
+On a GPU every aten op that reaches a backend is at least one kernel launch, and some make the host
+wait for the device: reading a value (``.item()``, ``int(t)``), and ops whose output shape depends
+on data (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave``
+with a tensor of repeats, ``bincount``). Both can be counted on a CPU, which makes them testable in
+CI: ``bench/ops.py`` compares LoRA-MoE with peft LoRA, and the tests assert that the fixed-shape
+forward issues no sync op at all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["SYNC_OPS", "OpCounter"]
+
+#: backend ops that make the host wait for a GPU: value reads and data-dependent output shapes
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "nonzero_numpy", "masked_select",
+                      "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave",
+                      "bincount", "histc", "masked_scatter"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts, by name, the aten ops that reach a backend kernel while it is active.
+
+    It sees ops after autograd and after composite ops are decomposed (one entry per kernel a
+    backend runs, views included), in forward and backward alike::
+
+        with OpCounter() as ops:
+            model(batch)
+        ops.total, ops.syncs
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops[func._schema.name.split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> dict[str, int]:
+        """The counted ops that synchronise with the host on a GPU (empty: none)."""
+        return {k: v for k, v in self.ops.items() if k in SYNC_OPS}

@@ -1,0 +1,140 @@
+"""The fixed-shape forward a GPU runs: same model as the chunked CPU forward, no host sync, no graph break."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from routing_env.evaluation import evaluate, layer_load_stats
+from routing_env.moe import MoEConfig, build_model, moe_layers
+from routing_env.opcount import OpCounter
+from tests.conftest import random_pairs_batch, tiny_bert
+
+# rank 2: E * r * 4 = 32 <= d = 32, so every module takes the low-rank form MiniLM's modules take
+# (384-wide, 4 experts of rank 8); the grouped form runs the Triton kernel on a GPU.
+MINILM_LIKE = MoEConfig(num_groups=2, rank=2)
+
+
+def _model(one_pass: bool, seed: int = 0):
+    model = build_model("lora-moe", backbone_module=tiny_bert(), moe=MINILM_LIKE, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # experts that differ, so a wrong expert or gate changes the output
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.one_pass = one_pass
+    return model.eval()
+
+
+def test_one_pass_forward_equals_the_chunked_forward():
+    chunked, one = _model(False), _model(True)
+    chunked.chunk_rows = 2  # several chunks, each cut to its own length
+    batch = random_pairs_batch(B=4, C=4, T=9)
+    for m in (chunked, one):
+        m.routing.record_loads = True
+    with torch.no_grad():
+        a, b = chunked(batch), one(batch)
+    real = batch.choice_mask
+    assert torch.equal(torch.isinf(a), ~real) and torch.equal(torch.isinf(b), ~real)
+    # Other shapes (padded to the batch's longest row instead of each chunk's), so other float
+    # summation orders: a float32 tolerance, far below what one changed expert moves (~1e-1 here).
+    torch.testing.assert_close(b[real], a[real], rtol=1e-5, atol=1e-5)
+    # The padded choice slot is encoded but not counted: the loads are those of the real rows.
+    for name, counts in chunked.routing.loads.items():
+        torch.testing.assert_close(one.routing.loads[name], counts, rtol=0, atol=0)
+
+
+def test_one_pass_forward_and_backward_issue_no_sync_op():
+    model = _model(True)
+    batch = random_pairs_batch()
+    ctx = model.routing
+    ctx.record_loads = True
+    with torch.no_grad(), OpCounter() as ops:  # evaluation: loads recorded on the device
+        model(batch)
+    assert ops.syncs == {} and ops.total > 0
+    model.train()
+    ctx.record_loads, ctx.compute_aux, ctx.collect_route = False, True, True
+    with OpCounter() as ops:  # training: aux loss and the stage-3 routing statistics
+        ctx.reset_records()
+        logits = model(batch)
+        probs = ctx.example_group_probs(len(batch.ids))  # [B, G, E]
+        loss = F.cross_entropy(logits, batch.labels) + torch.stack(ctx.aux_losses).mean() + probs.square().mean()
+        loss.backward()
+    assert ops.syncs == {}, ops.syncs
+
+
+def test_loads_stay_on_the_device_until_read():
+    model = _model(True)
+    model.routing.record_loads = True
+    with torch.no_grad():
+        model(random_pairs_batch(seed=0))
+        model(random_pairs_batch(seed=1))
+    counts = model.routing.loads
+    assert counts and all(c.dtype == torch.float64 for c in counts.values())
+    # Every real token of the two batches is counted k times per module.
+    tokens = sum(int((b.attention_mask * b.choice_mask[..., None]).sum()) for b in (random_pairs_batch(seed=0),
+                                                                                    random_pairs_batch(seed=1)))
+    assert all(float(c.sum()) == tokens * MINILM_LIKE.top_k for c in counts.values())
+    assert set(layer_load_stats(model)) == set(range(4))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_moe_layer_compiles_without_graph_breaks(grad):
+    model = _model(True)
+    model.train(grad)
+    layer = moe_layers(model)[0]
+    ctx = model.routing
+    ctx.token_mask = torch.ones(3, 7, dtype=torch.bool)
+    ctx.record_loads = ctx.compute_aux = True
+    x = torch.randn(3, 7, layer.base.in_features)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ctx.clear()
+
+
+def test_whole_one_pass_model_compiles_without_graph_breaks():
+    model = _model(True)
+    model.routing.record_loads = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(random_pairs_batch())
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_model_gives_the_eager_logits():
+    model = _model(True)
+    batch = random_pairs_batch()
+    with torch.no_grad():
+        eager = model(batch)
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="eager", fullgraph=True)(batch)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)  # the eager backend runs the same kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_eval_forward_does_not_synchronise(data_dir):
+    from routing_env.data import load_task
+
+    model = build_model("lora-moe", "minilm", MoEConfig(), seed=0).cuda().eval()
+    tokenizer = model.tokenizer_for("minilm")
+    examples = load_task("arc-easy", "dev", data_dir, limit=64)
+    from routing_env.evaluation import batch_encoder
+
+    batch = batch_encoder(model, tokenizer, 128)(examples).to("cuda")
+    model.routing.record_loads = True
+    with torch.no_grad():
+        model(batch)  # warm-up (caches, lazy init)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    res = evaluate(model, tokenizer, examples, batch_size=64, device="cuda", progress=False)
+    assert res.n == 64 and res.layer_stats
