@@ -33,7 +33,8 @@ from routing_env.safefiles import RunLock, atomic_write, atomic_write_text, mark
 from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
                                      group_agreement, routing_loss)
 from routing_env.targets import load_targets
-from routing_env.utils import cfg_field, log_hparams, make_writer, pick_device, run_cli, seed_everything
+from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device,
+                               run_cli, seed_everything)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Config:
     eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
     seed: int = cfg_field(0, "seed for adapter init, shuffling and dropout")
     device: str = cfg_field("auto", "auto, cpu or cuda[:i]")
+    precision: str = cfg_field("auto", f"autocast: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA GPU, fp32 elsewhere)")
     name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
     logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
     resume: bool = cfg_field(True, "continue from the last complete epoch checkpoint of this run (as train_rl.py "
@@ -127,7 +129,7 @@ def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> Non
 #: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them
 #: different the two runs would differ in more than the routing loss.
 PAIRED_FIELDS = ("task", "train_file", "dev_file", "test_file", "seed", "epochs", "batch_size", "lr", "weight_decay",
-                 "warmup_ratio", "max_grad_norm", "max_length", "aux_loss_coef", "train_limit", "backbone")
+                 "warmup_ratio", "max_grad_norm", "max_length", "aux_loss_coef", "train_limit", "backbone", "precision")
 
 
 def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
@@ -140,7 +142,9 @@ def check_paired(cfg: Config, run: dict | None, checkpoint: Path) -> None:
     if run.get("method") not in ("lora-moe", "layermoe"):
         raise ValueError(f"--init-checkpoint {checkpoint} is from a {run.get('method')!r} run; layermoe continues a "
                          "lora-moe run (or an epoch of a layermoe run)")
-    diff = [f"{k}: {run.get(k)!r} there, {getattr(cfg, k)!r} here" for k in PAIRED_FIELDS if run.get(k) != getattr(cfg, k)]
+    # A setting an older run did not record had its present default then.
+    had = {k: run.get(k, Config.__dataclass_fields__[k].default) for k in PAIRED_FIELDS}
+    diff = [f"{k}: {had[k]!r} there, {getattr(cfg, k)!r} here" for k in PAIRED_FIELDS if had[k] != getattr(cfg, k)]
     if diff:
         raise ValueError(f"layermoe continues the lora-moe run of {checkpoint}, so its training settings must be that "
                          f"run's; differing: {'; '.join(diff)}")
@@ -196,6 +200,7 @@ def check_config(cfg: Config) -> TaskSource:
     for flag, value in (("train-limit", cfg.train_limit), ("eval-limit", cfg.eval_limit)):
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1 (or none for all), got {value}")
+    autocast_dtype(cfg.precision, "cpu")  # an unknown --precision, before any work
     if not cfg.lr > 0 or not np.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
@@ -220,6 +225,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
         shutil.rmtree(ckpt_root)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     t_start = time.time()
@@ -303,7 +309,8 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
                 paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
                 row_example = model.row_examples(batch)  # [R]
                 model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, layers[0].num_experts)
-            logits = model(batch)  # [B, C]
+            with autocast(device, amp):
+                logits = model(batch).float()  # [B, C]
             model.routing.selection_bias = {}
             task_loss = F.cross_entropy(logits, batch.labels)
             aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
@@ -340,7 +347,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
 
         # ---- evaluate on dev, checkpoint -------------------------------------------------------
         res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                       device=device, desc="dev")
+                       device=device, desc="dev", amp_dtype=amp)
         writer.add_scalar("eval/accuracy", res.accuracy, step)
         writer.add_scalar("eval/loss", res.loss, step)
         log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
@@ -359,7 +366,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
     test_res = None
     if cfg.eval_test:
         test_res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                            device=device, desc="test")
+                            device=device, desc="test", amp_dtype=amp)
         writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
         log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
     final = save_checkpoint(model, run_dir / "final", extra={"task": source.name, "seed": cfg.seed,

@@ -29,7 +29,7 @@ from routing_env.data import TaskSource, resolve_task
 from routing_env.plots import load_heatmap
 from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
-from routing_env.utils import cfg_field, log_hparams, make_writer, pick_device, run_cli, seed_everything
+from routing_env.utils import PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, run_cli, seed_everything
 
 
 @dataclass
@@ -53,6 +53,8 @@ class Config:
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward")
     seed: int = cfg_field(0, "seed of the agent and of torch / numpy")
     device: str = cfg_field("auto", "device of the env's model: auto (CUDA when available), cpu, cuda[:i]")
+    precision: str = cfg_field("auto", f"autocast of the env's model: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA "
+                               "GPU, fp32 elsewhere)")
     output: str | None = cfg_field(None, "routing-targets file (default: <logdir>/<name>/targets.jsonl)")
     overwrite: bool = cfg_field(False, "start the targets file again instead of resuming it")
     compare_router: bool = cfg_field(True, "also score the learned router's greedy paths on the same examples")
@@ -80,7 +82,7 @@ def check_config(cfg: Config) -> tuple[object, TaskSource | None]:
     if cfg.env not in gym.registry:
         raise ValueError(f"unknown env {cfg.env!r}; registered: {', '.join(routing_env.ENV_IDS)}")
     parse_agent_kwargs(cfg.agent_kwargs)
-    pick_device(cfg.device)
+    autocast_dtype(cfg.precision, pick_device(cfg.device))
     factory = agents.factory(cfg.agent)
     custom = cfg.task or cfg.train_file or cfg.dev_file or cfg.test_file
     return factory, resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
@@ -128,7 +130,8 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),
-                   balance_weight=cfg.balance_weight, **({"task": source} if source else {})).unwrapped
+                   balance_weight=cfg.balance_weight, precision=cfg.precision,
+                   **({"task": source} if source else {})).unwrapped
     if env.action_mode != "primary":
         raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")
     agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))

@@ -18,6 +18,7 @@ from routing_env.data import TaskSource, encode_pairs, resolve_task
 from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
 from routing_env.moe.stepper import GroupStepper, Rows
 from routing_env.planning import EnvState, PlanningMixin
+from routing_env.utils import autocast_dtype
 from routing_env.warmup import default_checkpoint
 
 __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
@@ -94,12 +95,13 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     ``gymnasium.make("layermoe-arc", checkpoint=None, split="train", action_mode="primary",
     reward_mode="outcome", balance_weight=0.1, num_groups=None, group_sizes=None, max_examples=None,
-    data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024)``. Each registered
+    data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024, precision="auto")``. Each registered
     id sets ``task``; pass ``task=`` to route your own data instead: a folder of train/dev/test
     files, one file (split by question-id hash) or a ``TaskSource`` (``routing_env.data.resolve_task``). Without a
     ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo size) first.
     ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups);
-    ``num_experts``, when given, must match the checkpoint's.
+    ``num_experts``, when given, must match the checkpoint's. ``precision``: ``auto`` runs the model
+    under bf16 autocast on a CUDA GPU and in fp32 elsewhere; ``fp32`` / ``bf16`` force one.
     """
 
     metadata = {"render_modes": []}
@@ -122,6 +124,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
         cache_mb: float = 1024.0,
         num_experts: int | None = None,
         model: MCModel | None = None,
+        precision: str = "auto",
     ) -> None:
         if action_mode not in ACTION_MODES:
             raise ValueError(f"unknown action_mode {action_mode!r}; valid: {', '.join(ACTION_MODES)}")
@@ -138,7 +141,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
         self.model = model.to(self.device).eval()
         if num_groups is not None or group_sizes is not None:
             self._regroup(num_groups, group_sizes)
-        self.stepper = GroupStepper(self.model)
+        self.stepper = GroupStepper(self.model, autocast_dtype(precision, self.device))
         self.G = self.stepper.num_groups
         self.E, self.k = self._uniform_experts()
         if num_experts is not None and num_experts != self.E:

@@ -14,6 +14,7 @@ from routing_env.data import MCBatch, MCExample, encode_letter_prompt, encode_pa
 from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, load_stats
+from routing_env.utils import autocast
 
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "iterate_batches", "layer_load_stats"]
 
@@ -79,8 +80,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     desc: str = "eval",
     progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
 ) -> EvalResult:
-    """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards)."""
+    """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards).
+
+    ``amp_dtype``: run the forwards under autocast to it (``routing_env.utils.autocast_dtype``).
+    """
     encode = batch_encoder(model, tokenizer, max_length)
     was_training = model.training
     model.eval()
@@ -92,7 +97,8 @@ def evaluate(
     try:
         for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
             batch = encode(exs).to(device)
-            logits = model(batch)  # [B, C]
+            with autocast(device, amp_dtype):
+                logits = model(batch).float()  # [B, C]
             losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
             preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
         stats = layer_load_stats(model)

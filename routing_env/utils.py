@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "pick_device", "make_writer", "parse_config", "cfg_field", "log_hparams", "run_cli"]
+__all__ = ["seed_everything", "pick_device", "PRECISIONS", "autocast_dtype", "autocast", "make_writer", "parse_config",
+           "cfg_field", "log_hparams", "run_cli"]
 
 T = TypeVar("T")
 
@@ -37,6 +38,28 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of a ``--precision`` on ``device`` (None: plain fp32).
+
+    ``auto`` is bf16 on a CUDA GPU that supports it (matmuls in bf16, softmax, norms and the
+    routing statistics in fp32) and fp32 elsewhere, so CPU runs stay exactly as before.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "fp32" or (precision == "auto" and (device.type != "cuda" or not torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; off when ``dtype`` is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def make_writer(logdir: str | Path):

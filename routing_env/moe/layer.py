@@ -107,7 +107,9 @@ class LoRAMoELinear(nn.Module):
             out = out + delta.to(out.dtype)
         ctx = self.context
         if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
-            self._record(probs, chosen, shape)
+            # Statistics in fp32 under bf16 autocast too: bf16 counts stop being exact integers at 256.
+            with torch.autocast(probs.device.type, enabled=False):
+                self._record(probs, chosen, shape)
         return out.view(*shape[:-1], -1)
 
     def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

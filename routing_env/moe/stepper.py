@@ -17,6 +17,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from routing_env.moe.backbone import MCModel, transformer_layers
+from routing_env.utils import autocast
 
 __all__ = ["Rows", "GroupStepper"]
 
@@ -31,13 +32,14 @@ class Rows:
 
 
 class GroupStepper:
-    def __init__(self, model: MCModel) -> None:
+    def __init__(self, model: MCModel, amp_dtype: torch.dtype | None = None) -> None:
         if model.kind != "encoder":
             raise ValueError(
                 f"group-wise execution supports encoder backbones (e.g. the default 'minilm'); "
                 f"{model.backbone_name} is a {model.kind} model"
             )
         self.model = model
+        self.amp_dtype = amp_dtype  # autocast of every group step (None: fp32); outputs are fp32 either way
         self.layers = transformer_layers(model.backbone)
         self.groups = model.moe_config.layer_groups(model.num_layers)
 
@@ -47,7 +49,8 @@ class GroupStepper:
 
     @torch.no_grad()
     def embed(self, rows: Rows) -> torch.Tensor:  # [R, T, d]
-        return self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids)
+        with autocast(rows.input_ids.device, self.amp_dtype):
+            return self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids).float()
 
     @torch.no_grad()
     def run_group(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
@@ -59,13 +62,15 @@ class GroupStepper:
         mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
                                          attention_mask=attention_mask)
         try:
-            for layer in self.groups[group]:
-                hidden = self.layers[layer](hidden, mask)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            with autocast(hidden.device, self.amp_dtype):
+                for layer in self.groups[group]:
+                    hidden = self.layers[layer](hidden, mask)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         finally:
             ctx.selection_bias = {}
-        return hidden
+        return hidden.float()  # cached between steps: fp32 whatever the autocast
 
     @torch.no_grad()
     def row_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # [R]
-        return self.model.score_hidden(hidden, attention_mask)
+        with autocast(hidden.device, self.amp_dtype):
+            return self.model.score_hidden(hidden, attention_mask).float()
