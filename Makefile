@@ -10,7 +10,7 @@ ifeq ($(strip $(ROUTING_ENV_DATA)),)
   endif
 endif
 
-.PHONY: install demo test test-portable constraints bench reproduce clean
+.PHONY: install demo test test-portable constraints bench gpu-bundle reproduce clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ bench: install
 	$(PY) bench/mcts.py
 	$(PY) bench/env_step.py
 	$(PY) bench/lora_moe_cpu.py
+	$(PY) bench/ops.py --out results/bench/ops.json
+
+# What bench/gpu.py needs on an offline GPU machine besides the checkout (wheels, fp16 MiniLM,
+# ARC-Easy) in .gpu-bundle/; there: `bash bench/gpu_run.sh` (README "GPU").
+gpu-bundle: install
+	$(PY) bench/gpu_bundle.py --out .gpu-bundle
 
 # The LayerMoE comparison (3 seeds x lora, lora-moe, the no-search control, the exact oracle with the
 # stage-3 setting chosen on dev) on three tasks; many CPU hours at full size, see README "Results".

@@ -103,7 +103,11 @@ class LoRAMoELinear(nn.Module):
         else:
             gates = probs.gather(1, expert_idx)
             gates = gates / gates.sum(dim=-1, keepdim=True)
-            delta = lora_moe(self.dropout(flat), self.lora_A, self.lora_B, expert_idx, gates.to(flat.dtype), self.scale)
+            # Under autocast the grouped op (a custom kernel, which autocast does not see) runs in its dtype.
+            dev = flat.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else flat.dtype
+            delta = lora_moe(self.dropout(flat).to(dt), self.lora_A.to(dt), self.lora_B.to(dt), expert_idx, gates.to(dt),
+                             self.scale)
             out = out + delta.to(out.dtype)
         ctx = self.context
         if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:

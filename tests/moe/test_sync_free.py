@@ -117,6 +117,7 @@ def test_compiled_model_gives_the_eager_logits():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)  # the eager backend runs the same kernels
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_eval_forward_does_not_synchronise(data_dir):
     from routing_env.data import load_task

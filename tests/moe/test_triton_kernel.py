@@ -130,6 +130,7 @@ def test_kernels_compile_for_sm90_without_spills(sm90, kernel, dtype, rank, caps
     assert r["static_shared"] + r["dynamic_shared"] <= 228 * 1024  # fits one SM's shared memory
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_on_the_gpu_matches_the_reference(dtype):

@@ -51,7 +51,7 @@ def lora_moe_reference(
         rows = slice(start, start + n)
         # Gate the rank-r activations rather than the d_out-wide outputs: r multiplies instead of d_out.
         h = (x_sorted[rows] @ A[e].transpose(0, 1)) * weight[rows].unsqueeze(1)  # [n, r]
-        out.index_add_(0, token_of[rows], h @ B[e].transpose(0, 1))  # [n, d_out] summed into tokens
+        out.index_add_(0, token_of[rows], (h @ B[e].transpose(0, 1)).to(out.dtype))  # [n, d_out] summed into tokens
         start += n
     return out
 

@@ -1,0 +1,27 @@
+#!/bin/bash
+# On an offline GPU machine, from the checkout with the bundle of `make gpu-bundle` beside it:
+# installs the bundle's wheels (no network), expands MiniLM to fp32, runs the GPU tests and
+# bench/gpu.py. Results: $OUT/gpu.json (OUT defaults to ./results/bench).
+#   bash bench/gpu_run.sh [bundle folder, default .gpu-bundle] [extra bench/gpu.py args]
+set -eu
+cd "$(dirname "$0")/.."
+BUNDLE=$(cd "${1:-.gpu-bundle}" && pwd); shift || true
+OUT=${OUT:-results/bench}; mkdir -p "$OUT"
+SITE=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --target "$SITE" "$BUNDLE"/whl/*.whl
+export MINILM_DIR=${MINILM_DIR:-/tmp/minilm}
+if [ ! -f "$MINILM_DIR/model.safetensors" ]; then
+  mkdir -p "$MINILM_DIR" && cp -r "$BUNDLE"/minilm/. "$MINILM_DIR"/
+  python3 -c "
+import sys
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+sd = load_file(d + '/model.fp16.safetensors')
+save_file({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, d + '/model.safetensors')
+" "$MINILM_DIR"
+  rm "$MINILM_DIR/model.fp16.safetensors"
+fi
+export PYTHONPATH=$SITE:$BUNDLE/shim:$PWD ROUTING_ENV_DATA=$BUNDLE/data PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/moe 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.txt"
+python3 bench/gpu.py --out "$OUT/gpu.json" "$@"
