@@ -158,7 +158,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
         self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d], loads [E])
-        self.batch_rows = 32  # rows per batched group forward (see ``_run_batch``)
+        # Rows per batched group forward (see ``_run_batch``): length-sorted chunks pay on a CPU; a
+        # GPU wants one pass per group level.
+        self.batch_rows = 32 if self.device.type == "cpu" else 4096
 
         if action_mode == "primary":
             self.action_space = spaces.Discrete(self.E)

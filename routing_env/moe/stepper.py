@@ -59,8 +59,11 @@ class GroupStepper:
         ctx = self.model.routing
         ctx.token_mask = attention_mask.bool()
         ctx.selection_bias = {} if selection_bias is None else {group: selection_bias}
+        # Off the CPU the mask is always built: transformers' test for skipping it (``mask.all()``) is a
+        # host sync. On the CPU it may skip it, as ``MCModel``'s chunked forward does (bit-identical).
         mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
-                                         attention_mask=attention_mask)
+                                         attention_mask=attention_mask,
+                                         allow_is_bidirectional_skip=hidden.device.type == "cpu")
         try:
             with autocast(hidden.device, self.amp_dtype):
                 for layer in self.groups[group]:
