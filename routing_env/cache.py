@@ -6,9 +6,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Hashable
 
-import numpy as np
-import torch
-
 __all__ = ["TensorLRU"]
 
 

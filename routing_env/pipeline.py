@@ -22,8 +22,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import finetune
-import train_rl
+from routing_env import finetune
+from routing_env import search as train_rl  # stage 2, named after its command
 from routing_env.data import TaskSource, resolve_task
 from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS

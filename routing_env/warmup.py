@@ -32,7 +32,7 @@ def default_checkpoint(task: str | TaskSource, backbone: str = "minilm", data_di
         return final
     print(f"no warm-up checkpoint for {source.name} / {backbone} in {cache_dir()}: training a demo-size one "
           f"({DEMO_WARMUP['train_limit']} questions, 1 epoch); pass checkpoint= to use your own")
-    import finetune  # the stage-1 script is the one place training happens
+    from routing_env import finetune  # imported here: finetune builds on modules that import this one
 
     cfg = finetune.Config(**source.args(), backbone=backbone, data_dir=None if data_dir is None else str(data_dir),
                           logdir=str(cache_dir()), name=name, **DEMO_WARMUP)

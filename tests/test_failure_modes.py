@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune
-import train_rl
+from routing_env import finetune
+
+from routing_env import search as train_rl
 from routing_env import pipeline
 from routing_env.data import DataError
 from routing_env.safefiles import RunLock, RunLockedError, atomic_write_text, is_complete

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import finetune
+from routing_env import finetune
 from routing_env.data import DataError
 from routing_env.utils import parse_config
 

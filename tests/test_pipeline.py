@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import finetune
-import train_rl
+from routing_env import finetune
+from routing_env import search as train_rl
 from routing_env import pipeline
 
 

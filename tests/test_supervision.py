@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import finetune
+from routing_env import finetune
 from routing_env.data import encode_pairs, load_task
 from routing_env.moe import load_checkpoint
 from routing_env.planning import model_fingerprint

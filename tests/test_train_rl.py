@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-import train_rl
+from routing_env import search as train_rl
 from routing_env.targets import TargetsError, load_targets
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import finetune
+from routing_env import finetune
 from routing_env import warmup
 
 

@@ -1,0 +1,322 @@
+"""Fine-tune a LoRA or LoRA-MoE multiple-choice model: LayerMoE's warm-up (stage 1) and its
+process-supervised fine-tune (stage 3).
+
+    python finetune.py --task arc-easy --method lora-moe --epochs 2
+    python finetune.py --task arc-easy --method layermoe --init-checkpoint runs/w/final --targets targets.jsonl
+
+Reads top to bottom like the algorithm: set-up, data, model (fresh adapters, or for ``layermoe`` the
+warm-up checkpoint and its routing targets), then epochs of (train, evaluate on dev, checkpoint), and
+a final test evaluation written to ``runs/<name>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from routing_env.data import TaskSource, describe_split, resolve_task, task_names
+from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
+from routing_env.planning import model_fingerprint
+from routing_env.plots import load_heatmap
+from routing_env.safefiles import RunLock, atomic_write_text
+from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
+                                     group_agreement, routing_loss)
+from routing_env.targets import load_targets
+from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
+                                     stop_nonfinite)
+from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device,
+                               seed_everything)
+
+
+__all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
+
+@dataclass
+class Config:
+    """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
+
+    task: str = cfg_field("arc-easy", f"task: a name ({', '.join(task_names())}), a folder of train/dev/test "
+                          ".jsonl[.gz] files, or one file (split 80/10/10 by question-id hash)")
+    train_file: str | None = cfg_field(None, "your own training split (with --dev-file and --test-file; overrides --task)")
+    dev_file: str | None = cfg_field(None, "your own dev split (model selection and ablations read it)")
+    test_file: str | None = cfg_field(None, "your own test split (read once, at the end)")
+    method: str = cfg_field("lora-moe", "lora / lora-moe (stage 1), or layermoe: continue a lora-moe warm-up "
+                            "with routing targets (stage 3)", choices=[*METHODS, "layermoe"])
+    backbone: str = cfg_field(DEFAULT_BACKBONE, "'minilm' (packaged, offline), a local folder or a hub id")
+    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
+    epochs: int = cfg_field(2, "passes over the training split")
+    batch_size: int = cfg_field(16, "questions per optimiser step")
+    lr: float = cfg_field(1e-3, "peak learning rate (AdamW, linear warm-up then decay)")
+    weight_decay: float = cfg_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = cfg_field(0.06, "share of the steps spent warming the learning rate up")
+    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm")
+    max_length: int = cfg_field(128, "token limit of one (question, choice) input")
+    num_experts: list[int] = cfg_field([4], "experts per layer: one number, or one per layer (MoLA), comma-separated")
+    top_k: int = cfg_field(2, "experts per token")
+    rank: int = cfg_field(8, "LoRA rank of each expert")
+    alpha: float = cfg_field(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = cfg_field(0.05, "dropout on the adapter input")
+    target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
+    num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
+    group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
+    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe, layermoe)")
+    init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are "
+                                            "used); an epoch checkpoint of a lora-moe run continues that run's optimiser, "
+                                            "schedule and RNG (paired design: only the routing loss differs)")
+    targets: str | None = cfg_field(None, "layermoe: routing-targets file from train_rl.py for that checkpoint")
+    beta: float = cfg_field(1.0, "layermoe: weight of the routing loss KL(target || group router distribution)")
+    route_weighting: str = cfg_field("none", "layermoe: weight each (example, group) term equally, or by the spread "
+                                     "of its process values", choices=list(WEIGHTINGS))
+    target_form: str = cfg_field("file", "layermoe: targets as the agent wrote them, a one-hot of the best-valued "
+                                 "action, or a softmax of the process values at --target-temperature",
+                                 choices=list(TARGET_FORMS))
+    target_temperature: float = cfg_field(1.0, "layermoe: temperature of --target-form softmax (values are in log-p units)")
+    route_granularity: str = cfg_field("group", "layermoe: KL to the target of the group's router distribution averaged "
+                                       "over the example's tokens, or of every token's", choices=list(GRANULARITIES))
+    teacher_forcing: float = cfg_field(0.0, "layermoe: share of targeted examples whose task-loss forward runs through "
+                                       "their searched route, annealed linearly to 0 over stage 3")
+    target_balance: str = cfg_field("none", "layermoe: use the targets as searched, or rescale them (sinkhorn) so every "
+                                    "expert of a group gets the same total target mass over the training questions",
+                                    choices=list(TARGET_BALANCING))
+    train_limit: int | None = cfg_field(None, "use only the first N training questions")
+    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
+    eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
+    seed: int = cfg_field(0, "seed for adapter init, shuffling and dropout")
+    device: str = cfg_field("auto", "auto, cpu or cuda[:i]")
+    precision: str = cfg_field("auto", f"autocast: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA GPU, fp32 elsewhere)")
+    name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
+    logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
+    resume: bool = cfg_field(True, "continue from the last complete epoch checkpoint of this run (as train_rl.py "
+                             "does); false starts again, overwriting it")
+    eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
+    log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
+
+
+def moe_config(cfg: Config) -> MoEConfig:
+    targets = cfg.target_modules
+    return MoEConfig(
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        num_experts=cfg.num_experts[0] if len(cfg.num_experts) == 1 else cfg.num_experts,
+        top_k=cfg.top_k,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        num_groups=cfg.num_groups,
+        group_sizes=cfg.group_sizes,
+    )
+
+
+def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> None:
+    """``routing_<split>/cv_layer_<i>`` (and balance) scalars and an expert-load heatmap (PNG + TensorBoard image)."""
+    if not stats:
+        return
+    split = tag.split("_")[0]  # dev and test curves under their own tags, never one tag at one step
+    for layer, s in stats.items():
+        writer.add_scalar(f"routing_{split}/cv_layer_{layer}", s.cv, step)
+        writer.add_scalar(f"routing_{split}/max_over_mean_layer_{layer}", s.max_over_mean, step)
+        writer.add_scalar(f"routing_{split}/norm_entropy_layer_{layer}", s.norm_entropy, step)
+    fig = load_heatmap([s.loads for s in stats.values()], [f"layer {i}" for i in stats],
+                       f"expert load, {tag}", run_dir / f"expert_load_{tag}.png")
+    writer.add_figure(f"routing_{split}/expert_load", fig, step)
+
+
+def check_config(cfg: Config) -> TaskSource:
+    """Refuse settings that cannot train (naming the flag), before any folder or model is made."""
+    for flag, value, least in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
+                               ("eval-batch-size", cfg.eval_batch_size, 1), ("max-length", cfg.max_length, 8),
+                               ("top-k", cfg.top_k, 1), ("rank", cfg.rank, 1), ("log-every", cfg.log_every, 1)):
+        if value < least:
+            raise ValueError(f"--{flag} must be at least {least}, got {value}")
+    for flag, value in (("train-limit", cfg.train_limit), ("eval-limit", cfg.eval_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1 (or none for all), got {value}")
+    autocast_dtype(cfg.precision, "cpu")  # an unknown --precision, before any work
+    if not cfg.lr > 0 or not np.isfinite(cfg.lr):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
+        raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
+    return resolve_task(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
+
+
+def main(cfg: Config) -> dict:
+    """Check the settings, take the run folder (one writer at a time), train, test."""
+    source = check_config(cfg)
+    name = cfg.name or f"{source.name}-{cfg.method}-s{cfg.seed}"
+    run_dir = Path(cfg.logdir) / name
+    with RunLock(run_dir):
+        return train(cfg, source, name, run_dir)
+
+
+def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
+    """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``)."""
+    # ---- set-up ----------------------------------------------------------------------------------
+    ckpt_root = run_dir / "checkpoints"
+    if not cfg.resume and ckpt_root.is_dir():  # starting again: no stale epoch may be resumed later
+        shutil.rmtree(ckpt_root)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    writer = make_writer(run_dir)
+    log_hparams(writer, cfg)
+    t_start = time.time()
+
+    # ---- data ------------------------------------------------------------------------------------
+    train, dev, test = (source.load(split, cfg.data_dir, limit=limit) for split, limit in
+                        (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit)))
+    print(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
+
+    # ---- model -----------------------------------------------------------------------------------
+    table = None
+    if cfg.method == "layermoe":
+        model = load_checkpoint(cfg.init_checkpoint).to(device)
+        if not moe_layers(model):
+            raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
+        layers = moe_layers(model)
+        # The targets must come from a search on exactly this model (same tensors, groups, experts).
+        table = TargetTable(load_targets(cfg.targets), {
+            "task": source.name, "fingerprint": model_fingerprint(model),
+            "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
+            "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
+            cfg.target_temperature)
+        print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+        hist = table.histogram()
+        print("layermoe: mean target per expert, by group: " + "; ".join(
+            f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
+    else:
+        model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
+    tokenizer = model.tokenizer_for(model.backbone_name)
+    encode = batch_encoder(model, tokenizer, cfg.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    history: list[dict] = []
+    start_epoch = 0
+
+    # ---- resume: adapters, optimiser, schedule and RNG from the last finished epoch ----------------
+    # Of this run (--resume), else, for layermoe, of the lora-moe run whose epoch checkpoint it
+    # continues: the paired design, in which stage 3 is that run's remaining epochs plus the routing
+    # loss, so with beta 0 it *is* that run.
+    done = last_checkpoint(model, ckpt_root) if cfg.resume else None
+    paired = table is not None and done is None and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
+    if done or paired:
+        last, state = done or (Path(cfg.init_checkpoint), load_training_state(Path(cfg.init_checkpoint)))
+        if paired:
+            check_paired(cfg, state.get("config"), last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":  # dropout on the GPU draws from here
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
+              f"{' with the routing loss (paired design)' if paired else ''}")
+    elif table is not None:
+        print(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
+              "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
+
+    # ---- train -----------------------------------------------------------------------------------
+    use_aux = cfg.method in ("lora-moe", "layermoe") and cfg.aux_loss_coef > 0
+    step = start_epoch * steps_per_epoch
+    stage3_start = step  # teacher forcing anneals over the steps this run trains
+    forcing_rng = np.random.default_rng([cfg.seed, 0x7F])  # its own stream: the paired runs' RNG is untouched
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        model.routing.compute_aux = use_aux
+        model.routing.collect_route = table is not None
+        # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for exs in bar:
+            batch = encode(exs).to(device)
+            model.routing.reset_records()
+            if table is not None and cfg.teacher_forcing > 0:
+                # Teacher-forced routing: a share of the targeted examples (annealed to 0 by the
+                # end of stage 3) runs the task loss through its searched route.
+                share = cfg.teacher_forcing * (1 - (step - stage3_start) / max(total_steps - stage3_start, 1))
+                paths = table.batch_paths(batch.ids)  # [B, G]
+                paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
+                row_example = model.row_examples(batch)  # [R]
+                model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, layers[0].num_experts)
+            with autocast(device, amp):
+                logits = model(batch).float()  # [B, C]
+            model.routing.selection_bias = {}
+            task_loss = F.cross_entropy(logits, batch.labels)
+            aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
+            loss = task_loss + cfg.aux_loss_coef * aux_loss
+            if table is not None:  # stage 3: pull each group's router toward the example's target
+                probs = model.routing.example_group_probs(len(exs))  # [B, G, E]
+                tgt, w = (x.to(device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
+                logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
+                route_loss = routing_loss(probs, tgt, w, logp)
+                loss = loss + cfg.beta * route_loss
+            task_value, loss_value = torch.stack([task_loss.detach(), loss.detach()]).tolist()  # one host sync
+            if not np.isfinite(loss_value):
+                parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value}
+                if table is not None:
+                    parts["route"] = float(route_loss.detach())
+                stop_nonfinite(model, optimizer, scheduler, run_dir, step + 1, epoch, batch.ids, parts, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == stage3_start + 1:
+                writer.add_scalar("losses/task", task_value, step)
+                writer.add_scalar("losses/aux", aux_loss.item(), step)
+                writer.add_scalar("losses/total", loss_value, step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                if table is not None:
+                    writer.add_scalar("losses/route", route_loss.item(), step)
+                    for g, a in enumerate(group_agreement(probs.detach(), tgt, w).tolist()):
+                        writer.add_scalar(f"routing/agreement_group_{g}", a, step)
+            bar.set_postfix(loss=f"{task_value:.3f}")
+        model.routing.compute_aux = model.routing.collect_route = False
+
+        # ---- evaluate on dev, checkpoint -------------------------------------------------------
+        res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                       device=device, desc="dev", amp_dtype=amp)
+        writer.add_scalar("eval/accuracy", res.accuracy, step)
+        writer.add_scalar("eval/loss", res.loss, step)
+        log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
+        history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(), "elapsed_s": time.time() - t_start})
+        print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
+        save_epoch(model, optimizer, scheduler, ckpt_root / f"epoch_{epoch + 1}", epoch, history, cfg, source.name, device)
+
+    # ---- test ------------------------------------------------------------------------------------
+    test_res = None
+    if cfg.eval_test:
+        test_res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                            device=device, desc="test", amp_dtype=amp)
+        writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
+        log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
+    final = save_checkpoint(model, run_dir / "final", extra={"task": source.name, "seed": cfg.seed,
+                                                             "test_accuracy": test_res.accuracy if test_res else None})
+    results = {
+        "name": name,
+        "task": source.name,
+        "method": cfg.method,
+        "test": test_res.summary() if test_res else None,
+        "history": history,
+        "wall_time_s": time.time() - t_start,
+        "checkpoint": str(final),
+        "targets_coverage": None if table is None else sum(e.id in table.targets for e in train) / len(train),
+        "targets_histogram": None if table is None else table.histogram().tolist(),
+        "config": asdict(cfg),
+    }
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    writer.close()
+    if test_res:
+        print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")
+    return results

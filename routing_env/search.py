@@ -1,0 +1,213 @@
+"""Search the routing MDP with an agent and write routing targets (stage 2 of LayerMoE).
+
+    python train_rl.py --env layermoe-arc                     # MCTS on the cached warm-up checkpoint
+    python train_rl.py --env layermoe-arc --agent ppo
+    python train_rl.py --env layermoe-arc --agent my_module:MyAgent
+
+Reads top to bottom like the algorithm: set-up (env on the warm-up checkpoint, agent, targets file,
+resuming finished examples), optional agent training (PPO), then the search over training examples
+in batches (targets written after each batch, TensorBoard as it goes), and a summary comparing the
+searched paths with the learned router's own greedy paths on the same examples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+import agents
+import routing_env  # importing registers the env ids
+from agents.base import SearchResult
+from routing_env.data import TaskSource, resolve_task
+from routing_env.plots import load_heatmap
+from routing_env.safefiles import RunLock, atomic_write_text
+from routing_env.targets import TargetsWriter
+from routing_env.utils import PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, seed_everything
+
+
+__all__ = ["Config", "check_config", "main", "search", "parse_agent_kwargs"]
+
+@dataclass
+class Config:
+    """Search the routing MDP with an agent; write routing targets for the training examples."""
+
+    env: str = cfg_field("layermoe-arc", f"registered env id ({', '.join(routing_env.ENV_IDS)})")
+    task: str | None = cfg_field(None, "your own task instead of the env id's: a folder of train/dev/test .jsonl[.gz] "
+                                 "files or one file (split 80/10/10 by question-id hash)")
+    train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
+    dev_file: str | None = cfg_field(None, "your own dev split")
+    test_file: str | None = cfg_field(None, "your own test split")
+    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(agents.AGENTS))}, or module:Class for your own")
+    agent_kwargs: str = cfg_field("{}", "JSON object of extra agent constructor arguments, e.g. '{\"c_puct\": 2.0}'")
+    checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
+    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
+    split: str = cfg_field("train", "split whose examples get targets")
+    num_examples: int = cfg_field(128, "search the first N examples of the split (stage 3 trains the rest on the task loss)")
+    num_simulations: int = cfg_field(16, "MCTS simulations per layer group (for agents that take num_simulations)")
+    batch_size: int = cfg_field(16, "examples searched together (one batched forward per tree level)")
+    balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward")
+    seed: int = cfg_field(0, "seed of the agent and of torch / numpy")
+    device: str = cfg_field("auto", "device of the env's model: auto (CUDA when available), cpu, cuda[:i]")
+    precision: str = cfg_field("auto", f"autocast of the env's model: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA "
+                               "GPU, fp32 elsewhere)")
+    output: str | None = cfg_field(None, "routing-targets file (default: <logdir>/<name>/targets.jsonl)")
+    overwrite: bool = cfg_field(False, "start the targets file again instead of resuming it")
+    compare_router: bool = cfg_field(True, "also score the learned router's greedy paths on the same examples")
+    name: str | None = cfg_field(None, "run name (default: <env>-<agent>-s<seed>)")
+    logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, targets, summary)")
+
+
+def parse_agent_kwargs(text: str) -> dict:
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--agent-kwargs is not valid JSON ({e.msg} at column {e.colno}): {text!r}; "
+                         "e.g. --agent-kwargs '{\"c_puct\": 2.0}'") from e
+    if not isinstance(kw, dict):
+        raise ValueError(f"--agent-kwargs must be a JSON object, got {text!r}")
+    return kw
+
+
+def check_config(cfg: Config) -> tuple[object, TaskSource | None]:
+    """Everything a typo can break, checked before the model loads: the agent's factory and the task."""
+    for flag, value in (("num-examples", cfg.num_examples), ("batch-size", cfg.batch_size),
+                        ("num-simulations", cfg.num_simulations)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if cfg.env not in gym.registry:
+        raise ValueError(f"unknown env {cfg.env!r}; registered: {', '.join(routing_env.ENV_IDS)}")
+    parse_agent_kwargs(cfg.agent_kwargs)
+    autocast_dtype(cfg.precision, pick_device(cfg.device))
+    factory = agents.factory(cfg.agent)
+    custom = cfg.task or cfg.train_file or cfg.dev_file or cfg.test_file
+    return factory, resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
+
+
+def agent_kwargs(cfg: Config, factory: object, run_dir: Path) -> dict:
+    """The agent's arguments: --agent-kwargs, plus the shared settings its constructor accepts."""
+    kw = parse_agent_kwargs(cfg.agent_kwargs)
+    shared = {"num_simulations": cfg.num_simulations, "seed": cfg.seed, "batch_size": cfg.batch_size,
+              "model_path": str(run_dir / "agent.zip")}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {**{k: v for k, v in shared.items() if k in params}, **kw}
+
+
+def record(res: SearchResult, env: gym.Env) -> dict:
+    return {"example": res.example, "id": env.examples[res.example].id, "targets": res.targets, "values": res.values,
+            "path": res.path, "outcome": res.outcome, "correct": res.correct, "loads": res.loads, "balance": res.balance}
+
+
+def as_result(rec: dict) -> SearchResult:
+    return SearchResult(rec["example"], rec["targets"], rec["values"], rec["path"], rec["outcome"], rec["correct"],
+                        rec["loads"], rec["balance"])
+
+
+def main(cfg: Config) -> dict:
+    """Check the settings, take the run folder (one writer at a time), search."""
+    factory, source = check_config(cfg)
+    name = cfg.name or f"{source.name if source else cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
+    run_dir = Path(cfg.logdir) / name
+    out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
+    with RunLock(run_dir), RunLock.for_file(out_path):  # --output may lie outside the run folder
+        return search(cfg, factory, source, name, run_dir)
+
+
+def search(cfg: Config, factory: object, source: TaskSource | None, name: str, run_dir: Path) -> dict:
+    """Stage 2: search every example, writing its targets as it goes (``main`` holds ``run_dir``)."""
+    # ---- set-up ----------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    t_start = time.time()
+    if cfg.overwrite:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
+        (run_dir / "agent.zip").unlink(missing_ok=True)
+    writer = make_writer(run_dir)
+    log_hparams(writer, cfg)
+    env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),
+                   balance_weight=cfg.balance_weight, precision=cfg.precision,
+                   **({"task": source} if source else {})).unwrapped
+    if env.action_mode != "primary":
+        raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")
+    agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))
+    agent_config = agent.config() if callable(getattr(agent, "config", None)) else {}
+    n = min(cfg.num_examples, len(env.examples))
+    example_ids = list(range(n))
+    out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
+    targets = TargetsWriter(out_path, {
+        "env_id": cfg.env, "task": env.task, "split": cfg.split, "fingerprint": env.fingerprint,
+        "num_groups": env.G, "num_experts": env.E, "num_actions": int(env.action_space.n), "top_k": env.k,
+        "action_mode": env.action_mode, "agent": cfg.agent, "agent_config": agent_config,
+        "balance_weight": cfg.balance_weight, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else "default-warmup",
+    }, overwrite=cfg.overwrite)
+    index = {env.examples[i].id: i for i in example_ids}
+    finished = [as_result(r) for key, r in targets.done.items() if key in index]
+    for res in finished:  # resumed examples count towards the running loads, as when they were searched
+        env.finish_episode(res.loads)
+    todo = [i for i in example_ids if env.examples[i].id not in targets.done]
+    print(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
+
+    # ---- agent training (PPO and other learning agents) ------------------------------------------
+    if todo and callable(getattr(agent, "fit", None)):
+        t0 = time.time()
+        takes_logdir = "tensorboard_log" in inspect.signature(agent.fit).parameters
+        agent.fit(env, tensorboard_log=str(run_dir / "agent")) if takes_logdir else agent.fit(env)
+        writer.add_scalar("charts/fit_seconds", time.time() - t0, 0)
+
+    # ---- search, a batch of examples at a time ---------------------------------------------------
+    results: list[SearchResult] = list(finished)
+    bar = tqdm(total=n, initial=len(finished), desc=f"search ({cfg.agent})", unit="ex")
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start : start + cfg.batch_size]
+        t0 = time.time()
+        batch = agents.run_agent(agent, env, chunk)
+        seconds = time.time() - t0
+        targets.write(record(r, env) for r in batch)
+        for k, r in enumerate(batch):
+            writer.add_scalar("charts/episodic_return", r.outcome + r.balance, len(results) + k)
+        results += batch
+        step = len(results)
+        writer.add_scalar("charts/SPS", len(batch) * env.G / max(seconds, 1e-9), step)  # env steps (groups) per second
+        writer.add_scalar("charts/outcome_mean", float(np.mean([r.outcome for r in results])), step)
+        writer.add_scalar("charts/accuracy", float(np.mean([r.correct for r in results])), step)
+        sims = sum(r.extra.get("simulations", 0) for r in batch)
+        if sims:
+            writer.add_scalar("search/simulations_per_example", sims / len(batch), step)
+            # One simulation advances every tree of the batch, so this is per batched simulation.
+            writer.add_scalar("search/time_per_simulation_ms", 1e3 * seconds * len(batch) / sims, step)
+            writer.add_scalar("search/depth", float(np.mean([r.extra["depth"] for r in batch])), step)
+            writer.add_scalar("search/visit_share_of_chosen", float(np.mean([r.targets.max(1).mean() for r in batch])), step)
+        summary = agents.summarize(results)
+        for g in range(env.G):
+            writer.add_scalar(f"routing/cv_group_{g}", summary["cv"][g], step)
+            for e in range(env.E):
+                writer.add_scalar(f"routing/load_share_g{g}_e{e}", summary["load_share"][g][e], step)
+        writer.add_scalar("routing/cv_mean", summary["cv_mean"], step)
+        bar.update(len(chunk))
+    bar.close()
+
+    # ---- summary: searched paths vs the learned router's own greedy paths ------------------------
+    summary = {"agent": agents.summarize(results)}
+    if cfg.compare_router:
+        saved = env.load_stats.copy()
+        env.load_stats[:] = 0.0  # the router's paths, scored from the same starting loads as the search
+        summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids))
+        env.load_stats = saved
+    summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start)
+    rows = {k: v for k, v in summary.items() if k in ("agent", "router")}
+    for who, s in rows.items():
+        fig = load_heatmap(s["load_share"], [f"group {g}" for g in range(env.G)], f"{who}: expert-load shares of chosen paths",
+                           run_dir / f"loads_{who}.png")
+        writer.add_figure(f"routing/loads_{who}", fig, len(results))
+        print(f"{who:>7}: outcome (log p correct) {s['outcome_mean']:.4f}  accuracy {s['accuracy']:.3f}  "
+              f"load CV {s['cv_mean']:.3f} (per group {', '.join(f'{c:.3f}' for c in s['cv'])})")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    writer.close()
+    return summary
