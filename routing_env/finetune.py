@@ -35,7 +35,7 @@ from routing_env.targets import load_targets
 from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
 from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device,
-                               seed_everything)
+                               save_config, seed_everything)
 
 
 __all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
@@ -165,6 +165,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
+    save_config(run_dir, cfg)  # the resolved settings; `finetune.py --config <run>/config.json` reruns them
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     t_start = time.time()

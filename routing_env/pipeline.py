@@ -29,7 +29,7 @@ from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS
 from routing_env.results import aggregate, run_metrics, write_table
 from routing_env.safefiles import atomic_write_text
-from routing_env.utils import cfg_field, make_writer, run_cli
+from routing_env.utils import cfg_field, make_writer, run_cli, save_config
 
 __all__ = ["PipelineConfig", "main"]
 
@@ -221,6 +221,7 @@ def main(cfg: PipelineConfig) -> dict:
     if missing:
         budget["not finished (left out)"] = ", ".join(missing)
         print(f"[pipeline] not finished, left out of the table: {', '.join(missing)}")
+    save_config(root / "pipeline", cfg)
     writer = make_writer(root / "pipeline")
     # Other layermoe settings: another table beside the default one, the settings in its budget line.
     path = write_table(source.name + tag, table, cfg.results_dir, budget, writer)

@@ -29,7 +29,8 @@ from routing_env.data import TaskSource, resolve_task
 from routing_env.plots import load_heatmap
 from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
-from routing_env.utils import PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, seed_everything
+from routing_env.utils import (PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, save_config,
+                               seed_everything)
 
 
 __all__ = ["Config", "check_config", "main", "search", "parse_agent_kwargs"]
@@ -129,6 +130,7 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     t_start = time.time()
     if cfg.overwrite:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
         (run_dir / "agent.zip").unlink(missing_ok=True)
+    save_config(run_dir, cfg)  # the resolved settings; `train_rl.py --config <run>/config.json` reruns them
     writer = make_writer(run_dir)
     log_hparams(writer, cfg)
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),

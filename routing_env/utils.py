@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["seed_everything", "pick_device", "PRECISIONS", "autocast_dtype", "autocast", "make_writer", "parse_config",
-           "cfg_field", "log_hparams", "run_cli"]
+           "save_config", "cfg_field", "log_hparams", "run_cli"]
 
 T = TypeVar("T")
 
@@ -104,11 +105,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Build an argparse CLI from a config dataclass (``field_name`` -> ``--field-name``) and parse it.
 
-    Optional fields accept ``none``; list fields take comma-separated values; ``choices`` in a
-    field's metadata are enforced with the valid values in the error.
+    Booleans take ``--flag`` / ``--no-flag`` (or ``--flag false``); optional fields accept ``none``;
+    list fields take comma-separated values; ``choices`` in a field's metadata are enforced with the
+    valid values in the error. ``--config FILE`` (JSON or YAML, keys = field names) sets values that
+    flags on the same command line override; a run's ``config.json`` is such a file.
     """
     parser = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON or YAML file of settings (field names as keys); flags given as well win")
     hints = typing.get_type_hints(cls)
+    convert: dict[str, Callable[[Any], Any]] = {}
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         optional = False
@@ -127,8 +133,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             conv = typ
         if optional:
             conv = lambda s, conv=conv: None if s.lower() == "none" else conv(s)  # noqa: E731
+        convert[f.name] = conv
+        flag = "--" + f.name.replace("_", "-")
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag,
             type=conv,
             default=default,
             help=f.metadata.get("help", ""),
@@ -137,8 +145,55 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             nargs="?" if typ is bool else None,
             const=True if typ is bool else None,
         )
-    ns = parser.parse_args(argv)
-    return cls(**vars(ns))
+        if typ is bool:
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=f"same as {flag} false")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_read_config_file(pre.config, convert, parser))
+    ns = vars(parser.parse_args(argv))
+    ns.pop("config")
+    return cls(**ns)
+
+
+def _read_config_file(path: str, convert: dict[str, Callable[[Any], Any]], parser: argparse.ArgumentParser) -> dict:
+    """Settings of a JSON/YAML file, checked against the fields and converted as their flags would be."""
+    p = Path(path)
+    if not p.is_file():
+        parser.error(f"--config {path}: no such file")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except Exception as e:  # noqa: BLE001 -- any parse error is the file's
+        parser.error(f"--config {path} is not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {e}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path} must hold a mapping of setting -> value, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(convert))
+    if unknown:
+        parser.error(f"--config {path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(convert)}")
+    out = {}
+    for k, v in data.items():
+        if v is None or isinstance(v, (bool, int, float)) and not isinstance(v, str):
+            out[k] = v if v is None or isinstance(v, bool) else convert[k](str(v))
+        elif isinstance(v, list):
+            out[k] = convert[k](",".join(map(str, v)))
+        else:
+            out[k] = convert[k](str(v))
+    return out
+
+
+def save_config(run_dir: str | Path, cfg: Any) -> Path:
+    """Write the resolved config of a run as ``config.json`` (``--config`` reads it back)."""
+    from routing_env.safefiles import atomic_write_text
+
+    path = Path(run_dir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return path
 
 
 def run_cli(main: Callable[[T], Any], cls: type[T], description: str | None = None,

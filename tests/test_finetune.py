@@ -61,3 +61,21 @@ def test_cli_parses_lists_and_optionals():
     cfg = parse_config(finetune.Config, ["--num-experts", "2,4,6,8", "--group-sizes", "1,2,3", "--train-limit", "none",
                                          "--resume"])
     assert cfg.num_experts == [2, 4, 6, 8] and cfg.group_sizes == [1, 2, 3] and cfg.train_limit is None and cfg.resume
+
+
+def test_cli_booleans_take_no_flags_and_config_files_under_flags(tmp_path, capsys):
+    assert parse_config(finetune.Config, ["--no-resume"]).resume is False
+    assert parse_config(finetune.Config, ["--eval-test", "false"]).eval_test is False
+    (tmp_path / "c.yaml").write_text("epochs: 5\nnum_experts: [2, 4]\ntrain_limit: null\nresume: false\nlr: 0.01\n")
+    cfg = parse_config(finetune.Config, ["--config", str(tmp_path / "c.yaml"), "--epochs", "3"])
+    assert (cfg.epochs, cfg.num_experts, cfg.train_limit, cfg.resume, cfg.lr) == (3, [2, 4], None, False, 0.01)
+    saved = tmp_path / "run"
+    from routing_env.utils import save_config
+
+    save_config(saved, cfg)  # what every run writes: read back, the same config
+    assert parse_config(finetune.Config, ["--config", str(saved / "config.json")]) == cfg
+    (tmp_path / "bad.json").write_text('{"epoch": 3}')
+    with pytest.raises(SystemExit):
+        parse_config(finetune.Config, ["--config", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err
+    assert "unknown setting(s) epoch" in err and "epochs" in err
