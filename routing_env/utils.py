@@ -146,7 +146,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             const=True if typ is bool else None,
         )
         if typ is bool:
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                 help=f"same as {flag} false")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
