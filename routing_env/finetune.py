@@ -11,6 +11,7 @@ a final test evaluation written to ``runs/<name>/results.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from routing_env.data import TaskSource, describe_split, resolve_task, task_names
+from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
 from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.planning import model_fingerprint
@@ -34,7 +37,7 @@ from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FOR
 from routing_env.targets import load_targets
 from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
-from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device,
+from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer,
                                save_config, seed_everything)
 
 
@@ -65,6 +68,8 @@ class Config:
     rank: int = cfg_field(8, "LoRA rank of each expert")
     alpha: float = cfg_field(16.0, "LoRA alpha (scale = alpha / rank)")
     dropout: float = cfg_field(0.05, "dropout on the adapter input")
+    backbone_dropout: float | None = cfg_field(None, "the backbone's own dropout (hidden states, attention) while "
+                                               "training; none keeps its config's (MiniLM: 0.1)")
     target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
     num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
     group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
@@ -115,6 +120,14 @@ def moe_config(cfg: Config) -> MoEConfig:
     )
 
 
+def set_backbone_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set every dropout of the backbone itself to ``p`` (the adapters' own dropout is ``--dropout``)."""
+    adapter_dropouts = {id(m.dropout) for m in moe_layers(model)}
+    for name, m in model.backbone.named_modules():
+        if isinstance(m, torch.nn.Dropout) and id(m) not in adapter_dropouts and "lora_dropout" not in name:
+            m.p = p
+
+
 def log_routing(writer, model, stats, tag: str, step: int, run_dir: Path) -> None:
     """``routing_<split>/cv_layer_<i>`` (and balance) scalars and an expert-load heatmap (PNG + TensorBoard image)."""
     if not stats:
@@ -148,32 +161,41 @@ def check_config(cfg: Config) -> TaskSource:
 
 
 def main(cfg: Config) -> dict:
-    """Check the settings, take the run folder (one writer at a time), train, test."""
+    """Check the settings, take the run folder (one writer at a time), train, test.
+
+    Under ``torchrun`` every process trains its share of each batch (DDP) and rank 0 writes.
+    """
     source = check_config(cfg)
+    ctx = setup()
+    if cfg.batch_size < ctx.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is below the {ctx.world} processes; each needs a question per step")
     name = cfg.name or f"{source.name}-{cfg.method}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
-    with RunLock(run_dir):
-        return train(cfg, source, name, run_dir)
+    with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        return train(cfg, source, name, run_dir, ctx)
 
 
-def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
+def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext = DistContext()) -> dict:
     """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``)."""
     # ---- set-up ----------------------------------------------------------------------------------
     ckpt_root = run_dir / "checkpoints"
-    if not cfg.resume and ckpt_root.is_dir():  # starting again: no stale epoch may be resumed later
+    if ctx.is_main and not cfg.resume and ckpt_root.is_dir():  # starting again: no stale epoch may be resumed later
         shutil.rmtree(ckpt_root)
+    ctx.barrier()
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = ctx.device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
-    save_config(run_dir, cfg)  # the resolved settings; `finetune.py --config <run>/config.json` reruns them
-    writer = make_writer(run_dir)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if ctx.is_main:
+        save_config(run_dir, cfg)  # the resolved settings; `finetune.py --config <run>/config.json` reruns them
+    writer = make_writer(run_dir) if ctx.is_main else NullWriter()
     log_hparams(writer, cfg)
     t_start = time.time()
 
     # ---- data ------------------------------------------------------------------------------------
     train, dev, test = (source.load(split, cfg.data_dir, limit=limit) for split, limit in
                         (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit)))
-    print(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
+    say(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
 
     # ---- model -----------------------------------------------------------------------------------
     table = None
@@ -188,12 +210,14 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
             "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
             "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
             cfg.target_temperature)
-        print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+        say(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
         hist = table.histogram()
-        print("layermoe: mean target per expert, by group: " + "; ".join(
+        say("layermoe: mean target per expert, by group: " + "; ".join(
             f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
     else:
         model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
+    if cfg.backbone_dropout is not None:
+        set_backbone_dropout(model, cfg.backbone_dropout)
     tokenizer = model.tokenizer_for(model.backbone_name)
     encode = batch_encoder(model, tokenizer, cfg.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,10 +244,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
         if state.get("cuda_rng") is not None and device.type == "cuda":  # dropout on the GPU draws from here
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
-        print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
+        say(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
               f"{' with the routing loss (paired design)' if paired else ''}")
     elif table is not None:
-        print(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
+        say(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
               "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
 
     # ---- train -----------------------------------------------------------------------------------
@@ -231,14 +255,26 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
     step = start_epoch * steps_per_epoch
     stage3_start = step  # teacher forcing anneals over the steps this run trains
     forcing_rng = np.random.default_rng([cfg.seed, 0x7F])  # its own stream: the paired runs' RNG is untouched
+    net = model
+    if ctx.world > 1:
+        # Same initial adapters on every rank (seeded; DDP also broadcasts rank 0's), but each rank
+        # its own dropout stream, a function of (seed, rank, epoch) so a resumed run draws the same.
+        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + start_epoch)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         model.routing.compute_aux = use_aux
         model.routing.collect_route = table is not None
         # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
         rng = np.random.default_rng([cfg.seed, epoch])
-        bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for exs in bar:
+        bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not ctx.is_main)
+        for global_exs in bar:
+            # The global batch is --batch-size whatever the world size; each rank takes every
+            # world-th question of it (a last batch smaller than the world is skipped by all ranks).
+            if len(global_exs) < ctx.world:
+                continue
+            exs = global_exs[ctx.rank :: ctx.world]
             batch = encode(exs).to(device)
             model.routing.reset_records()
             if table is not None and cfg.teacher_forcing > 0:
@@ -250,9 +286,12 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
                 row_example = model.row_examples(batch)  # [R]
                 model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, layers[0].num_experts)
             with autocast(device, amp):
-                logits = model(batch).float()  # [B, C]
+                logits = net(batch).float()  # [B, C]
             model.routing.selection_bias = {}
-            task_loss = F.cross_entropy(logits, batch.labels)
+            if ctx.world == 1:
+                task_loss = F.cross_entropy(logits, batch.labels)
+            else:  # this rank's sum over the global batch's size: DDP's mean of gradients is the global mean's
+                task_loss = F.cross_entropy(logits, batch.labels, reduction="sum") * ctx.world / len(global_exs)
             aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
             loss = task_loss + cfg.aux_loss_coef * aux_loss
             if table is not None:  # stage 3: pull each group's router toward the example's target
@@ -261,8 +300,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
                 logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
                 route_loss = routing_loss(probs, tgt, w, logp)
                 loss = loss + cfg.beta * route_loss
-            task_value, loss_value = torch.stack([task_loss.detach(), loss.detach()]).tolist()  # one host sync
+            task_value, loss_value = ctx.mean(torch.stack([task_loss.detach(), loss.detach()])).tolist()  # one host sync
             if not np.isfinite(loss_value):
+                if not ctx.is_main:  # every rank stops; rank 0 saves the state and names the questions
+                    raise NonFiniteLoss(f"non-finite loss at step {step + 1} (rank 0 saved the state)")
                 parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value}
                 if table is not None:
                     parts["route"] = float(route_loss.detach())
@@ -285,7 +326,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
             bar.set_postfix(loss=f"{task_value:.3f}")
         model.routing.compute_aux = model.routing.collect_route = False
 
-        # ---- evaluate on dev, checkpoint -------------------------------------------------------
+        # ---- evaluate on dev, checkpoint (rank 0; the others wait) ------------------------------
+        if not ctx.is_main:
+            ctx.barrier()
+            continue
         res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
                        device=device, desc="dev", amp_dtype=amp)
         writer.add_scalar("eval/accuracy", res.accuracy, step)
@@ -294,6 +338,9 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
         history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(), "elapsed_s": time.time() - t_start})
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
         save_epoch(model, optimizer, scheduler, ckpt_root / f"epoch_{epoch + 1}", epoch, history, cfg, source.name, device)
+        ctx.barrier()
+    if not ctx.is_main:  # rank 0 tests and writes; every rank returns its results
+        return ctx.broadcast(None)
 
     # ---- test ------------------------------------------------------------------------------------
     test_res = None
@@ -320,4 +367,4 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path) -> dict:
     writer.close()
     if test_res:
         print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")
-    return results
+    return ctx.broadcast(results)

@@ -12,6 +12,7 @@ searched paths with the learned router's own greedy paths on the same examples.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -26,6 +27,7 @@ import agents
 import routing_env  # importing registers the env ids
 from agents.base import SearchResult
 from routing_env.data import TaskSource, resolve_task
+from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.plots import load_heatmap
 from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
@@ -114,26 +116,36 @@ def as_result(rec: dict) -> SearchResult:
 
 
 def main(cfg: Config) -> dict:
-    """Check the settings, take the run folder (one writer at a time), search."""
+    """Check the settings, take the run folder (one writer at a time), search.
+
+    Under ``torchrun`` the batches of questions are shared out over the processes (one device
+    each); rank 0 writes every result, in the order of a single-process run.
+    """
     factory, source = check_config(cfg)
+    ctx = setup()
     name = cfg.name or f"{source.name if source else cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
     out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
-    with RunLock(run_dir), RunLock.for_file(out_path):  # --output may lie outside the run folder
-        return search(cfg, factory, source, name, run_dir)
+    locks = (RunLock(run_dir), RunLock.for_file(out_path)) if ctx.is_main else ()  # --output may lie outside run_dir
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        return search(cfg, factory, source, name, run_dir, ctx)
 
 
-def search(cfg: Config, factory: object, source: TaskSource | None, name: str, run_dir: Path) -> dict:
+def search(cfg: Config, factory: object, source: TaskSource | None, name: str, run_dir: Path,
+           ctx: DistContext = DistContext()) -> dict:
     """Stage 2: search every example, writing its targets as it goes (``main`` holds ``run_dir``)."""
     # ---- set-up ----------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     t_start = time.time()
-    if cfg.overwrite:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
+    if cfg.overwrite and ctx.is_main:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
         (run_dir / "agent.zip").unlink(missing_ok=True)
-    save_config(run_dir, cfg)  # the resolved settings; `train_rl.py --config <run>/config.json` reruns them
-    writer = make_writer(run_dir)
+    if ctx.is_main:
+        save_config(run_dir, cfg)  # the resolved settings; `train_rl.py --config <run>/config.json` reruns them
+    writer = make_writer(run_dir) if ctx.is_main else NullWriter()
     log_hparams(writer, cfg)
-    env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(pick_device(cfg.device)),
+    env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split=cfg.split, data_dir=cfg.data_dir, device=str(ctx.device(cfg.device)),
                    balance_weight=cfg.balance_weight, precision=cfg.precision,
                    **({"task": source} if source else {})).unwrapped
     if env.action_mode != "primary":
@@ -143,20 +155,25 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     n = min(cfg.num_examples, len(env.examples))
     example_ids = list(range(n))
     out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
-    targets = TargetsWriter(out_path, {
+    header = {
         "env_id": cfg.env, "task": env.task, "split": cfg.split, "fingerprint": env.fingerprint,
         "num_groups": env.G, "num_experts": env.E, "num_actions": int(env.action_space.n), "top_k": env.k,
         "action_mode": env.action_mode, "agent": cfg.agent, "agent_config": agent_config,
         "balance_weight": cfg.balance_weight, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else "default-warmup",
-    }, overwrite=cfg.overwrite)
+    }
+    targets = TargetsWriter(out_path, header, overwrite=cfg.overwrite) if ctx.is_main else None
     index = {env.examples[i].id: i for i in example_ids}
-    finished = [as_result(r) for key, r in targets.done.items() if key in index]
+    done = ctx.broadcast({k: r for k, r in targets.done.items() if k in index} if targets else None)  # rank 0 read it
+    finished = [as_result(r) for r in done.values()]
     for res in finished:  # resumed examples count towards the running loads, as when they were searched
         env.finish_episode(res.loads)
-    todo = [i for i in example_ids if env.examples[i].id not in targets.done]
-    print(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
+    todo = [i for i in example_ids if env.examples[i].id not in done]
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    say(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
 
     # ---- agent training (PPO and other learning agents) ------------------------------------------
+    if todo and callable(getattr(agent, "fit", None)) and ctx.world > 1:
+        raise ValueError(f"agent {cfg.agent!r} trains before it searches (fit); run it as one process, not under torchrun")
     if todo and callable(getattr(agent, "fit", None)):
         t0 = time.time()
         takes_logdir = "tensorboard_log" in inspect.signature(agent.fit).parameters
@@ -165,13 +182,27 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
 
     # ---- search, a batch of examples at a time ---------------------------------------------------
     results: list[SearchResult] = list(finished)
-    bar = tqdm(total=n, initial=len(finished), desc=f"search ({cfg.agent})", unit="ex")
-    for start in range(0, len(todo), cfg.batch_size):
-        chunk = todo[start : start + cfg.batch_size]
+    bar = tqdm(total=n, initial=len(finished), desc=f"search ({cfg.agent})", unit="ex", disable=not ctx.is_main)
+    chunks = [todo[s : s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
+    for step_start in range(0, len(chunks), ctx.world):
+        # One batch per rank per step (the batches a single process would search, so the same
+        # batched forwards); the running loads then take every rank's results, in batch order.
+        step_chunks = chunks[step_start : step_start + ctx.world]
+        mine = step_chunks[ctx.rank] if ctx.rank < len(step_chunks) else []
         t0 = time.time()
-        batch = agents.run_agent(agent, env, chunk)
+        own = agents.run_agent(agent, env, mine) if mine else []
         seconds = time.time() - t0
-        targets.write(record(r, env) for r in batch)
+        parts = ctx.gather([record(r, env) for r in own])  # [world] lists of records, rank order = batch order
+        if ctx.world > 1:
+            for r, part in enumerate(parts):
+                if r != ctx.rank:  # this rank's own results already count (the agent ended their episodes)
+                    for rec in part:
+                        env.finish_episode(np.asarray(rec["loads"]))
+        recs = [rec for part in parts for rec in part]
+        batch = [as_result(rec) for rec in recs] if ctx.world > 1 else own
+        chunk = [i for c in step_chunks for i in c]
+        if targets is not None:
+            targets.write(recs)
         for k, r in enumerate(batch):
             writer.add_scalar("charts/episodic_return", r.outcome + r.balance, len(results) + k)
         results += batch
@@ -196,6 +227,9 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     bar.close()
 
     # ---- summary: searched paths vs the learned router's own greedy paths ------------------------
+    if not ctx.is_main:  # rank 0 compares with the router and writes the summary
+        writer.close()
+        return ctx.broadcast(None)
     summary = {"agent": agents.summarize(results)}
     if cfg.compare_router:
         saved = env.load_stats.copy()
@@ -212,4 +246,4 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
               f"load CV {s['cv_mean']:.3f} (per group {', '.join(f'{c:.3f}' for c in s['cv'])})")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     writer.close()
-    return summary
+    return ctx.broadcast(summary)

@@ -20,7 +20,8 @@ __all__ = ["PAIRED_FIELDS", "check_paired", "load_training_state", "last_checkpo
 #: Settings that must equal the lora-moe run a paired layermoe run continues: with any of them
 #: different the two runs would differ in more than the routing loss.
 PAIRED_FIELDS = ("task", "train_file", "dev_file", "test_file", "seed", "epochs", "batch_size", "lr", "weight_decay",
-                 "warmup_ratio", "max_grad_norm", "max_length", "aux_loss_coef", "train_limit", "backbone", "precision")
+                 "warmup_ratio", "max_grad_norm", "max_length", "aux_loss_coef", "train_limit", "backbone", "precision",
+                 "backbone_dropout")
 
 
 def check_paired(cfg: Any, run: dict | None, checkpoint: Path) -> None:
