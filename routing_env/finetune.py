@@ -28,6 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 from routing_env.data import TaskSource, describe_split, resolve_task, task_names
 from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+from routing_env.moe.balancing import STRATEGIES, make_strategy
 from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
@@ -74,6 +75,9 @@ class Config:
     num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
     group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
     aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe, layermoe)")
+    balance: str = cfg_field("aux", f"lora-moe routing / balancing strategy: {', '.join(STRATEGIES)}, combined with "
+                             "'+' (e.g. loss-free+z-loss); aux is the Switch loss at --aux-loss-coef. layermoe keeps "
+                             "its checkpoint's")
     init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are "
                                             "used); an epoch checkpoint of a lora-moe run continues that run's optimiser, "
                                             "schedule and RNG (paired design: only the routing loss differs)")
@@ -117,6 +121,7 @@ def moe_config(cfg: Config) -> MoEConfig:
         dropout=cfg.dropout,
         num_groups=cfg.num_groups,
         group_sizes=cfg.group_sizes,
+        balance=cfg.balance,
     )
 
 
@@ -153,6 +158,7 @@ def check_config(cfg: Config) -> TaskSource:
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1 (or none for all), got {value}")
     autocast_dtype(cfg.precision, "cpu")  # an unknown --precision, before any work
+    make_strategy(cfg.balance)  # an unknown --balance or a clash, before any work
     if not cfg.lr > 0 or not np.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
@@ -251,7 +257,9 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
               "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
 
     # ---- train -----------------------------------------------------------------------------------
-    use_aux = cfg.method in ("lora-moe", "layermoe") and cfg.aux_loss_coef > 0
+    strategy = model.routing.strategy if cfg.method in ("lora-moe", "layermoe") else None
+    # Loss terms are collected when the Switch loss is on (the default strategy) or a strategy has its own.
+    use_aux = cfg.method in ("lora-moe", "layermoe") and (cfg.aux_loss_coef > 0 or strategy is not None)
     step = start_epoch * steps_per_epoch
     stage3_start = step  # teacher forcing anneals over the steps this run trains
     forcing_rng = np.random.default_rng([cfg.seed, 0x7F])  # its own stream: the paired runs' RNG is untouched
@@ -292,8 +300,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
                 task_loss = F.cross_entropy(logits, batch.labels)
             else:  # this rank's sum over the global batch's size: DDP's mean of gradients is the global mean's
                 task_loss = F.cross_entropy(logits, batch.labels, reduction="sum") * ctx.world / len(global_exs)
-            aux_loss = torch.stack(model.routing.aux_losses).mean() if use_aux else torch.zeros(())
+            aux_loss = torch.stack(model.routing.aux_losses).mean() if model.routing.aux_losses else torch.zeros(())
             loss = task_loss + cfg.aux_loss_coef * aux_loss
+            if model.routing.balance_losses:  # each strategy's own weighted term, averaged over the MoE modules
+                loss = loss + torch.stack(model.routing.balance_losses).sum() / len(moe_layers(model))
             if table is not None:  # stage 3: pull each group's router toward the example's target
                 probs = model.routing.example_group_probs(len(exs))  # [B, G, E]
                 tgt, w = (x.to(device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]

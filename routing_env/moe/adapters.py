@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from routing_env.moe.balancing import make_strategy
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
@@ -91,6 +92,11 @@ def inject_lora_moe(model: MCModel, cfg: MoEConfig) -> list[LoRAMoELinear]:
         )
         setattr(parent, child, moe)
         layers.append(moe)
+    # The default (Switch loss, top-k) runs the layer's own code path; any other strategy its hooks.
+    strategy = None if cfg.balance == "aux" else make_strategy(cfg.balance)
+    model.routing.strategy = strategy
+    for moe in layers if strategy is not None else ():
+        strategy.attach(moe)
     model.moe_config = cfg
     return layers
 

@@ -201,7 +201,9 @@ class MCModel(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (adapters, routers, head): what a checkpoint holds."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        # A balancing strategy's per-layer state (loss-free bias, ...) is part of the trained model.
+        return state | {n: b for n, b in self.named_buffers() if n.rsplit(".", 1)[-1].startswith("balance_")}
 
     @staticmethod
     def tokenizer_for(name: str) -> object:

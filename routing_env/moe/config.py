@@ -29,6 +29,8 @@ class MoEConfig:
     dropout: float = 0.05
     num_groups: int = 3
     group_sizes: list[int] | None = None
+    # Routing / balancing strategy (``routing_env.moe.balancing``): "aux" is the Switch loss alone.
+    balance: str = "aux"
     # Filled in by ``inject_lora_moe`` from the backbone, so a checkpoint can be checked against a model.
     num_layers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)

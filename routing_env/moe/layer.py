@@ -89,9 +89,17 @@ class LoRAMoELinear(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [T, d_in], T = R * S
         out = self.base(flat)  # [T, d_out]
         logits = self.router(flat).float()  # [T, E]
+        strategy = self.context.strategy
+        if strategy is not None:
+            logits = strategy.scores(self, flat, logits)
         probs = logits.softmax(dim=-1)
-        expert_idx = self._select(logits)  # [T, k]
-        chosen = probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0)  # [T, E] 1 where chosen
+        if strategy is None or not strategy.selects or self.group in self.context.selection_bias:
+            # Top-k (an env override forces experts into it, whatever the strategy).
+            expert_idx = self._select(logits)  # [T, k]
+            chosen = probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0)  # [T, E] 1 where chosen
+        else:
+            chosen = strategy.select(self, logits, probs)  # [T, E], possibly not k per token (top-p)
+            expert_idx = None
         E, r, d_in = self.lora_A.shape
         if E * r * 4 <= d_in:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
             dense = probs * chosen
@@ -101,7 +109,9 @@ class LoRAMoELinear(nn.Module):
             h = h * (dense.to(h.dtype) @ spread)  # gate each expert's r columns (spread: [E, E*r] of 0/1)
             out = torch.addmm(out, h, b_flat.to(h.dtype), alpha=self.scale)  # out + scale * h @ B
         else:
-            gates = probs.gather(1, expert_idx)
+            if expert_idx is None:  # a strategy's selection as [T, k_max] ids, unchosen slots at gate 0
+                expert_idx = (chosen * 2 + probs).topk(self.top_k if not strategy.variable_k else E, dim=-1).indices
+            gates = probs.gather(1, expert_idx) * chosen.gather(1, expert_idx)
             gates = gates / gates.sum(dim=-1, keepdim=True)
             # Under autocast the grouped op (a custom kernel, which autocast does not see) runs in its dtype.
             dev = flat.device.type
@@ -113,7 +123,10 @@ class LoRAMoELinear(nn.Module):
         if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
             # Statistics in fp32 under bf16 autocast too: bf16 counts stop being exact integers at 256.
             with torch.autocast(probs.device.type, enabled=False):
-                self._record(probs, chosen, shape)
+                self._record(logits, probs, chosen, shape)
+        if strategy is not None and self.training and torch.is_grad_enabled():
+            with torch.no_grad():  # the strategy's state (loss-free bias, ...) learns from this forward
+                strategy.update(self, logits, probs, chosen, ctx.token_weight(probs.shape[0], probs))
         return out.view(*shape[:-1], -1)
 
     def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,12 +149,15 @@ class LoRAMoELinear(nn.Module):
             self.__dict__["_flat_cache"] = (key, flat)
         return flat
 
-    def _record(self, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size) -> None:
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size) -> None:
         """Statistics of this call (``chosen [T, E]``: 1 where a token uses an expert), kept on the device."""
         ctx, E = self.context, self.num_experts
         T = probs.shape[0]
         w = ctx.token_weight(T, probs)  # [T] 1 for real tokens
-        if ctx.compute_aux:
+        if ctx.compute_aux and ctx.strategy is not None:
+            for kind, value in ctx.strategy.losses(self, logits, probs, chosen, w):
+                (ctx.aux_losses if kind == "aux" else ctx.balance_losses).append(value)
+        elif ctx.compute_aux:
             # Switch Transformer balance loss: E * sum_e f_e * P_e over real tokens.
             n = w.sum().clamp_min(1.0)
             f = (w @ chosen) / (n * self.top_k)

@@ -18,6 +18,7 @@ probabilities renormalised over the chosen experts. The three action modes are s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,9 @@ class RoutingContext:
     row_index: torch.Tensor | None = None  # [r] rows of the model's batch that the current pass holds
     num_rows: int | None = None  # rows in the model's batch (chunked encoders run them in parts)
     row_example: torch.Tensor | None = None  # [rows] example of each row (set by MCModel.forward)
-    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # Switch loss per module (x --aux-loss-coef)
+    balance_losses: list[torch.Tensor] = field(default_factory=list)  # other strategies' weighted terms per module
+    strategy: Any = None  # the model's balancing strategy (None: top-k + the Switch loss, the default)
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
     row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
     row_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] assignments
@@ -67,7 +70,7 @@ class RoutingContext:
 
     def reset_records(self) -> None:
         """Forget what earlier forwards recorded (keeps the settings)."""
-        self.aux_losses = []
+        self.aux_losses, self.balance_losses = [], []
         self.loads = {}
         self.row_probs, self.row_counts, self.row_modules = {}, {}, {}
         self.route_sum, self.route_count, self.route_logsum = {}, {}, {}
