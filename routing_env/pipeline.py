@@ -51,6 +51,8 @@ class PipelineConfig:
     epochs: int = cfg_field(2, "epochs of task training for every method (layermoe: warm-up + stage 3)")
     warmup_epochs: int = cfg_field(1, "layermoe: epochs of the lora-moe warm-up before the search")
     backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
+    balance: str = cfg_field("aux", "routing / balancing strategy of the lora-moe runs (layermoe inherits it): aux, "
+                             "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.compare runs them all)")
     train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
     search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "
@@ -121,7 +123,8 @@ def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool
     """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
     return _stage(cfg, root, name, "results.json", lambda: finetune.main(finetune.Config(
         **_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
-        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, **kw)), force)
+        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, balance=cfg.balance, **kw)),
+        force)
 
 
 #: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so

@@ -1,0 +1,89 @@
+"""Balancing strategies on equal terms: each alone and with LayerMoE on top, one table and plot.
+
+    python -m routing_env.compare --task arc-easy --methods all --seeds 0,1,2
+    python -m routing_env.compare --task arc-easy --methods aux,loss-free --seeds 0 --train-limit 500
+
+For every strategy S (``routing_env.moe.balancing``): the lora-moe run trained with S, and S +
+LayerMoE, which continues that same run from its warm-up checkpoint with routing targets from the
+exact oracle (the setting chosen on dev in the LayerMoE ablations: softmax of Q* at temperature
+0.05, Sinkhorn-balanced targets, beta 1), so its paired gain is the effect of LayerMoE on top of
+S. Each strategy is a ``routing_env.pipeline`` run in its own folder, so the comparison resumes
+stage by stage; the table (accuracy mean and spread, paired gain, per-layer CV, max/mean load,
+entropy, wall time) goes to ``<results-dir>/<task>-strategies.md`` with JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from routing_env import pipeline
+from routing_env.moe.balancing import STRATEGIES, make_strategy
+from routing_env.results import write_table
+from routing_env.utils import cfg_field, make_writer, run_cli, save_config
+
+__all__ = ["CompareConfig", "main", "LAYERMOE"]
+
+#: LayerMoE's best setting from the dev ablations (results/ablations.md)
+LAYERMOE = {"target_form": "softmax", "target_temperature": 0.05, "target_balance": "sinkhorn", "beta": 1.0,
+            "balance_weight": 0.1}
+
+
+@dataclass
+class CompareConfig:
+    """Every balancing strategy alone and with LayerMoE on top, paired by seed."""
+
+    task: str = cfg_field("arc-easy", "task name or your own data (as in routing_env.pipeline)")
+    methods: list[str] = cfg_field(["all"], f"comma-separated strategies or combinations ({', '.join(STRATEGIES)}, "
+                                   "e.g. loss-free+z-loss), or all")
+    seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds")
+    epochs: int = cfg_field(2, "epochs of every run (LayerMoE: warm-up + stage 3)")
+    train_limit: int | None = cfg_field(None, "use only the first N training questions")
+    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
+    search_batch_size: int = cfg_field(16, "questions searched together")
+    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA)")
+    device: str = cfg_field("auto", "device of every stage")
+    logdir: str = cfg_field("runs/compare", "parent of the per-strategy pipeline folders")
+    results_dir: str = cfg_field("results/compare", "where the table, JSON, plot and the stage records go")
+    table_only: bool = cfg_field(False, "run nothing: the table from the finished stages")
+
+
+def strategies(names: list[str]) -> list[str]:
+    """``["all"]`` -> every strategy; otherwise the names, each checked (errors list the valid ones)."""
+    chosen = list(STRATEGIES) if names == ["all"] else names
+    for name in chosen:
+        make_strategy(name)
+    return chosen
+
+
+def main(cfg: CompareConfig) -> dict:
+    chosen = strategies(cfg.methods)
+    table: dict[str, dict] = {}
+    budget: dict = {}
+    for name in tqdm(chosen, desc="strategies", unit="strategy"):
+        pcfg = pipeline.PipelineConfig(
+            task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
+            train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
+            data_dir=cfg.data_dir, device=cfg.device, balance=name, logdir=str(Path(cfg.logdir) / name),
+            results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)
+        rows = pipeline.main(pcfg)
+        if "lora-moe" in rows:
+            table[name] = rows["lora-moe"]
+        if "layermoe-exhaustive" in rows:
+            table[f"{name} + LayerMoE"] = rows["layermoe-exhaustive"]
+        budget = {"task": cfg.task, "seeds": cfg.seeds, "epochs": cfg.epochs, "train_limit": cfg.train_limit,
+                  "eval_limit": cfg.eval_limit, "LayerMoE": f"exhaustive oracle, {LAYERMOE}"}
+    out = Path(cfg.results_dir)
+    save_config(out / "config", cfg)
+    writer = make_writer(Path(cfg.logdir) / "compare")
+    path = write_table(f"{pipeline._source(pipeline.PipelineConfig(task=cfg.task)).name}-strategies", table, out,
+                       budget, writer)
+    writer.close()
+    print(Path(path).read_text())
+    return table
+
+
+if __name__ == "__main__":
+    run_cli(main, CompareConfig, __doc__)

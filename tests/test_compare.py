@@ -1,0 +1,38 @@
+"""routing_env.compare: strategies alone and with LayerMoE on top, paired, in one table; resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from routing_env import compare
+from routing_env.moe import read_checkpoint_config
+
+
+@pytest.mark.slow
+def test_compare_runs_each_strategy_with_and_without_layermoe(data_dir, tmp_path):
+    cfg = compare.CompareConfig(task="arc-easy", methods=["loss-free", "top-p"], seeds=[0], epochs=2, train_limit=12,
+                                eval_limit=8, data_dir=str(data_dir), device="cpu", logdir=str(tmp_path / "runs"),
+                                results_dir=str(tmp_path / "results"))
+    table = compare.main(cfg)
+    assert list(table) == ["loss-free", "loss-free + LayerMoE", "top-p", "top-p + LayerMoE"]
+    for name in ("loss-free", "top-p"):
+        # The lora-moe run really trained with the strategy, and LayerMoE continued that run.
+        ck = tmp_path / "runs" / name / "arc-easy" / "lora-moe-s0" / "checkpoints" / "epoch_1"
+        assert read_checkpoint_config(ck)["moe"]["balance"] == name
+        row = table[f"{name} + LayerMoE"]
+        assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table[name]["accuracy"]["mean"])
+    md = (tmp_path / "results" / "arc-easy-strategies.md").read_text()
+    assert "| loss-free + LayerMoE | 1 |" in md and "| top-p | 1 |" in md
+    assert (tmp_path / "results" / "arc-easy-strategies_accuracy_vs_balance.png").is_file()
+    saved = json.loads((tmp_path / "results" / "arc-easy-strategies.json").read_text())
+    assert set(saved["methods"]) == set(table)
+    again = compare.main(compare.CompareConfig(**{**cfg.__dict__, "table_only": True}))  # resumes: nothing reruns
+    assert again["top-p"]["accuracy"] == table["top-p"]["accuracy"]
+
+
+def test_unknown_strategy_is_refused_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: aux, z-loss, loss-free, top-p, sinkhorn"):
+        compare.strategies(["aux", "mar"])
+    assert compare.strategies(["all"])[:2] == ["aux", "z-loss"]
