@@ -34,5 +34,5 @@ def test_compare_runs_each_strategy_with_and_without_layermoe(data_dir, tmp_path
 
 def test_unknown_strategy_is_refused_listing_the_valid_ones():
     with pytest.raises(ValueError, match="valid: aux, z-loss, loss-free, top-p, sinkhorn"):
-        compare.strategies(["aux", "mar"])
+        compare.strategies(["aux", "switch"])
     assert compare.strategies(["all"])[:2] == ["aux", "z-loss"]

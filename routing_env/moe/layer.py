@@ -126,7 +126,7 @@ class LoRAMoELinear(nn.Module):
                 self._record(logits, probs, chosen, shape)
         if strategy is not None and self.training and torch.is_grad_enabled():
             with torch.no_grad():  # the strategy's state (loss-free bias, ...) learns from this forward
-                strategy.update(self, logits, probs, chosen, ctx.token_weight(probs.shape[0], probs))
+                strategy.update(self, flat, logits, probs, chosen, ctx.token_weight(probs.shape[0], probs))
         return out.view(*shape[:-1], -1)
 
     def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

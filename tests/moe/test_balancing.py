@@ -60,7 +60,7 @@ def test_loss_free_bias_moves_a_skewed_router_to_uniform_load_and_leaves_gates_a
         probs = logits.softmax(-1)
         chosen = st.select(layer, logits, probs)
         cvs.append(load_stats(chosen.sum(0)).cv)
-        st.update(layer, logits, probs, chosen, torch.ones(logits.shape[0]))
+        st.update(layer, None, logits, probs, chosen, torch.ones(logits.shape[0]))
     assert cvs[0] > 0.3 and np.mean(cvs[-20:]) < 0.1  # measured: 0.5 -> ~0.03
     assert layer.balance_bias[0] < 0 < layer.balance_bias[-1]  # the favourite pushed down, the last up
 
@@ -164,3 +164,60 @@ def test_finetune_refuses_an_unknown_strategy_before_any_work():
 
     with pytest.raises(ValueError, match="valid: aux, z-loss, loss-free, top-p, sinkhorn"):
         finetune.check_config(finetune.Config(balance="switch"))
+
+
+def test_loramoe_balances_within_groups_only():
+    layer, st = _Layer(E=4), make_strategy("loramoe")
+    w = torch.ones(4)
+
+    def loss(p):
+        probs = torch.tensor(p).repeat(4, 1)
+        return dict(st.losses(layer, probs.log(), probs, topk_mask(probs, 2), w))["balance"]
+
+    # Group {0, 1} takes 80% of the mass, group {2, 3} 20%: balanced inside each, so no penalty.
+    assert loss([0.4, 0.4, 0.1, 0.1]) == 0
+    # The same split between groups, unbalanced inside one: penalised (plain aux would treat both alike).
+    assert loss([0.7, 0.1, 0.1, 0.1]) == pytest.approx(0.01 * 0.5625 / 2)  # cv^2 of (2.8, 0.4) / 2 groups
+    with pytest.raises(ValueError, match="divisible by 2"):
+        dict(make_strategy("loramoe").losses(_Layer(E=3), torch.zeros(2, 3), torch.full((2, 3), 1 / 3),
+                                             torch.zeros(2, 3), torch.ones(2)))
+
+
+def test_dynmole_gives_uncertain_tokens_more_experts_and_a_tsallis_loss():
+    from routing_env.moe.balancing.dynmole import tsallis_entropy
+
+    st, layer = make_strategy("dynmole"), _Layer(E=4, k=2)
+    probs = torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.26, 0.25, 0.25, 0.24], [0.5, 0.3, 0.1, 0.1]])
+    chosen = st.select(layer, probs.log(), probs)
+    assert chosen.sum(-1).tolist() == [2, 3, 2]  # only the near-uniform token gets k + 1
+    torch.testing.assert_close(tsallis_entropy(probs), 1 - probs.square().sum(-1))
+    loss = dict(st.losses(layer, probs.log(), probs, chosen, torch.ones(3)))["balance"]
+    torch.testing.assert_close(loss, 1e-3 * (1 - probs.square().sum(-1)).mean())
+
+
+def test_mar_keeps_a_repeated_input_on_one_expert_more_often_than_aux():
+    """Routers drift from step to step (as training evens loads out); memory holds the repeated input."""
+    g = torch.Generator().manual_seed(0)
+    d, E = 16, 4
+    DRIFT = 0.05  # per-step router change; logits grow to a few units, the memory bonus is at most 1
+    x0 = torch.randn(1, d, generator=g)
+
+    def changes(spec: str) -> int:
+        st, layer = make_strategy(spec), _Layer(E=E, k=1)
+        layer.lora_A = torch.zeros(E, 1, d)
+        st.attach(layer)
+        router = torch.randn(E, d, generator=torch.Generator().manual_seed(1)) * 0.1
+        last, n = None, 0
+        for step in range(60):
+            router = router + DRIFT * torch.randn(E, d, generator=torch.Generator().manual_seed(100 + step))  # drift
+            x = torch.cat([x0, torch.randn(31, d, generator=torch.Generator().manual_seed(200 + step))])
+            logits = st.scores(layer, x, x @ router.t())
+            probs = logits.softmax(-1)
+            chosen = st.select(layer, logits, probs)
+            st.update(layer, x, logits, probs, chosen, torch.ones(32))
+            top = int(chosen[0].argmax())
+            n += last is not None and top != last
+            last = top
+        return n
+
+    assert changes("mar+aux") < changes("aux") / 2  # measured: 1 vs 12 switches of the repeated input

@@ -1,6 +1,7 @@
 """Routing and balancing strategies for LoRA-MoE, one interface, chosen by name (``finetune.py --balance``).
 
-``aux`` (the default, today's ``lora-moe``), ``z-loss``, ``loss-free``, ``top-p`` and ``sinkhorn``;
+``aux`` (the default, today's ``lora-moe``), ``z-loss``, ``loss-free``, ``top-p``, ``sinkhorn``,
+``loramoe``, ``dynmole`` and ``mar``;
 ``+`` combines them (``loss-free+z-loss``, ``top-p+aux``), with at most one strategy that chooses
 the experts. A model's strategy is part of its ``MoEConfig`` (``balance``), so checkpoints, the env
 (search) and stage 3 run on top of whichever one trained it.
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 from routing_env.moe.balancing.aux import SwitchAux
 from routing_env.moe.balancing.base import Combination, Strategy, topk_mask
+from routing_env.moe.balancing.dynmole import TsallisRouting
+from routing_env.moe.balancing.loramoe import LocalizedBalance
 from routing_env.moe.balancing.loss_free import LossFree
+from routing_env.moe.balancing.mar import MemoryAwareRouting
 from routing_env.moe.balancing.sinkhorn import SelectiveSinkhorn, sinkhorn_plan
 from routing_env.moe.balancing.top_p import TopP
 from routing_env.moe.balancing.zloss import ZLoss
@@ -18,7 +22,8 @@ from routing_env.moe.balancing.zloss import ZLoss
 __all__ = ["STRATEGIES", "Strategy", "Combination", "make_strategy", "topk_mask", "sinkhorn_plan"]
 
 #: name -> strategy class (constructed with its defaults)
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (SwitchAux, ZLoss, LossFree, TopP, SelectiveSinkhorn)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (SwitchAux, ZLoss, LossFree, TopP, SelectiveSinkhorn,
+                                                             LocalizedBalance, TsallisRouting, MemoryAwareRouting)}
 
 
 def make_strategy(spec: str) -> Combination:

@@ -7,7 +7,7 @@ A LoRA-MoE layer asks its model's strategy, on every forward:
    top-k). The env's routing override bypasses it: an action forces experts into the top-k, so a
    search runs on top of any strategy with the same action semantics;
 3. ``loss(layer, logits, probs, chosen, w)``: a balancing term for training (``None``: none);
-4. ``update(layer, logits, probs, chosen, w)``: state changes after a training forward (no gradient).
+4. ``update(layer, x, logits, probs, chosen, w)``: state changes after a training forward (no gradient).
 
 Gates are always the router's probabilities renormalised over the chosen experts. State a strategy
 keeps per layer lives in buffers named ``balance_*`` on the layer, saved with checkpoints.
@@ -51,9 +51,9 @@ class Strategy:
              w: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def update(self, layer: Any, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
+    def update(self, layer: Any, x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
                w: torch.Tensor) -> None:
-        """After a training forward, without gradient (``w [T]``: 1 for real tokens)."""
+        """After a training forward, without gradient (``x [T, d]``: the layer's input; ``w [T]``: 1 for real tokens)."""
 
     def __repr__(self) -> str:
         return self.name
@@ -91,7 +91,7 @@ class Combination(Strategy):
                 out.append((p.loss_kind, value))
         return out
 
-    def update(self, layer: Any, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
+    def update(self, layer: Any, x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
                w: torch.Tensor) -> None:
         for p in self.parts:
-            p.update(layer, logits, probs, chosen, w)
+            p.update(layer, x, logits, probs, chosen, w)

@@ -30,7 +30,7 @@ class LossFree(Strategy):
     def select(self, layer: Any, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return topk_mask(logits + layer.balance_bias, layer.top_k)
 
-    def update(self, layer: Any, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
+    def update(self, layer: Any, x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
                w: torch.Tensor) -> None:
         load = w @ chosen  # [E] assignments of real tokens
         layer.balance_bias.add_(self.rate * torch.sign(load.mean() - load))
