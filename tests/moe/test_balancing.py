@@ -221,3 +221,21 @@ def test_mar_keeps_a_repeated_input_on_one_expert_more_often_than_aux():
         return n
 
     assert changes("mar+aux") < changes("aux") / 2  # measured: 1 vs 12 switches of the repeated input
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bip_assignment_is_exactly_balanced_when_capacity_allows(seed):
+    from routing_env.moe.balancing.bip import balanced_assignment
+
+    probs = _skewed(T=120, E=4, seed=seed).softmax(-1)
+    one = balanced_assignment(probs, 1)
+    assert one.sum(0).tolist() == [30.0] * 4 and one.sum(1).eq(1).all()  # k = 1: exactly T / E each
+    big = _skewed(T=4096, E=4, seed=seed).softmax(-1)
+    two = balanced_assignment(big, 2)
+    loads = two.sum(0)
+    assert two.sum(1).eq(2).all() and loads.max() / loads.mean() < 1.02  # k = 2: two distinct experts, near-exact
+    assert load_stats(topk_mask(big, 2).sum(0)).cv > 0.3  # what plain top-k does with these scores
+    w = torch.ones(120)
+    w[:20] = 0  # padding neither uses capacity nor changes its plain choice
+    padded = balanced_assignment(probs, 1, w)
+    assert padded[20:].sum(0).tolist() == [25.0] * 4 and torch.equal(padded[:20], topk_mask(probs[:20], 1))

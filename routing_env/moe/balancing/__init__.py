@@ -1,7 +1,7 @@
 """Routing and balancing strategies for LoRA-MoE, one interface, chosen by name (``finetune.py --balance``).
 
 ``aux`` (the default, today's ``lora-moe``), ``z-loss``, ``loss-free``, ``top-p``, ``sinkhorn``,
-``loramoe``, ``dynmole`` and ``mar``;
+``bip``, ``loramoe``, ``dynmole`` and ``mar``;
 ``+`` combines them (``loss-free+z-loss``, ``top-p+aux``), with at most one strategy that chooses
 the experts. A model's strategy is part of its ``MoEConfig`` (``balance``), so checkpoints, the env
 (search) and stage 3 run on top of whichever one trained it.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from routing_env.moe.balancing.aux import SwitchAux
 from routing_env.moe.balancing.base import Combination, Strategy, topk_mask
+from routing_env.moe.balancing.bip import BIP
 from routing_env.moe.balancing.dynmole import TsallisRouting
 from routing_env.moe.balancing.loramoe import LocalizedBalance
 from routing_env.moe.balancing.loss_free import LossFree
@@ -23,7 +24,7 @@ __all__ = ["STRATEGIES", "Strategy", "Combination", "make_strategy", "topk_mask"
 
 #: name -> strategy class (constructed with its defaults)
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (SwitchAux, ZLoss, LossFree, TopP, SelectiveSinkhorn,
-                                                             LocalizedBalance, TsallisRouting, MemoryAwareRouting)}
+                                                             BIP, LocalizedBalance, TsallisRouting, MemoryAwareRouting)}
 
 
 def make_strategy(spec: str) -> Combination:
