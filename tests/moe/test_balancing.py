@@ -61,7 +61,7 @@ def test_loss_free_bias_moves_a_skewed_router_to_uniform_load_and_leaves_gates_a
         chosen = st.select(layer, logits, probs)
         cvs.append(load_stats(chosen.sum(0)).cv)
         st.update(layer, None, logits, probs, chosen, torch.ones(logits.shape[0]))
-    assert cvs[0] > 0.3 and np.mean(cvs[-20:]) < 0.1  # measured: 0.5 -> ~0.03
+    assert cvs[0] > 0.3 and np.mean(cvs[-20:]) < 0.1  # measured: 0.57 -> 0.07
     assert layer.balance_bias[0] < 0 < layer.balance_bias[-1]  # the favourite pushed down, the last up
 
 
