@@ -7,10 +7,13 @@ import math
 import torch
 from torch import nn
 
+from routing_env.moe.balancing.aux import SwitchAux
 from routing_env.moe.kernels import lora_moe
 from routing_env.moe.routing import RoutingContext
 
 __all__ = ["LoRAMoELinear"]
+
+_SWITCH = SwitchAux()  # the default balancing term (models without a strategy)
 
 
 class LoRAMoELinear(nn.Module):
@@ -154,15 +157,11 @@ class LoRAMoELinear(nn.Module):
         ctx, E = self.context, self.num_experts
         T = probs.shape[0]
         w = ctx.token_weight(T, probs)  # [T] 1 for real tokens
-        if ctx.compute_aux and ctx.strategy is not None:
-            for kind, value in ctx.strategy.losses(self, logits, probs, chosen, w):
+        if ctx.compute_aux:  # the strategy's terms; by default the Switch loss alone
+            terms = ctx.strategy.losses(self, logits, probs, chosen, w) if ctx.strategy is not None else \
+                [("aux", _SWITCH.loss(self, logits, probs, chosen, w))]
+            for kind, value in terms:
                 (ctx.aux_losses if kind == "aux" else ctx.balance_losses).append(value)
-        elif ctx.compute_aux:
-            # Switch Transformer balance loss: E * sum_e f_e * P_e over real tokens.
-            n = w.sum().clamp_min(1.0)
-            f = (w @ chosen) / (n * self.top_k)
-            P = (w @ probs) / n
-            ctx.aux_losses.append(E * (f * P).sum())
         if ctx.record_loads:
             # Accumulated in float64 on the model's device; read once per evaluation (no host sync here).
             counts = w @ chosen.detach()  # [E]
