@@ -76,7 +76,7 @@ def main(cfg: CompareConfig) -> dict:
         budget = {"task": cfg.task, "seeds": cfg.seeds, "epochs": cfg.epochs, "train_limit": cfg.train_limit,
                   "eval_limit": cfg.eval_limit, "LayerMoE": f"exhaustive oracle, {LAYERMOE}"}
     out = Path(cfg.results_dir)
-    save_config(out / "config", cfg)
+    save_config(Path(cfg.logdir) / "compare", cfg)  # beside its TensorBoard log, as every run's
     writer = make_writer(Path(cfg.logdir) / "compare")
     path = write_table(f"{pipeline._source(pipeline.PipelineConfig(task=cfg.task)).name}-strategies", table, out,
                        budget, writer)
