@@ -41,8 +41,8 @@ from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoin
 from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer,
                                save_config, seed_everything)
 
-
 __all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
+
 
 @dataclass
 class Config:

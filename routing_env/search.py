@@ -34,8 +34,8 @@ from routing_env.targets import TargetsWriter
 from routing_env.utils import (PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, save_config,
                                seed_everything)
 
-
 __all__ = ["Config", "check_config", "main", "search", "parse_agent_kwargs"]
+
 
 @dataclass
 class Config:
