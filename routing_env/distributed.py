@@ -41,6 +41,11 @@ class DistContext:
             torch.cuda.set_device(dev)
         return dev
 
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on rank 0 only (every rank runs the same code; one of them talks)."""
+        if self.is_main:
+            print(*args, **kwargs)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -191,7 +191,6 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
     seed_everything(cfg.seed)
     device = ctx.device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
-    say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main:
         save_config(run_dir, cfg)  # the resolved settings; `finetune.py --config <run>/config.json` reruns them
     writer = make_writer(run_dir) if ctx.is_main else NullWriter()
@@ -201,7 +200,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
     # ---- data ------------------------------------------------------------------------------------
     train, dev, test = (source.load(split, cfg.data_dir, limit=limit) for split, limit in
                         (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit)))
-    say(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
+    ctx.print(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
 
     # ---- model -----------------------------------------------------------------------------------
     table = None
@@ -216,9 +215,9 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
             "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
             "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
             cfg.target_temperature)
-        say(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+        ctx.print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
         hist = table.histogram()
-        say("layermoe: mean target per expert, by group: " + "; ".join(
+        ctx.print("layermoe: mean target per expert, by group: " + "; ".join(
             f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
     else:
         model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
@@ -250,10 +249,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         if state.get("cuda_rng") is not None and device.type == "cuda":  # dropout on the GPU draws from here
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
-        say(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
+        ctx.print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
               f"{' with the routing loss (paired design)' if paired else ''}")
     elif table is not None:
-        say(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
+        ctx.print(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
               "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
 
     # ---- train -----------------------------------------------------------------------------------

@@ -168,8 +168,7 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     for res in finished:  # resumed examples count towards the running loads, as when they were searched
         env.finish_episode(res.loads)
     todo = [i for i in example_ids if env.examples[i].id not in done]
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    say(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
+    ctx.print(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
 
     # ---- agent training (PPO and other learning agents) ------------------------------------------
     if todo and callable(getattr(agent, "fit", None)) and ctx.world > 1:

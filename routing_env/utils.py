@@ -146,7 +146,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             const=True if typ is bool else None,
         )
         if typ is bool:
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=argparse.SUPPRESS,
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                 help=f"same as {flag} false")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
@@ -177,8 +177,8 @@ def _read_config_file(path: str, convert: dict[str, Callable[[Any], Any]], parse
         parser.error(f"--config {path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(convert)}")
     out = {}
     for k, v in data.items():
-        if v is None or isinstance(v, (bool, int, float)) and not isinstance(v, str):
-            out[k] = v if v is None or isinstance(v, bool) else convert[k](str(v))
+        if v is None or isinstance(v, bool):
+            out[k] = v
         elif isinstance(v, list):
             out[k] = convert[k](",".join(map(str, v)))
         else:

@@ -123,13 +123,13 @@ class MCModel(nn.Module):
             ids = batch.input_ids.reshape(B * C, T)[real]  # [R, T]
             mask = batch.attention_mask.reshape(B * C, T)[real]
             types = batch.token_type_ids.reshape(B * C, T)[real] if batch.token_type_ids is not None else None
-            self.routing.row_example = torch.arange(B * C, device=real.device)[real] // C  # [R]
+            self.routing.row_example = self.row_examples(batch)  # [R]
             row_scores = self._encode_rows(ids, mask, types)  # [R]
             scores = row_scores.new_zeros(B * C).masked_scatter(real, row_scores).reshape(B, C)
         else:
             ids, mask = batch.input_ids, batch.attention_mask
             self.routing.token_mask = mask.bool()
-            self.routing.row_example, self.routing.row_index, self.routing.num_rows = torch.arange(ids.shape[0], device=ids.device), None, None
+            self.routing.row_example, self.routing.row_index, self.routing.num_rows = self.row_examples(batch), None, None
             # Left padding: count positions from each row's first real token, as in unpadded inference.
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
@@ -142,10 +142,11 @@ class MCModel(nn.Module):
     def row_examples(self, batch: MCBatch) -> torch.Tensor:
         """``[R]`` the example of each row ``forward(batch)`` encodes: a per-row selection bias's rows."""
         B, C = batch.choice_mask.shape
-        slots = torch.arange(B * C, device=batch.choice_mask.device) // C
-        if self.kind != "encoder":
-            return torch.arange(B, device=batch.choice_mask.device)
-        return slots if self._one_pass(batch.choice_mask.device) else slots[batch.choice_mask.reshape(-1)]
+        device = batch.choice_mask.device
+        if self.kind != "encoder":  # one prompt row per question
+            return torch.arange(B, device=device)
+        slots = torch.arange(B * C, device=device) // C
+        return slots if self._one_pass(device) else slots[batch.choice_mask.reshape(-1)]
 
     def _forward_slots(self, batch: MCBatch) -> torch.Tensor:
         """Encoder scores ``[B, C]`` from one pass over all ``B * C`` slots (fixed shapes, no sync).
@@ -157,7 +158,7 @@ class MCModel(nn.Module):
         mask = batch.attention_mask.reshape(B * C, T)  # [R, T], R = B * C
         ctx = self.routing
         ctx.token_mask = mask.bool() & batch.choice_mask.reshape(B * C, 1)
-        ctx.row_example = torch.arange(B * C, device=mask.device) // C  # [R]
+        ctx.row_example = self.row_examples(batch)  # [R]
         ctx.row_index = ctx.num_rows = None
         types = batch.token_type_ids.reshape(B * C, T) if batch.token_type_ids is not None else None
         # The 4D mask built here, not inside the backbone: transformers would first ask whether any

@@ -64,12 +64,35 @@ class LoRAMoELinear(nn.Module):
         return f"experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, layer={self.layer}, group={self.group}"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router for flat tokens ``x [T, d_in]`` -> ``(probs [T, E], expert_idx [T, k], gates [T, k])``."""
+        """Router for flat tokens ``x [T, d_in]`` -> ``(probs [T, E], expert_idx [T, k], gates [T, k])``.
+
+        The choice ``forward`` makes (strategy and overrides included); a strategy that picks a
+        varying number of experts gives ``k = E`` slots, the unchosen at gate 0.
+        """
+        _, probs, chosen, expert_idx = self._route(x)
+        return probs, *self._sparse_gates(probs, chosen, expert_idx)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(logits [T, E], probs [T, E], chosen [T, E] of 0/1, expert_idx [T, k] or None)`` of flat tokens."""
         logits = self.router(x).float()  # [T, E]
+        strategy = self.context.strategy
+        if strategy is not None:
+            logits = strategy.scores(self, x, logits)
         probs = logits.softmax(dim=-1)
-        expert_idx = self._select(logits)
-        gates = probs.gather(1, expert_idx)
-        return probs, expert_idx, gates / gates.sum(dim=-1, keepdim=True)
+        if strategy is None or not strategy.selects or self.group in self.context.selection_bias:
+            # Top-k (an env override forces experts into it, whatever the strategy).
+            expert_idx = self._select(logits)  # [T, k]
+            return logits, probs, probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0), expert_idx
+        return logits, probs, strategy.select(self, logits, probs), None  # possibly not k per token (top-p)
+
+    def _sparse_gates(self, probs: torch.Tensor, chosen: torch.Tensor,
+                      expert_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expert_idx [T, k], gates [T, k])``: the chosen experts' probabilities, renormalised."""
+        if expert_idx is None:  # a strategy's selection as [T, k_max] ids, unchosen slots at gate 0
+            k = self.num_experts if self.context.strategy.variable_k else self.top_k
+            expert_idx = (chosen * 2 + probs).topk(k, dim=-1).indices
+        gates = probs.gather(1, expert_idx) * chosen.gather(1, expert_idx)
+        return expert_idx, gates / gates.sum(dim=-1, keepdim=True)
 
     def _select(self, logits: torch.Tensor) -> torch.Tensor:
         """``[T, k]`` the experts each token uses: top-k of the logits plus the group's selection bias."""
@@ -91,18 +114,8 @@ class LoRAMoELinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, d_in], T = R * S
         out = self.base(flat)  # [T, d_out]
-        logits = self.router(flat).float()  # [T, E]
+        logits, probs, chosen, expert_idx = self._route(flat)  # chosen [T, E]: 1 where a token uses an expert
         strategy = self.context.strategy
-        if strategy is not None:
-            logits = strategy.scores(self, flat, logits)
-        probs = logits.softmax(dim=-1)
-        if strategy is None or not strategy.selects or self.group in self.context.selection_bias:
-            # Top-k (an env override forces experts into it, whatever the strategy).
-            expert_idx = self._select(logits)  # [T, k]
-            chosen = probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0)  # [T, E] 1 where chosen
-        else:
-            chosen = strategy.select(self, logits, probs)  # [T, E], possibly not k per token (top-p)
-            expert_idx = None
         E, r, d_in = self.lora_A.shape
         if E * r * 4 <= d_in:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
             dense = probs * chosen
@@ -112,10 +125,7 @@ class LoRAMoELinear(nn.Module):
             h = h * (dense.to(h.dtype) @ spread)  # gate each expert's r columns (spread: [E, E*r] of 0/1)
             out = torch.addmm(out, h, b_flat.to(h.dtype), alpha=self.scale)  # out + scale * h @ B
         else:
-            if expert_idx is None:  # a strategy's selection as [T, k_max] ids, unchosen slots at gate 0
-                expert_idx = (chosen * 2 + probs).topk(self.top_k if not strategy.variable_k else E, dim=-1).indices
-            gates = probs.gather(1, expert_idx) * chosen.gather(1, expert_idx)
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+            expert_idx, gates = self._sparse_gates(probs, chosen, expert_idx)
             # Under autocast the grouped op (a custom kernel, which autocast does not see) runs in its dtype.
             dev = flat.device.type
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else flat.dtype

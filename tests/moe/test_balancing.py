@@ -110,6 +110,9 @@ def test_top_p_layer_uses_a_varying_number_of_experts(rank):
         want = layer.base(x) + lora_moe_naive(x, layer.lora_A, layer.lora_B, idx, gates / gates.sum(-1, keepdim=True),
                                                layer.scale)
         got = layer(x)
+        _, route_idx, route_gates = layer.route(x)  # the public router reports the strategy's choice too
+    torch.testing.assert_close(route_gates, gates / gates.sum(-1, keepdim=True))
+    assert torch.equal(route_idx, idx)
     assert counts.min() >= 1 and counts.max() > counts.min()  # confident tokens fewer experts
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
