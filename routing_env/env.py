@@ -157,7 +157,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
-        self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d], loads [E])
+        self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d (+ H)], loads [E])
         # Rows per batched group forward (see ``_run_batch``): length-sorted chunks pay on a CPU; a
         # GPU wants one pass per group level.
         self.batch_rows = 32 if self.device.type == "cpu" else 4096
@@ -208,7 +208,8 @@ class RoutingEnv(PlanningMixin, gym.Env):
             for g in range(self.G):
                 seen.clear()
                 nxt = self.stepper.run_group(h, ex.rows.attention_mask, g, None)
-                entry.append([m for m in moe_layers(self.model) if m.group == g and m.name in seen and torch.equal(seen[m.name], h)])
+                x = self.stepper.split(h)[0]
+                entry.append([m for m in moe_layers(self.model) if m.group == g and m.name in seen and torch.equal(seen[m.name], x)])
                 h = nxt
         finally:
             for hk in hooks:
@@ -324,9 +325,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E] float32, on the model's device
         h, _ = self._boundary(i, prefix)
-        mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).float()  # [C, T, 1]
-        probs = [((m.router(h).float().softmax(-1) * mask).sum((0, 1)) / mask.sum()) for m in self._entry[len(prefix)]]
-        return torch.stack(probs).mean(0).detach()
+        return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)])
 
     def _load_share(self, g: int) -> np.ndarray:
         total = self.load_stats[g].sum()
@@ -334,7 +333,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     def _observation(self) -> np.ndarray:
         g = len(self._prefix)
-        h, _ = self._boundary(self._example, self._prefix)
+        h = self.stepper.split(self._boundary(self._example, self._prefix)[0])[0]
         obs = np.zeros(self.observation_space.shape, np.float32)
         mask = self._example_rows(self._example).rows.attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * mask).sum((0, 1)) / mask.sum()  # [d]

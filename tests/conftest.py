@@ -95,3 +95,26 @@ def distinct_checkpoint(tmp_path_factory, warm_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("distinct") / "final"
     save_checkpoint(model, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def rmoe_checkpoint(tmp_path_factory, distinct_checkpoint) -> Path:
+    """``distinct_checkpoint`` with a layerwise recurrent router (``rmoe``) whose recurrent part is
+    drawn large, so a routing state carried wrongly between groups changes the choices."""
+    import dataclasses
+
+    from routing_env.moe import build_model, load_checkpoint, moe_layers, save_checkpoint
+
+    base = load_checkpoint(distinct_checkpoint)
+    model = build_model("lora-moe", base.backbone_name, dataclasses.replace(base.moe_config, balance="rmoe"))
+    state = base.trainable_state()
+    new = set(model.trainable_state()) - set(state)
+    assert new and all(".balance_" in k for k in new)  # only the recurrent router is new
+    model.load_state_dict(state, strict=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.balance_out.weight.normal_(0.0, 1.0, generator=g)
+    out = tmp_path_factory.mktemp("rmoe") / "final"
+    save_checkpoint(model, out)
+    return out

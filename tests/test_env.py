@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import warnings
@@ -27,12 +28,18 @@ def make(distinct_checkpoint, data_dir):
     return _make
 
 
-def test_gymnasium_and_sb3_checkers_pass_without_warnings(make):
+@pytest.fixture(params=["plain", "rmoe"])
+def checkpoint(request, distinct_checkpoint):
+    """The default router and a layerwise recurrent one (its state cached with the boundaries)."""
+    return distinct_checkpoint if request.param == "plain" else request.getfixturevalue("rmoe_checkpoint")
+
+
+def test_gymnasium_and_sb3_checkers_pass_without_warnings(make, checkpoint):
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     for mode in ("primary", "combo", "bias"):
-        env = make(action_mode=mode)
+        env = make(action_mode=mode, checkpoint=checkpoint)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             check_env(env, skip_render_check=True)
@@ -61,17 +68,18 @@ def test_same_seed_same_trajectory_and_rewards(make):
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
-def test_learned_routing_reproduces_the_plain_forward_exactly(make, distinct_checkpoint):
+def test_learned_routing_reproduces_the_plain_forward_exactly(make, checkpoint):
     """Zero bias at every group is the learned router's own routing: same log p(correct) as MCModel.forward.
 
     Stepping one example runs each layer on the same ``[C, T]`` rows as the plain forward of that
     one example (adding a zero bias to router logits is exact), so the same shapes go through the
     same kernels on any CPU and the float32 scores are bit for bit the same. Only the float64
     log-softmax sums the choices in another order (the env keeps rows length-sorted), hence 1e-12:
-    a float32 difference anywhere upstream would show as ~1e-7 or more.
+    a float32 difference anywhere upstream would show as ~1e-7 or more. With ``rmoe`` the routing
+    state crosses each group boundary in the env's cache, and must come back exactly.
     """
-    env = make(action_mode="bias")
-    model = load_checkpoint(distinct_checkpoint).eval()
+    env = make(action_mode="bias", checkpoint=checkpoint)
+    model = load_checkpoint(checkpoint).eval()
     for i in range(4):
         env.reset(options={"example": i})
         for _ in range(env.G):
@@ -147,7 +155,8 @@ def test_get_set_state_replays_exactly(make):
         assert np.array_equal(o1, o2) and r1 == r2
 
 
-def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make):
+def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make, checkpoint):
+    make = functools.partial(make, checkpoint=checkpoint)
     env = make()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 12, 10)
@@ -178,8 +187,8 @@ def test_evaluate_paths_matches_stepping_and_leaves_loads_alone(make):
     assert np.median(gaps) > 100 * LOGP_ATOL, np.median(gaps)
 
 
-def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make):
-    env = make(reward_mode="process", balance_weight=0.5)
+def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make, checkpoint):
+    env = make(reward_mode="process", balance_weight=0.5, checkpoint=checkpoint)
     env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0
     path = (2, 0, 3)
     res = env.evaluate_prefixes([4] * 4, [path[:n] for n in range(4)])

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from routing_env.moe.balancing import make_strategy
+from routing_env.moe.balancing import attach_reset_hook, make_strategy
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
@@ -97,6 +97,8 @@ def inject_lora_moe(model: MCModel, cfg: MoEConfig) -> list[LoRAMoELinear]:
     model.routing.strategy = strategy
     for moe in layers if strategy is not None else ():
         strategy.attach(moe)
+    if strategy is not None and strategy.state_dim:
+        attach_reset_hook(model)
     model.moe_config = cfg
     return layers
 

@@ -72,12 +72,20 @@ class LoRAMoELinear(nn.Module):
         _, probs, chosen, expert_idx = self._route(x)
         return probs, *self._sparse_gates(probs, chosen, expert_idx)
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(logits [T, E], probs [T, E], chosen [T, E] of 0/1, expert_idx [T, k] or None)`` of flat tokens."""
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` routing logits of flat tokens ``x [T, d_in]``: the linear router, then the strategy's variant.
+
+        A recurrent strategy (``rmoe``) also advances the pass's routing state here, so calling it
+        out of a forward's module order changes the state the next module reads.
+        """
         logits = self.router(x).float()  # [T, E]
         strategy = self.context.strategy
-        if strategy is not None:
-            logits = strategy.scores(self, x, logits)
+        return logits if strategy is None else strategy.scores(self, x, logits)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(logits [T, E], probs [T, E], chosen [T, E] of 0/1, expert_idx [T, k] or None)`` of flat tokens."""
+        logits = self.scores(x)
+        strategy = self.context.strategy
         probs = logits.softmax(dim=-1)
         if strategy is None or not strategy.selects or self.group in self.context.selection_bias:
             # Top-k (an env override forces experts into it, whatever the strategy).

@@ -46,6 +46,10 @@ class RoutingContext:
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # Switch loss per module (x --aux-loss-coef)
     balance_losses: list[torch.Tensor] = field(default_factory=list)  # other strategies' weighted terms per module
     strategy: Any = None  # the model's balancing strategy (None: top-k + the Switch loss, the default)
+    # [T, H] routing state a recurrent strategy (rmoe) passes from module to module within one pass;
+    # None at the start of every pass (a pre-hook on the input embeddings resets it), or set by the
+    # env's stepper to the state cached at a group boundary.
+    router_state: torch.Tensor | None = None
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
     row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
     row_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] assignments
@@ -80,7 +84,7 @@ class RoutingContext:
         self.token_mask = None
         self.selection_bias = {}
         self.compute_aux = self.record_loads = self.record_rows = self.collect_route = False
-        self.row_index = self.num_rows = self.row_example = None
+        self.row_index = self.num_rows = self.row_example = self.router_state = None
         self.reset_records()
 
     def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor, logprob_sum: torch.Tensor) -> None:

@@ -42,21 +42,40 @@ class GroupStepper:
         self.amp_dtype = amp_dtype  # autocast of every group step (None: fp32); outputs are fp32 either way
         self.layers = transformer_layers(model.backbone)
         self.groups = model.moe_config.layer_groups(model.num_layers)
+        # A recurrent router's state (rmoe) travels with the hidden states as their last H
+        # features, so whatever caches, pads or slices boundaries (the env) carries it unchanged.
+        self.state_dim = getattr(model.routing.strategy, "state_dim", 0)
 
     @property
     def num_groups(self) -> int:
         return len(self.groups)
 
+    def split(self, boundary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A boundary ``[R, T, d (+ H)]`` -> ``(hidden [R, T, d], routing state [R*T, H] or None)``."""
+        if not self.state_dim:
+            return boundary, None
+        H = self.state_dim
+        return boundary[..., :-H], boundary[..., -H:].reshape(-1, H)
+
+    def _join(self, hidden: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        if not self.state_dim:
+            return hidden
+        if state is None:
+            state = hidden.new_zeros(hidden.shape[0] * hidden.shape[1], self.state_dim)
+        return torch.cat([hidden, state.reshape(*hidden.shape[:2], -1).to(hidden.dtype)], -1)
+
     @torch.no_grad()
-    def embed(self, rows: Rows) -> torch.Tensor:  # [R, T, d]
+    def embed(self, rows: Rows) -> torch.Tensor:  # [R, T, d (+ H)]
         with autocast(rows.input_ids.device, self.amp_dtype):
-            return self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids).float()
+            hidden = self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids)
+        return self._join(hidden.float(), None)
 
     @torch.no_grad()
     def run_group(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
                   selection_bias: torch.Tensor | None) -> torch.Tensor:
-        """Hidden states ``[R, T, d]`` after layer group ``group``; ``selection_bias [R, E]`` overrides its routing."""
+        """Hidden states ``[R, T, d (+ H)]`` after layer group ``group``; ``selection_bias [R, E]`` overrides its routing."""
         ctx = self.model.routing
+        hidden, ctx.router_state = self.split(hidden)
         ctx.token_mask = attention_mask.bool()
         ctx.selection_bias = {} if selection_bias is None else {group: selection_bias}
         # Off the CPU the mask is always built: transformers' test for skipping it (``mask.all()``) is a
@@ -71,9 +90,20 @@ class GroupStepper:
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         finally:
             ctx.selection_bias = {}
-        return hidden.float()  # cached between steps: fp32 whatever the autocast
+        return self._join(hidden.float(), ctx.router_state)  # cached between steps: fp32 whatever the autocast
+
+    @torch.no_grad()
+    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list) -> torch.Tensor:
+        """``[E]`` mean router probabilities of ``modules`` (a group's entry routers, in forward order)
+        over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
+        hidden, self.model.routing.router_state = self.split(boundary)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [R*T, d]
+        w = attention_mask.reshape(-1, 1).float()  # [R*T, 1]
+        probs = [(m.scores(flat).softmax(-1) * w).sum(0) / w.sum() for m in modules]
+        return torch.stack(probs).mean(0)
 
     @torch.no_grad()
     def row_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # [R]
+        hidden = self.split(hidden)[0]
         with autocast(hidden.device, self.amp_dtype):
             return self.model.score_hidden(hidden, attention_mask).float()

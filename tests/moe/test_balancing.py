@@ -242,3 +242,72 @@ def test_bip_assignment_is_exactly_balanced_when_capacity_allows(seed):
     w[:20] = 0  # padding neither uses capacity nor changes its plain choice
     padded = balanced_assignment(probs, 1, w)
     assert padded[20:].sum(0).tolist() == [25.0] * 4 and torch.equal(padded[:20], topk_mask(probs[:20], 1))
+
+
+def _rmoe_model() -> tuple[nn.Module, list]:
+    module, kind = tiny_bert()
+    model = build_model("lora-moe", backbone_module=(module, kind), moe=MoEConfig(num_groups=2, balance="rmoe")).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.balance_out.weight.normal_(0.0, 2.0, generator=g)
+            m.lora_B.normal_(0.0, 0.5, generator=g)  # experts that differ, and a head that reads them
+        model.head.weight.normal_(0.0, 1.0, generator=g)
+    return model, moe_layers(model)
+
+
+def _record_choices(layers: list) -> dict[str, list[torch.Tensor]]:
+    """Each module's chosen experts ``[T, E]`` per forward, as its forward used them."""
+    seen: dict[str, list[torch.Tensor]] = {m.name: [] for m in layers}
+    for m in layers:
+        route = m._route
+
+        def wrapped(x, route=route, name=m.name):
+            out = route(x)
+            seen[name].append(out[2].clone())
+            return out
+
+        m._route = wrapped
+    return seen
+
+
+def test_rmoe_choice_at_a_layer_changes_when_the_state_from_the_layer_below_changes():
+    model, layers = _rmoe_model()
+    batch = random_pairs_batch()
+    seen = _record_choices(layers)
+    with torch.no_grad():
+        a = model(batch)
+        assert torch.equal(model(batch), a)  # every pass starts from an empty state (the embedding hook)
+    # Perturb only the state leaving the last module of transformer layer 1, once.
+    last = [m for m in layers if m.layer == 1][-1]
+    ctx = model.routing
+
+    def nudge(mod, args, out):
+        ctx.router_state = ctx.router_state + torch.randn(ctx.router_state.shape, generator=torch.Generator().manual_seed(0))
+
+    hook = last.register_forward_hook(nudge)
+    with torch.no_grad():
+        b = model(batch)
+    hook.remove()
+    for m in layers:
+        first, perturbed = seen[m.name][0], seen[m.name][2]
+        if m.layer <= 1:  # at and below the perturbation: the same choices
+            assert torch.equal(first, perturbed), m.name
+    above = [m for m in layers if m.layer == 2]
+    changed = sum(int((seen[m.name][0] != seen[m.name][2]).any(-1).sum()) for m in above)
+    assert changed > 0  # layer 2's routers read the state from layer 1: their choices moved
+    assert not torch.equal(a, b)
+
+
+def test_rmoe_starts_as_the_plain_router():
+    """``O_m = 0`` at init: the recurrent part adds exactly zero, so routing (and logits) are plain top-k's."""
+    batch = random_pairs_batch()
+    out = []
+    for balance in ("aux", "rmoe"):
+        module, kind = tiny_bert()
+        model = build_model("lora-moe", backbone_module=(module, kind), moe=MoEConfig(num_groups=2, balance=balance))
+        with torch.no_grad():
+            for m in moe_layers(model):  # the same non-zero experts in both (B starts at 0)
+                m.lora_B.copy_(torch.linspace(-0.5, 0.5, m.lora_B.numel()).reshape(m.lora_B.shape))
+            out.append(model.eval()(batch))
+    assert torch.equal(out[0], out[1])

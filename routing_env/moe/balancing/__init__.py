@@ -1,7 +1,7 @@
 """Routing and balancing strategies for LoRA-MoE, one interface, chosen by name (``finetune.py --balance``).
 
 ``aux`` (the default, today's ``lora-moe``), ``z-loss``, ``loss-free``, ``top-p``, ``sinkhorn``,
-``bip``, ``loramoe``, ``dynmole`` and ``mar``;
+``bip``, ``loramoe``, ``dynmole``, ``mar`` and ``rmoe``;
 ``+`` combines them (``loss-free+z-loss``, ``top-p+aux``), with at most one strategy that chooses
 the experts. A model's strategy is part of its ``MoEConfig`` (``balance``), so checkpoints, the env
 (search) and stage 3 run on top of whichever one trained it.
@@ -16,15 +16,17 @@ from routing_env.moe.balancing.dynmole import TsallisRouting
 from routing_env.moe.balancing.loramoe import LocalizedBalance
 from routing_env.moe.balancing.loss_free import LossFree
 from routing_env.moe.balancing.mar import MemoryAwareRouting
+from routing_env.moe.balancing.rmoe import RecurrentRouter, attach_reset_hook
 from routing_env.moe.balancing.sinkhorn import SelectiveSinkhorn, sinkhorn_plan
 from routing_env.moe.balancing.top_p import TopP
 from routing_env.moe.balancing.zloss import ZLoss
 
-__all__ = ["STRATEGIES", "Strategy", "Combination", "make_strategy", "topk_mask", "sinkhorn_plan"]
+__all__ = ["STRATEGIES", "Strategy", "Combination", "make_strategy", "topk_mask", "sinkhorn_plan", "attach_reset_hook"]
 
 #: name -> strategy class (constructed with its defaults)
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (SwitchAux, ZLoss, LossFree, TopP, SelectiveSinkhorn,
-                                                             BIP, LocalizedBalance, TsallisRouting, MemoryAwareRouting)}
+                                                             BIP, LocalizedBalance, TsallisRouting, MemoryAwareRouting,
+                                                             RecurrentRouter)}
 
 
 def make_strategy(spec: str) -> Combination:

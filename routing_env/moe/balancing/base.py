@@ -9,6 +9,9 @@ A LoRA-MoE layer asks its model's strategy, on every forward:
 3. ``loss(layer, logits, probs, chosen, w)``: a balancing term for training (``None``: none);
 4. ``update(layer, x, logits, probs, chosen, w)``: state changes after a training forward (no gradient).
 
+A strategy with ``state_dim > 0`` (``rmoe``) carries a per-token state through the pass in
+``RoutingContext.router_state``, which the env caches with the hidden states at group boundaries.
+
 Gates are always the router's probabilities renormalised over the chosen experts. State a strategy
 keeps per layer lives in buffers named ``balance_*`` on the layer, saved with checkpoints.
 """
@@ -37,6 +40,8 @@ class Strategy:
     loss_kind: ClassVar[str] = "balance"
     #: may choose another number of experts than ``top_k`` for a token
     variable_k: ClassVar[bool] = False
+    #: width ``H`` of a per-token routing state carried from module to module in a pass (0: none)
+    state_dim: ClassVar[int] = 0
 
     def attach(self, layer: Any) -> None:
         """Register this strategy's per-layer state on ``layer`` (buffers named ``balance_*``)."""
@@ -69,6 +74,7 @@ class Combination(Strategy):
         self.chooser = choosers[0] if choosers else None
         self.selects = self.chooser is not None  # type: ignore[misc]
         self.variable_k = any(p.variable_k for p in parts)  # type: ignore[misc]
+        self.state_dim = max((p.state_dim for p in parts), default=0)  # type: ignore[misc]
 
     def attach(self, layer: Any) -> None:
         for p in self.parts:
