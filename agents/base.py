@@ -84,16 +84,18 @@ def run_agent(agent: Any, env: Any, example_ids: Sequence[int]) -> list[SearchRe
     return results
 
 
-def summarize(results: Sequence[SearchResult]) -> dict:
+def summarize(results: Sequence[SearchResult], group_experts: Sequence[int] | None = None) -> dict:
     """Outcome and balance of a set of chosen paths.
 
     ``load_share [G][E]`` sums the paths' expert-assignment counts per group; ``cv`` / ``max_over_mean``
-    / ``norm_entropy`` are per group over those shares (``cv_mean`` their mean over groups).
+    / ``norm_entropy`` are per group over those shares (``cv_mean`` their mean over groups), over
+    the group's own ``group_experts[g]`` experts when given (a MoLA model's lower groups have fewer).
     """
     from routing_env.moe.routing import load_stats
 
     loads = np.sum([r.loads for r in results], axis=0)  # [G, E]
-    stats = [load_stats(row) for row in loads]
+    widths = list(group_experts) if group_experts is not None else [loads.shape[1]] * len(loads)
+    stats = [load_stats(row[:w]) for row, w in zip(loads, widths)]
     return {
         "examples": len(results),
         "outcome_mean": float(np.mean([r.outcome for r in results])),

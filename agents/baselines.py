@@ -13,6 +13,17 @@ def _group(obs: np.ndarray, env: Any) -> int:
     return int(np.argmax(obs[: env.G]))  # the observation starts with the group one-hot
 
 
+def _num_actions(env: Any, g: int) -> int:
+    """Valid actions at group ``g`` (fewer in a MoLA model's lower groups; envs without ``num_actions``: all)."""
+    return env.num_actions(g) if hasattr(env, "num_actions") else int(env.action_space.n)
+
+
+def _valid(obs: np.ndarray, env: Any) -> np.ndarray:  # [A] float 0/1
+    valid = np.zeros(int(env.action_space.n))
+    valid[: _num_actions(env, _group(obs, env))] = 1.0
+    return valid
+
+
 class RouterAgent:
     """The learned router's own preference: the action with the highest router prior, every group."""
 
@@ -34,10 +45,11 @@ class RandomAgent:
         self.seed, self.rng = seed, np.random.default_rng(seed)
 
     def act(self, obs: np.ndarray, env: Any) -> int:
-        return int(self.rng.integers(env.action_space.n))
+        return int(self.rng.choice(np.flatnonzero(_valid(obs, env))))
 
     def policy(self, obs: np.ndarray, env: Any) -> np.ndarray:
-        return np.full(env.action_space.n, 1.0 / env.action_space.n)
+        valid = _valid(obs, env)
+        return valid / valid.sum()
 
     def config(self) -> dict:
         return {"seed": self.seed}
@@ -53,7 +65,7 @@ class RoundRobinAgent:
         g = _group(obs, env)
         n = self.counts.get(g, 0)
         self.counts[g] = n + 1
-        return (n + g) % int(env.action_space.n)
+        return (n + g) % _num_actions(env, g)
 
     def config(self) -> dict:
         return {}

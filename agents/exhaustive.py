@@ -1,7 +1,7 @@
 """The exact oracle: every path of the routing tree, exact Q* of every group choice.
 
-With ``A`` actions and ``G`` groups a question has ``A**G`` paths; the tree has ``A + A**2 + ... +
-A**G`` non-root nodes, each one group forward (prefixes are cached, so a node is computed once).
+With ``A`` actions and ``G`` groups a question has ``A**G`` paths (a MoLA model: the product of
+its groups' expert counts); the tree has ``A + A**2 + ... + A**G`` non-root nodes, each one group forward (prefixes are cached, so a node is computed once).
 For MiniLM's default (E=4 primary actions, G=3) that is 84 group forwards per question, fewer than
 MCTS spends at 32 simulations per group, and every value is exact. Where that is affordable this is
 the right target source and the ground truth MCTS is measured against; MCTS is for trees too big to
@@ -29,13 +29,14 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
     """``Q*`` of every non-terminal node of every example's tree: ``{prefix: Q [A]}`` per example.
 
     One ``env.evaluate_prefixes`` call per tree level over all examples together, so the whole
-    batch costs ``G`` batched calls.
+    batch costs ``G`` batched calls. Actions a group lacks (MoLA) have ``Q = NaN``.
     """
     A, G = int(env.action_space.n), env.G
+    widths = _widths(env)
     ids = [int(i) for i in example_ids]
     reward: list[dict[tuple, float]] = [{} for _ in ids]  # edge reward into each node
     for depth in range(1, G + 1):
-        level = _prefixes(A, depth)  # every prefix of this many groups
+        level = _prefixes(widths, depth)  # every prefix of this many groups
         res = env.evaluate_prefixes([i for i in ids for _ in level], [p for _ in ids for p in level])
         for n in range(len(ids)):
             for m, p in enumerate(level):
@@ -44,23 +45,30 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
     for n in range(len(ids)):
         q: dict[tuple, np.ndarray] = {}
         for depth in range(G - 1, -1, -1):  # leaves' parents first
-            for p in _prefixes(A, depth):
-                v_child = [0.0 if depth + 1 == G else float(q[p + (a,)].max()) for a in range(A)]
-                q[p] = np.array([reward[n][p + (a,)] + v_child[a] for a in range(A)])
+            for p in _prefixes(widths, depth):
+                q[p] = np.full(A, np.nan)
+                for a in range(widths[depth]):
+                    q[p][a] = reward[n][p + (a,)] + (0.0 if depth + 1 == G else float(np.nanmax(q[p + (a,)])))
         out.append(q)
     return out
 
 
-def _prefixes(A: int, depth: int) -> list[tuple]:
-    """Every action prefix of ``depth`` groups, in lexicographic order."""
-    return list(itertools.product(range(A), repeat=depth))
+def _widths(env: Any) -> list[int]:
+    """``[G]`` valid actions per group (all of ``action_space.n`` unless the env says fewer)."""
+    n = int(env.action_space.n)
+    return [env.num_actions(g) if hasattr(env, "num_actions") else n for g in range(env.G)]
+
+
+def _prefixes(widths: Sequence[int], depth: int) -> list[tuple]:
+    """Every action prefix of ``depth`` groups (``widths[g]`` actions at group g), in lexicographic order."""
+    return list(itertools.product(*(range(w) for w in widths[:depth])))
 
 
 def optimal_path(q: dict[tuple, np.ndarray], num_groups: int) -> tuple:
-    """The path that takes the best ``Q*`` action at every group (ties to the lower index)."""
+    """The path that takes the best ``Q*`` action at every group (ties to the lower index; NaN: no such action)."""
     p: tuple = ()
     for _ in range(num_groups):
-        p = p + (int(np.argmax(q[p])),)
+        p = p + (int(np.nanargmax(q[p])),)
     return p
 
 
@@ -80,11 +88,10 @@ class ExhaustiveAgent:
         self.temperature, self.batch_size, self.max_paths = temperature, batch_size, max_paths
 
     def _check(self, env: Any) -> None:
-        paths = int(env.action_space.n) ** env.G
+        paths = int(np.prod(_widths(env)))
         if paths > self.max_paths:
-            raise ValueError(f"the routing tree has {paths} paths per question ({int(env.action_space.n)} actions, "
-                             f"{env.G} groups), above max_paths={self.max_paths}: use --agent mcts for trees this big, "
-                             "or raise max_paths")
+            raise ValueError(f"the routing tree has {paths} paths per question ({_widths(env)} actions per group), "
+                             f"above max_paths={self.max_paths}: use --agent mcts for trees this big, or raise max_paths")
 
     def search(self, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
         self._check(env)
@@ -92,13 +99,13 @@ class ExhaustiveAgent:
         for start in range(0, len(example_ids), self.batch_size):
             ids = [int(i) for i in example_ids[start : start + self.batch_size]]
             qs = exhaustive_q(env, ids)
-            A, G = int(env.action_space.n), env.G
+            G, widths = env.G, _widths(env)
             paths = [optimal_path(q, G) for q in qs]
             # Each group's Q* at the node the optimal path reaches.
             values = np.array([[q[p[:g]] for g in range(G)] for q, p in zip(qs, paths)])  # [B, G, A]
             targets = q_targets(values, self.temperature)
             final = env.evaluate_paths(ids, [list(p) for p in paths])
-            nodes = sum(A**g for g in range(1, G + 1))
+            nodes = sum(int(np.prod(widths[:g])) for g in range(1, G + 1))
             for n, i in enumerate(ids):
                 r = SearchResult(example=i, targets=targets[n], values=values[n], path=np.array(paths[n]),
                                  outcome=float(final["outcome"][n]), correct=bool(final["correct"][n]),
@@ -112,11 +119,11 @@ class ExhaustiveAgent:
         """The first action of the optimal path from the env's current node (enumerates its subtree)."""
         self._check(env)
         s = env.get_state()
-        A, rest = int(env.action_space.n), env.G - len(s.prefix)
+        rest = env.G - len(s.prefix)
         best, best_return = 0, -np.inf
         # Enumerate the subtree's complete paths and score them in one batch; the return from here on
         # is what differs between them (the prefix's rewards are shared).
-        tails = _prefixes(A, rest)
+        tails = _prefixes(_widths(env)[len(s.prefix):], rest)
         res = env.evaluate_paths([s.example] * len(tails), [list(s.prefix) + list(t) for t in tails])
         for t, o, b in zip(tails, res["outcome"], res["balance"]):
             if o + b > best_return:

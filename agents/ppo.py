@@ -105,6 +105,10 @@ class PPOAgent:
         if not isinstance(env.action_space, gym.spaces.Discrete):
             raise ValueError("PPOAgent makes routing targets from a discrete action distribution; use action_mode "
                              "'primary' or 'combo'")
+        if len(set(getattr(env, "group_experts", [0]))) > 1:
+            raise ValueError(f"PPOAgent samples from all {env.action_space.n} actions, but this MoLA model's groups have "
+                             f"{env.group_experts} experts; stable-baselines3's PPO cannot mask actions: search it with "
+                             "--agent exhaustive or mcts")
         if self.model_path and Path(self.model_path).is_file():
             self.model = PPO.load(self.model_path, device="cpu")
             return

@@ -3,6 +3,9 @@
     python -m routing_env.compare --task arc-easy --methods all --seeds 0,1,2
     python -m routing_env.compare --task arc-easy --methods aux,loss-free --seeds 0 --train-limit 500
 
+``mola`` is MoLA's layout, more experts in higher layers (``MOLA_EXPERTS`` per layer, the same
+24 experts in all as 4 per layer), with the Switch loss; ``mola+S`` puts strategy S on that layout.
+
 For every strategy S (``routing_env.moe.balancing``): the lora-moe run trained with S, and S +
 LayerMoE, which continues that same run from its warm-up checkpoint with routing targets from the
 exact oracle (the setting chosen on dev in the LayerMoE ablations: softmax of Q* at temperature
@@ -24,11 +27,21 @@ from routing_env.moe.balancing import STRATEGIES, make_strategy
 from routing_env.results import write_table
 from routing_env.utils import cfg_field, make_writer, run_cli, save_config
 
-__all__ = ["CompareConfig", "main", "LAYERMOE"]
+__all__ = ["CompareConfig", "main", "LAYERMOE", "MOLA_EXPERTS", "strategies"]
 
 #: LayerMoE's best setting from the dev ablations (results/ablations.md)
 LAYERMOE = {"target_form": "softmax", "target_temperature": 0.05, "target_balance": "sinkhorn", "beta": 1.0,
             "balance_weight": 0.1}
+
+#: MoLA's per-layer expert counts for a 6-layer backbone (MiniLM): 2-4-6 from the bottom layer group up
+MOLA_EXPERTS = [2, 2, 4, 4, 6, 6]
+
+
+def _split_mola(name: str) -> tuple[str, bool]:
+    """``"mola+loss-free"`` -> ``("loss-free", True)``; ``"mola"`` -> ``("aux", True)``."""
+    parts = [p.strip() for p in name.split("+")]
+    rest = "+".join(p for p in parts if p != "mola")
+    return rest or "aux", "mola" in parts
 
 
 @dataclass
@@ -37,7 +50,7 @@ class CompareConfig:
 
     task: str = cfg_field("arc-easy", "task name or your own data (as in routing_env.pipeline)")
     methods: list[str] = cfg_field(["all"], f"comma-separated strategies or combinations ({', '.join(STRATEGIES)}, "
-                                   "e.g. loss-free+z-loss), or all")
+                                   "mola, e.g. loss-free+z-loss or mola+loss-free), or all")
     seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds")
     epochs: int = cfg_field(2, "epochs of every run (LayerMoE: warm-up + stage 3)")
     train_limit: int | None = cfg_field(None, "use only the first N training questions")
@@ -51,10 +64,13 @@ class CompareConfig:
 
 
 def strategies(names: list[str]) -> list[str]:
-    """``["all"]`` -> every strategy; otherwise the names, each checked (errors list the valid ones)."""
-    chosen = list(STRATEGIES) if names == ["all"] else names
+    """``["all"]`` -> every strategy and ``mola``; otherwise the names, each checked (errors list the valid ones)."""
+    chosen = list(STRATEGIES) + ["mola"] if names == ["all"] else names
     for name in chosen:
-        make_strategy(name)
+        try:
+            make_strategy(_split_mola(name)[0])
+        except ValueError as e:
+            raise ValueError(f"{e}; or mola (MoLA's expert counts, alone or as mola+<strategy>)") from None
     return chosen
 
 
@@ -63,10 +79,11 @@ def main(cfg: CompareConfig) -> dict:
     table: dict[str, dict] = {}
     budget: dict = {}
     for name in tqdm(chosen, desc="strategies", unit="strategy"):
-        pcfg = pipeline.PipelineConfig(
+        balance, mola = _split_mola(name)
+        pcfg = pipeline.PipelineConfig(num_experts=MOLA_EXPERTS if mola else [4],
             task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
             train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
-            data_dir=cfg.data_dir, device=cfg.device, balance=name, logdir=str(Path(cfg.logdir) / name),
+            data_dir=cfg.data_dir, device=cfg.device, balance=balance, logdir=str(Path(cfg.logdir) / name),
             results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)
         rows = pipeline.main(pcfg)
         if "lora-moe" in rows:

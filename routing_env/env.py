@@ -143,10 +143,16 @@ class RoutingEnv(PlanningMixin, gym.Env):
             self._regroup(num_groups, group_sizes)
         self.stepper = GroupStepper(self.model, autocast_dtype(precision, self.device))
         self.G = self.stepper.num_groups
-        self.E, self.k = self._uniform_experts()
-        if num_experts is not None and num_experts != self.E:
-            raise ValueError(f"the env expects {num_experts} experts per layer, the checkpoint has {self.E}; "
+        #: experts of each group's layers; a MoLA model (``--num-experts 2,2,4,4,6,6``) has more in higher groups
+        self.group_experts, self.k = self._group_experts()
+        self.E = max(self.group_experts)  # the width of actions, priors, loads and observations
+        if num_experts is not None and {num_experts} != set(self.group_experts):
+            has = self.E if len(set(self.group_experts)) == 1 else f"{self.group_experts} per group"
+            raise ValueError(f"the env expects {num_experts} experts per layer, the checkpoint has {has}; "
                              f"pass a checkpoint trained with --num-experts {num_experts} or drop num_experts")
+        if len(set(self.group_experts)) > 1 and action_mode != "primary":
+            raise ValueError(f"action_mode={action_mode!r} needs the same expert count in every group; this model has "
+                             f"{self.group_experts} per group (MoLA): use action_mode='primary'")
         self.combos = list(itertools.combinations(range(self.E), self.k))
         self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
         # Visited examples' token rows: bounded too (RACE has ~88k questions), by an eighth of
@@ -184,14 +190,32 @@ class RoutingEnv(PlanningMixin, gym.Env):
             m.group = group_of[m.layer]
         self.model.moe_config.num_groups, self.model.moe_config.group_sizes = len(groups), [len(g) for g in groups]
 
-    def _uniform_experts(self) -> tuple[int, int]:
+    def _group_experts(self) -> tuple[list[int], int]:
+        """``([E_g] per group, k)``: a group action forces one expert in all of its layers, so they need one count."""
         layers = moe_layers(self.model)
         if not layers:
             raise ValueError("the model has no LoRA-MoE layers; the env needs a checkpoint trained with --method lora-moe")
-        counts = {(m.num_experts, m.top_k) for m in layers}
-        if len(counts) != 1:
-            raise ValueError(f"the env needs the same expert count and top-k in every layer; this model has {sorted(counts)}")
-        return counts.pop()
+        ks = {m.top_k for m in layers}
+        if len(ks) != 1:
+            raise ValueError(f"the env needs the same top-k in every layer; this model has {sorted(ks)}")
+        counts = []
+        for g in range(self.stepper.num_groups):
+            here = sorted({m.num_experts for m in layers if m.group == g})
+            if len(here) != 1:
+                raise ValueError(f"the env needs one expert count per layer group; group {g} has layers with {here} "
+                                 "experts: regroup (group_sizes) so that each group's layers have the same count")
+            counts.append(here[0])
+        return counts, ks.pop()
+
+    def num_actions(self, g: int) -> int:
+        """Valid actions at group ``g``: ``[0, num_actions(g))`` (fewer than ``action_space.n`` in a MoLA model's lower groups)."""
+        return self.group_experts[g] if self.action_mode == "primary" else int(self.action_space.n)
+
+    def action_masks(self) -> np.ndarray:
+        """``[A]`` bool: the actions valid at the current step (sb3-contrib's ``MaskablePPO`` convention)."""
+        mask = np.zeros(self.action_space.n, bool)
+        mask[: self.num_actions(min(len(self._prefix), self.G - 1))] = True
+        return mask
 
     def _entry_routers(self) -> list[list]:
         """Per group, the MoE modules that read exactly the hidden state entering the group.
@@ -236,8 +260,8 @@ class RoutingEnv(PlanningMixin, gym.Env):
         return cached
 
     # ---- actions and cached transitions ----------------------------------------------------------
-    def _action_key(self, action: Any) -> int | tuple:
-        """Validate an action and return its hashable form (the cache key's path element)."""
+    def _action_key(self, action: Any, group: int | None = None) -> int | tuple:
+        """Validate an action (at ``group``, when given) and return its hashable form (the cache key's path element)."""
         if self.action_mode == "bias":
             a = np.asarray(action, dtype=np.float32)
             if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):
@@ -246,10 +270,15 @@ class RoutingEnv(PlanningMixin, gym.Env):
         a = np.asarray(action)
         if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a) < self.action_space.n:
             raise ValueError(f"{self.action_mode} action must be an integer in [0, {self.action_space.n}), got {action!r}")
+        if group is not None and group < self.G and int(a) >= self.num_actions(group):
+            raise ValueError(f"group {group} has {self.num_actions(group)} experts (per group: {self.group_experts}): "
+                             f"its action must be an integer in [0, {self.num_actions(group)}), got {int(a)} "
+                             "(env.action_masks() gives the valid actions)")
         return int(a)
 
-    def _selection_bias(self, key: int | tuple, rows: int) -> torch.Tensor:  # [rows, E]
-        bias = torch.zeros(self.E)
+    def _selection_bias(self, key: int | tuple, rows: int, group: int) -> torch.Tensor:  # [rows, E_g]
+        E = self.group_experts[group]
+        bias = torch.zeros(E)
         if self.action_mode == "primary":
             bias[key] = float("inf")
         elif self.action_mode == "combo":
@@ -257,7 +286,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
             bias[list(self.combos[key])] = 0.0
         else:
             bias = torch.tensor(key, dtype=torch.float32) * BIAS_SCALE
-        return bias.expand(rows, self.E).to(self.device)
+        return bias.expand(rows, E).to(self.device)
 
     def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:
         """Hidden states entering group ``len(prefix)`` after routing ``prefix``, and the last group's loads."""
@@ -301,13 +330,14 @@ class RoutingEnv(PlanningMixin, gym.Env):
         T = max(h.shape[1] for h in hiddens)
         hidden = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in hiddens])  # [R, T, d]
         mask = torch.cat([F.pad(m, (0, T - m.shape[1])) for m in masks])  # [R, T]
-        bias = torch.cat([self._selection_bias(k, h.shape[0]) for k, h in zip(keys, hiddens)])  # [R, E]
+        bias = torch.cat([self._selection_bias(k, h.shape[0], group) for k, h in zip(keys, hiddens)])  # [R, E_g]
         ctx = self.model.routing
         ctx.reset_records()
         ctx.record_rows = True
         try:
             out = self.stepper.run_group(hidden, mask, group, bias)
-            counts = ctx.row_counts[group].cpu().numpy()  # [R, E]
+            counts = ctx.row_counts[group].cpu().numpy()  # [R, E_g]
+            counts = np.pad(counts, ((0, 0), (0, self.E - counts.shape[1])))  # [R, E]: a MoLA group's missing experts at 0
         finally:
             ctx.record_rows = False
             ctx.reset_records()
@@ -320,7 +350,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     # ---- observation and rewards -----------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
-        """``[E]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
+        """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
         return self._router_probs_t(i, prefix).cpu().numpy()
 
     def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E] float32, on the model's device
@@ -328,8 +358,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
         return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)])
 
     def _load_share(self, g: int) -> np.ndarray:
-        total = self.load_stats[g].sum()
-        return self.load_stats[g] / total if total > 0 else np.full(self.E, 1.0 / self.E)
+        """``[E]`` running load shares of group ``g`` (uniform before any load; 0 beyond a MoLA group's experts)."""
+        total, E = self.load_stats[g].sum(), self.group_experts[g]
+        return self.load_stats[g] / total if total > 0 else np.pad(np.full(E, 1.0 / E), (0, self.E - E))
 
     def _observation(self) -> np.ndarray:
         g = len(self._prefix)
@@ -340,14 +371,16 @@ class RoutingEnv(PlanningMixin, gym.Env):
         obs[self.G + 2 * self.E :] = torch.tanh(self.projection @ pooled).cpu().numpy()
         if g < self.G:
             obs[g] = 1.0
-            obs[self.G : self.G + self.E] = self.router_probs(self._example, self._prefix)
+            probs = self.router_probs(self._example, self._prefix)
+            obs[self.G : self.G + len(probs)] = probs
             obs[self.G + self.E : self.G + 2 * self.E] = self._load_share(g)
         return np.clip(obs, self.observation_space.low, self.observation_space.high)
 
     def balance_reward(self, g: int, counts: np.ndarray) -> float:
-        """``-w E sum_e p_e (s_e - 1/E)``: what routing ``counts [E]`` in group ``g`` costs for balance."""
-        p = counts / max(counts.sum(), 1.0)
-        return float(-self.balance_weight * self.E * np.dot(p, self._load_share(g) - 1.0 / self.E))
+        """``-w E sum_e p_e (s_e - 1/E)``: what routing ``counts [E]`` in group ``g`` costs for balance (E: the group's)."""
+        E = self.group_experts[g]
+        p = counts[:E] / max(counts.sum(), 1.0)
+        return float(-self.balance_weight * E * np.dot(p, self._load_share(g)[:E] - 1.0 / E))
 
     def outcome(self, i: int, prefix: tuple) -> tuple[float, bool]:
         """``(log p(correct), correct)`` of a complete path."""
@@ -380,8 +413,8 @@ class RoutingEnv(PlanningMixin, gym.Env):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._done:
             raise ValueError("step() called after the episode ended; call reset() first")
-        key = self._action_key(action)
         g = len(self._prefix)
+        key = self._action_key(action, g)
         self._prefix = self._prefix + (key,)
         _, counts = self._boundary(self._example, self._prefix)
         self._episode_loads[g] = counts

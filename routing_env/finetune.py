@@ -210,11 +210,13 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
             raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
         layers = moe_layers(model)
         # The targets must come from a search on exactly this model (same tensors, groups, experts).
+        group_experts = [max(m.num_experts for m in layers if m.group == g) for g in range(model.moe_config.num_groups)]
+        E = max(group_experts)
         table = TargetTable(load_targets(cfg.targets), {
-            "task": source.name, "fingerprint": model_fingerprint(model),
-            "num_groups": model.moe_config.num_groups, "num_experts": layers[0].num_experts,
-            "num_actions": layers[0].num_experts}, cfg.route_weighting, cfg.target_balance, cfg.target_form,
-            cfg.target_temperature)
+            "task": source.name, "fingerprint": model_fingerprint(model), "num_groups": model.moe_config.num_groups,
+            "num_experts": E, "num_actions": E,
+            **({"group_experts": group_experts} if len(set(group_experts)) > 1 else {})}, cfg.route_weighting,
+            cfg.target_balance, cfg.target_form, cfg.target_temperature)
         ctx.print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
         hist = table.histogram()
         ctx.print("layermoe: mean target per expert, by group: " + "; ".join(
@@ -291,7 +293,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
                 paths = table.batch_paths(batch.ids)  # [B, G]
                 paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
                 row_example = model.row_examples(batch)  # [R]
-                model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, layers[0].num_experts)
+                model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, table.group_experts)
             with autocast(device, amp):
                 logits = net(batch).float()  # [B, C]
             model.routing.selection_bias = {}

@@ -53,6 +53,9 @@ class PipelineConfig:
     backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
     balance: str = cfg_field("aux", "routing / balancing strategy of the lora-moe runs (layermoe inherits it): aux, "
                              "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.compare runs them all)")
+    num_experts: list[int] = cfg_field([4], "experts per layer of the lora-moe runs: one number, or one per layer "
+                                       "(MoLA, e.g. 2,2,4,4,6,6; every layer group needs one count). Another value, "
+                                       "like another --balance, needs its own --logdir")
     train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
     search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "
@@ -123,7 +126,8 @@ def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool
     """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
     return _stage(cfg, root, name, "results.json", lambda: finetune.main(finetune.Config(
         **_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
-        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, balance=cfg.balance, **kw)),
+        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, balance=cfg.balance,
+        num_experts=cfg.num_experts, **kw)),
         force)
 
 

@@ -64,7 +64,7 @@ class PlanningMixin:
 
     # ---- batched transitions ---------------------------------------------------------------------
     def _keyed(self, prefix: Sequence[Any]) -> tuple:
-        return tuple(self._action_key(a) for a in prefix)
+        return tuple(self._action_key(a, g) for g, a in enumerate(prefix))
 
     def prefetch(self, nodes: Sequence[Node]) -> None:
         """Compute every uncached boundary on the way to ``nodes``: one batched forward per group level."""
@@ -84,8 +84,8 @@ class PlanningMixin:
     def action_priors(self, i: int, prefix: tuple) -> np.ndarray:
         """``[A]`` the learned router's preference over the actions at group ``len(prefix)``.
 
-        ``primary``: its mean expert probabilities; ``combo``: the product of the members'
-        probabilities, renormalised. Undefined in ``bias`` mode (continuous actions).
+        ``primary``: its mean expert probabilities (0 for the actions a MoLA group lacks); ``combo``:
+        the product of the members' probabilities, renormalised. Undefined in ``bias`` mode (continuous actions).
         """
         return self._priors_from_probs(self.router_probs(i, prefix))
 
@@ -94,7 +94,7 @@ class PlanningMixin:
             p = np.array([np.prod(p[list(c)]) for c in self.combos])
         elif self.action_mode != "primary":
             raise ValueError("action priors need a discrete action mode ('primary' or 'combo'), not 'bias'")
-        return p / p.sum()
+        return np.pad(p / p.sum(), (0, int(self.action_space.n) - len(p)))
 
     def evaluate_prefixes(self, example_ids: Any, prefixes: Sequence[Sequence[Any]]) -> dict[str, np.ndarray]:
         """Expand many search-tree nodes at once (one batched forward per group level).

@@ -155,9 +155,11 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     n = min(cfg.num_examples, len(env.examples))
     example_ids = list(range(n))
     out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
+    widths = list(getattr(env, "group_experts", [env.E] * env.G))  # experts per group (MoLA: not all E)
     header = {
         "env_id": cfg.env, "task": env.task, "split": cfg.split, "fingerprint": env.fingerprint,
         "num_groups": env.G, "num_experts": env.E, "num_actions": int(env.action_space.n), "top_k": env.k,
+        "group_experts": widths,
         "action_mode": env.action_mode, "agent": cfg.agent, "agent_config": agent_config,
         "balance_weight": cfg.balance_weight, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else "default-warmup",
     }
@@ -216,10 +218,10 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
             writer.add_scalar("search/time_per_simulation_ms", 1e3 * seconds * len(batch) / sims, step)
             writer.add_scalar("search/depth", float(np.mean([r.extra["depth"] for r in batch])), step)
             writer.add_scalar("search/visit_share_of_chosen", float(np.mean([r.targets.max(1).mean() for r in batch])), step)
-        summary = agents.summarize(results)
+        summary = agents.summarize(results, widths)
         for g in range(env.G):
             writer.add_scalar(f"routing/cv_group_{g}", summary["cv"][g], step)
-            for e in range(env.E):
+            for e in range(widths[g]):
                 writer.add_scalar(f"routing/load_share_g{g}_e{e}", summary["load_share"][g][e], step)
         writer.add_scalar("routing/cv_mean", summary["cv_mean"], step)
         bar.update(len(chunk))
@@ -229,11 +231,11 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     if not ctx.is_main:  # rank 0 compares with the router and writes the summary
         writer.close()
         return ctx.broadcast(None)
-    summary = {"agent": agents.summarize(results)}
+    summary = {"agent": agents.summarize(results, widths)}
     if cfg.compare_router:
         saved = env.load_stats.copy()
         env.load_stats[:] = 0.0  # the router's paths, scored from the same starting loads as the search
-        summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids))
+        summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids), widths)
         env.load_stats = saved
     summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start)
     rows = {k: v for k, v in summary.items() if k in ("agent", "router")}

@@ -110,8 +110,11 @@ def _target_form(record: dict, form: str, temperature: float) -> np.ndarray:
     return q_targets(q, 0.0 if form == "onehot" else temperature)
 
 
-def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor, num_experts: int) -> dict[int, torch.Tensor]:
-    """Teacher forcing: ``paths [B, G]`` (-1 = free) -> per group a ``[R, E]`` selection bias for the batch's rows.
+def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor,
+                      group_experts: int | Sequence[int]) -> dict[int, torch.Tensor]:
+    """Teacher forcing: ``paths [B, G]`` (-1 = free) -> per group a ``[R, E_g]`` selection bias for the batch's rows.
+
+    ``group_experts``: the experts of every group (one number), or of each (a MoLA model).
 
     ``row_example [R]`` is the example of each (question, choice) row; a forced row puts its
     example's searched expert into every token's top-k in that group, as the env's primary action does.
@@ -119,7 +122,9 @@ def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor, num_expert
     from routing_env.moe.routing import primary_bias
 
     per_row = paths[row_example]  # [R, G]
-    return {g: primary_bias(per_row[:, g], num_experts) for g in range(paths.shape[1])}
+    G = paths.shape[1]
+    widths = [group_experts] * G if isinstance(group_experts, int) else list(group_experts)
+    return {g: primary_bias(per_row[:, g], widths[g]) for g in range(G)}
 
 
 class TargetTable:
@@ -137,13 +142,15 @@ class TargetTable:
         if targets.header.get("action_mode", "primary") != "primary":
             raise ValueError("stage 3 needs per-expert targets (a search with action_mode='primary')")
         self.G, self.E = targets.header["num_groups"], targets.header["num_experts"]
+        #: experts per group (MoLA: fewer in lower groups; their targets are 0 beyond)
+        self.group_experts = list(targets.header.get("group_experts") or [self.E] * self.G)
         self.targets = {k: _target_form(r, form, temperature) for k, r in targets.records.items()}
         self.paths = {k: np.asarray(r["path"], dtype=int) for k, r in targets.records.items()}
         if balancing == "sinkhorn" and self.targets:
             keys = list(self.targets)
             stacked = np.stack([self.targets[k] for k in keys])  # [N, G, E]
-            for g in range(self.G):
-                stacked[:, g] = balance_targets(stacked[:, g])
+            for g, w in enumerate(self.group_experts):
+                stacked[:, g, :w] = balance_targets(stacked[:, g, :w])
             self.targets = dict(zip(keys, stacked))
         gaps = {k: self._gap(r["values"]) for k, r in targets.records.items()}
         mean_gap = np.mean([g for v in gaps.values() for g in v if g > 0] or [1.0])

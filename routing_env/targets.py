@@ -4,7 +4,8 @@ JSON Lines, written incrementally so an interrupted search resumes where it stop
 
 * line 1, the header: ``{"format": "routing-targets", "version": 1, "env_id", "task", "split",
   "fingerprint" (of the warm-up model), "num_groups" G, "num_experts" E, "num_actions" A,
-  "action_mode", "agent", "agent_config", ...}``;
+  "group_experts" [G] (experts per group, all E unless the model is MoLA), "action_mode", "agent",
+  "agent_config", ...}``;
 * then one record per example: ``{"example", "id", "targets" [G][A], "values" [G][A] (null = not
   estimated), "path" [G], "outcome", "correct", "loads" [G][E], "balance"}``.
 
@@ -30,7 +31,7 @@ __all__ = ["FORMAT", "VERSION", "MATCH_KEYS", "TargetsError", "RoutingTargets", 
 
 FORMAT, VERSION = "routing-targets", 1
 #: Header fields that must agree between a targets file and the model/env it is used with.
-MATCH_KEYS = ("task", "fingerprint", "num_groups", "num_experts", "num_actions", "action_mode")
+MATCH_KEYS = ("task", "fingerprint", "num_groups", "num_experts", "num_actions", "action_mode", "group_experts")
 
 
 class TargetsError(ValueError):
@@ -78,6 +79,12 @@ def _parse_record(line: str, path: Path, lineno: int, header: dict) -> dict:
     p = np.asarray(rec["path"], dtype=int)
     if p.shape != (G,) or (p < 0).any() or (p >= A).any():
         raise TargetsError(f"{where}: path of example {rec['id']!r} must be {G} actions in [0, {A}), got {rec['path']}")
+    widths = header.get("group_experts")
+    if widths is not None and header.get("action_mode", "primary") == "primary":  # MoLA: fewer experts below
+        for g, w in enumerate(widths):
+            if p[g] >= w or t[g, w:].any():
+                raise TargetsError(f"{where}: group {g} has {w} experts (header group_experts {widths}), but example "
+                                   f"{rec['id']!r} routes or targets an expert at index {w} or above there")
     rec["targets"], rec["path"] = t, p
     try:
         values = np.array([[np.nan if x is None else x for x in row] for row in rec.get("values", [[None] * A] * G)], float)

@@ -64,7 +64,7 @@ class RoutingVectorEnv(VectorEnv):
 
     def step(self, actions: Any):
         env = self.env
-        keys = [None if self._autoreset[j] else env._action_key(actions[j]) for j in range(self.num_envs)]
+        keys = [None if self._autoreset[j] else env._action_key(actions[j], len(self._slots[j].prefix)) for j in range(self.num_envs)]
         self._prefetch(keys)
         obs, rewards = [], np.zeros(self.num_envs)
         terminated, truncated = np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)

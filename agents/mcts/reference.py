@@ -51,7 +51,9 @@ class RefTree:
             scores = []
             for a, p in enumerate(node.prior):
                 child = node.children.get(a)
-                if child is None:
+                if p < 0:  # no such action at this node
+                    scores.append(-math.inf)
+                elif child is None:
                     scores.append(fpu + c_puct * p * sqrt_n)
                 else:
                     scores.append(self._norm(child.q()) + c_puct * p * sqrt_n / (1.0 + child.visits))

@@ -89,14 +89,18 @@ def search_tree(evaluate: Callable[[list[tuple]], tuple[np.ndarray, np.ndarray, 
     """Run ``cfg.num_simulations`` simulations on ``batch`` fresh trees; returns the ``Tree``.
 
     ``evaluate(paths)`` receives one action tuple per tree (``()`` = the root) and returns the
-    nodes' ``prior [B, A]``, edge ``reward [B]`` and ``value [B]`` (return-to-go estimate).
+    nodes' ``prior [B, A]`` (negative: no such action), edge ``reward [B]`` and ``value [B]``
+    (return-to-go estimate).
     """
     tree = new_tree(batch, cfg.num_simulations, num_actions, max_depth)
     prior, _, value = evaluate([()] * batch)
-    if cfg.dirichlet_fraction > 0:
+    if cfg.dirichlet_fraction > 0:  # over the actions each root has (prior >= 0)
         rng = rng if rng is not None else np.random.default_rng()
-        noise = rng.dirichlet(np.full(num_actions, cfg.dirichlet_alpha), size=batch)
-        prior = (1 - cfg.dirichlet_fraction) * prior + cfg.dirichlet_fraction * noise
+        prior = prior.copy()
+        for b in range(batch):
+            valid = prior[b] >= 0
+            noise = rng.dirichlet(np.full(int(valid.sum()), cfg.dirichlet_alpha))
+            prior[b, valid] = (1 - cfg.dirichlet_fraction) * prior[b, valid] + cfg.dirichlet_fraction * noise
     init_roots(tree.visits, tree.value_sum, tree.prior, tree.terminal, tree.num_nodes, tree.qmin, tree.qmax,
                max_depth, np.ascontiguousarray(prior, np.float64), np.ascontiguousarray(value, np.float64))
     for _ in range(cfg.num_simulations):
@@ -127,6 +131,7 @@ def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig,
     """Search ``example_ids`` together on ``env`` (a ``RoutingEnv`` or anything with its planning interface)."""
     ids = [int(i) for i in example_ids]
     B, G, A = len(ids), env.G, int(env.action_space.n)
+    widths = [env.num_actions(g) if hasattr(env, "num_actions") else A for g in range(G)]  # valid actions per group
     evaluator = LeafEvaluator(env, cfg.leaf_value)
     prefixes: list[tuple] = [()] * B
     targets, values = np.zeros((B, G, A)), np.full((B, G, A), np.nan)
@@ -137,6 +142,10 @@ def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig,
             prior, reward, value = np.zeros((B, A)), np.zeros(B), np.zeros(B)
             if live:
                 prior[live], reward[live], value[live] = evaluator([(ids[b], prefixes[b] + paths[b]) for b in live])
+                for b in live:  # actions the node's group lacks (MoLA) are marked, so select skips them
+                    group = len(prefixes[b]) + len(paths[b])
+                    if group < G:
+                        prior[b, widths[group]:] = -1.0
             return prior, reward, value
 
         tree = search_tree(evaluate, B, A, G - g, cfg, rng)

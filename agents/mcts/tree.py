@@ -74,7 +74,8 @@ def select(visits, value_sum, reward, prior, children, terminal, qmin, qmax, c_p
 
     Returns ``node [B]`` and ``action [B]``: expand ``action`` at ``node``; ``action = -1`` means
     the walk reached a terminal node, which is re-evaluated (its value is known) and backed up.
-    Ties go to the lowest action index.
+    Ties go to the lowest action index. A negative prior marks an action the node does not have
+    (a MoLA model's lower groups have fewer experts than ``A``): it is never selected.
     """
     B, _, A = prior.shape
     nodes = np.empty(B, np.int32)
@@ -90,6 +91,8 @@ def select(visits, value_sum, reward, prior, children, terminal, qmin, qmax, c_p
             fpu = _normalise(value_sum[b, node] / n, qmin[b], qmax[b])
             best, best_a = -np.inf, 0
             for a in range(A):
+                if prior[b, node, a] < 0.0:
+                    continue
                 c = children[b, node, a]
                 if c >= 0:
                     q = _normalise(reward[b, c] + value_sum[b, c] / visits[b, c], qmin[b], qmax[b])

@@ -102,7 +102,8 @@ class RoutingContext:
         self.route_count[group] = self.route_count[group].index_add(0, rows, count)
 
     def example_group_probs(self, num_examples: int, log: bool = False) -> torch.Tensor:
-        """``[B, G, E]`` router distribution per example and layer group, with gradient.
+        """``[B, G, E]`` router distribution per example and layer group, with gradient (a MoLA group
+        with fewer experts is padded with zeros to the largest ``E``).
 
         The mean over the group's adapted modules and over every real token of the example's rows
         (all its choices): one distribution per (example, group), the granularity of a routing target.
@@ -118,7 +119,8 @@ class RoutingContext:
             s = src.new_zeros(num_examples, src.shape[1]).index_add(0, ex, src)
             n = self.route_count[g].new_zeros(num_examples).index_add(0, ex, self.route_count[g])
             out.append(s / n.clamp_min(1.0)[:, None])
-        return torch.stack(out, 1)
+        E = max(o.shape[1] for o in out)
+        return torch.stack([torch.nn.functional.pad(o, (0, E - o.shape[1])) for o in out], 1)
 
     def group_mean_probs(self, group: int) -> torch.Tensor:
         """``[R, E]`` router probabilities of the group, averaged over its modules and real tokens."""

@@ -21,12 +21,23 @@ def _expand(t, depth, nodes, actions, prior, reward, value):
                              t.terminal, t.num_nodes, t.qmin, t.qmax, depth, nodes, actions, prior, reward, value)
 
 
-@pytest.mark.parametrize("A,D,c", [(3, 3, 1.25), (5, 2, 0.5), (2, 4, 3.0)])
-def test_numba_kernels_equal_the_reference_op_by_op(A, D, c):
+def _mark_missing(prior: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give each row a random number of missing trailing actions (prior -1; at least one action left)."""
+    for row in prior:
+        row[len(row) - int(rng.integers(0, len(row))):] = -1.0
+    return prior
+
+
+@pytest.mark.parametrize("A,D,c,ragged", [(3, 3, 1.25, False), (5, 2, 0.5, False), (2, 4, 3.0, False),
+                                          (4, 3, 1.25, True), (6, 2, 0.5, True)])
+def test_numba_kernels_equal_the_reference_op_by_op(A, D, c, ragged):
+    """``ragged``: nodes lack some actions (negative prior, as a MoLA model's lower groups): never selected."""
     rng = np.random.default_rng(A * 10 + D)
     B, S = 6, 40
     t = new_tree(B, S, A, D)
     root_prior = rng.dirichlet(np.ones(A), size=B)
+    if ragged:
+        root_prior = _mark_missing(root_prior, rng)
     root_value = rng.normal(size=B)
     init_roots(t.visits, t.value_sum, t.prior, t.terminal, t.num_nodes, t.qmin, t.qmax, D, root_prior, root_value)
     refs = [RefTree(list(root_prior[b]), float(root_value[b]), D) for b in range(B)]
@@ -34,7 +45,10 @@ def test_numba_kernels_equal_the_reference_op_by_op(A, D, c):
         nodes, actions = _select(t, c)
         ref_sel = [r.select(c) for r in refs]
         assert [(int(n), int(a)) for n, a in zip(nodes, actions)] == ref_sel
+        assert all(a < 0 or t.prior[b, n, a] >= 0 for b, (n, a) in enumerate(zip(nodes, actions)))
         prior, reward, value = rng.dirichlet(np.ones(A), size=B), rng.normal(size=B), rng.normal(size=B)
+        if ragged:
+            prior = _mark_missing(prior, rng)
         leaves = _expand(t, D, nodes, actions, prior, reward, value)
         ref_leaves = [r.expand_and_backup(n, a, list(prior[b]), float(reward[b]), float(value[b]))
                       for b, (r, (n, a)) in enumerate(zip(refs, ref_sel))]
@@ -72,6 +86,24 @@ def test_hand_computed_backups():
     # Terminal leaves back up 0 (their value estimate 5.0 is ignored): root sums 0 + 1 + 1 + 0.2.
     assert t.value_sum[0, 0] == pytest.approx(2.2)
     assert np.allclose(root_q(t)[0], [1.0, 0.2]) and root_visits(t)[0].tolist() == [2, 1]
+
+
+def test_a_missing_action_is_never_selected_even_where_it_would_score_best():
+    """Depth 1, c = 0 (pure Q), action 1 missing (prior -1). After action 0 pays -1, the parent's
+    first-play value (-0.5, normalised 0.5) beats action 0's Q (normalised 0): without the mask
+    action 1 would be expanded; with it the terminal action 0 is re-visited (-1)."""
+    t = new_tree(1, 2, 2, 1)
+    init_roots(t.visits, t.value_sum, t.prior, t.terminal, t.num_nodes, t.qmin, t.qmax, 1,
+               np.array([[1.0, -1.0]]), np.array([0.0]))
+    ref = RefTree([1.0, -1.0], 0.0, 1)
+    picks, ref_picks = [], []
+    for _ in range(2):
+        nodes, actions = _select(t, 0.0)
+        picks.append(int(actions[0]))
+        ref_picks.append(ref.select(0.0)[1])
+        _expand(t, 1, nodes, actions, np.zeros((1, 2)), np.array([-1.0]), np.array([0.0]))
+        ref.expand_and_backup(0 if ref_picks[-1] >= 0 else 1, ref_picks[-1], [0.0, 0.0], -1.0, 0.0)
+    assert picks == ref_picks == [0, -1]
 
 
 def test_finds_the_best_path_of_a_known_tree_and_visits_sum_to_simulations():
