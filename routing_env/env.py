@@ -61,6 +61,11 @@ class RoutingEnv(PlanningMixin, gym.Env):
 
     Gates are always the router's probabilities renormalised over the selected experts.
 
+    A MoLA model (``--num-experts 2,2,4,4,6,6``) has ``group_experts[g]`` experts in group ``g``
+    and ``E`` is the largest: ``primary`` only, ``Discrete(E)``, where group ``g`` takes actions
+    ``[0, group_experts[g])`` (``action_masks()``, as sb3-contrib's ``MaskablePPO`` reads it) and
+    refuses the others with a ``ValueError``; a group's missing experts read 0 in the observation.
+
     ## Observation Space
 
     ``Box(shape=(G + 2E + P,), float32)``:
