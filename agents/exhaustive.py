@@ -1,11 +1,12 @@
 """The exact oracle: every path of the routing tree, exact Q* of every group choice.
 
 With ``A`` actions and ``G`` groups a question has ``A**G`` paths (a MoLA model: the product of
-its groups' expert counts); the tree has ``A + A**2 + ... + A**G`` non-root nodes, each one group forward (prefixes are cached, so a node is computed once).
-For MiniLM's default (E=4 primary actions, G=3) that is 84 group forwards per question, fewer than
-MCTS spends at 32 simulations per group, and every value is exact. Where that is affordable this is
-the right target source and the ground truth MCTS is measured against; MCTS is for trees too big to
-enumerate (``combo`` actions, more groups, more experts).
+its groups' expert counts); the tree has ``A + A**2 + ... + A**G`` non-root nodes, each one group
+forward (prefixes are cached, so a node is computed once). For MiniLM's default (E=4 primary
+actions, G=3) that is 84 group forwards per question, fewer than MCTS spends at 32 simulations per
+group, and every value is exact. Where that is affordable this is the right target source and the
+ground truth MCTS is measured against; MCTS is for trees too big to enumerate (``combo`` actions,
+more groups, more experts).
 
 Values use the env's ``process`` decomposition of the return: the edge reward into a node is its
 group's balance term (against the running loads when the batch starts) plus, at a leaf,

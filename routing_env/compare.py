@@ -80,8 +80,9 @@ def main(cfg: CompareConfig) -> dict:
     budget: dict = {}
     for name in tqdm(chosen, desc="strategies", unit="strategy"):
         balance, mola = _split_mola(name)
-        pcfg = pipeline.PipelineConfig(num_experts=MOLA_EXPERTS if mola else [4],
+        pcfg = pipeline.PipelineConfig(
             task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
+            num_experts=MOLA_EXPERTS if mola else [4],
             train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
             data_dir=cfg.data_dir, device=cfg.device, balance=balance, logdir=str(Path(cfg.logdir) / name),
             results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)

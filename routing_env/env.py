@@ -358,7 +358,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
         """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
         return self._router_probs_t(i, prefix).cpu().numpy()
 
-    def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E] float32, on the model's device
+    def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E_g] float32, on the model's device
         h, _ = self._boundary(i, prefix)
         return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)])
 

@@ -159,7 +159,8 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     header = {
         "env_id": cfg.env, "task": env.task, "split": cfg.split, "fingerprint": env.fingerprint,
         "num_groups": env.G, "num_experts": env.E, "num_actions": int(env.action_space.n), "top_k": env.k,
-        "group_experts": widths,
+        # Only a MoLA model's files carry per-group counts, so files written before them still resume.
+        **({"group_experts": widths} if len(set(widths)) > 1 else {}),
         "action_mode": env.action_mode, "agent": cfg.agent, "agent_config": agent_config,
         "balance_weight": cfg.balance_weight, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else "default-warmup",
     }

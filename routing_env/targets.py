@@ -4,8 +4,8 @@ JSON Lines, written incrementally so an interrupted search resumes where it stop
 
 * line 1, the header: ``{"format": "routing-targets", "version": 1, "env_id", "task", "split",
   "fingerprint" (of the warm-up model), "num_groups" G, "num_experts" E, "num_actions" A,
-  "group_experts" [G] (experts per group, all E unless the model is MoLA), "action_mode", "agent",
-  "agent_config", ...}``;
+  "group_experts" [G] (a MoLA model's experts per group; absent: E in every group), "action_mode",
+  "agent", "agent_config", ...}``;
 * then one record per example: ``{"example", "id", "targets" [G][A], "values" [G][A] (null = not
   estimated), "path" [G], "outcome", "correct", "loads" [G][E], "balance"}``.
 

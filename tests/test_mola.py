@@ -13,7 +13,7 @@ import routing_env  # noqa: F401  (registers the ids)
 from agents.exhaustive import ExhaustiveAgent
 from agents.mcts import MCTSConfig, mcts_search
 from routing_env import compare
-from routing_env.targets import load_targets
+from routing_env.targets import TargetsError, load_targets
 from tests.tolerances import LOGP_ATOL
 
 WIDTHS = [2, 4, 6]  # experts per layer group of MiniLM's 6 layers, 2,2,4,4,6,6 per layer
@@ -98,6 +98,12 @@ def test_search_and_stage_3_on_a_mola_model(mola_checkpoint, data_dir, tmp_path)
                                         logdir=str(tmp_path), name="s"))
     targets = load_targets(tmp_path / "s" / "targets.jsonl")
     assert targets.header["group_experts"] == WIDTHS and len(targets) == 8
+    lines = (tmp_path / "s" / "targets.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["path"][0] = 3  # group 0 has experts 0 and 1 only
+    (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], json.dumps(bad)]) + "\n")
+    with pytest.raises(TargetsError, match=r"bad.jsonl:2: group 0 has 2 experts .* at index 2 or above"):
+        load_targets(tmp_path / "bad.jsonl")
     # Balance per group over its own experts (group 0's empty columns 2-5 would read as imbalance).
     assert [len(share) for share in summary["agent"]["load_share"]] == WIDTHS
     res = finetune.main(finetune.Config(task="arc-easy", method="layermoe", epochs=1, train_limit=8, eval_limit=8,
