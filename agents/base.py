@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Agent", "SearchResult", "check_agent", "rollout", "run_agent", "summarize"]
+__all__ = ["Agent", "SearchResult", "action_widths", "check_agent", "rollout", "run_agent", "summarize"]
 
 
 @runtime_checkable
@@ -37,6 +37,13 @@ class SearchResult:
     loads: np.ndarray  # [G, E] expert-assignment counts of the chosen path
     balance: float  # sum of the path's balance rewards
     extra: dict = field(default_factory=dict)
+
+
+def action_widths(env: Any) -> list[int]:
+    """``[G]`` valid actions per group, ``[0, widths[g])``: fewer than ``action_space.n`` in a MoLA
+    model's lower groups (``env.num_actions``); all of them for an env without that method."""
+    n = int(env.action_space.n)
+    return [env.num_actions(g) if hasattr(env, "num_actions") else n for g in range(env.G)]
 
 
 def check_agent(agent: Any, name: str = "agent") -> Any:

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from agents.base import action_widths
+
 __all__ = ["RouterAgent", "RandomAgent", "RoundRobinAgent"]
 
 
@@ -13,14 +15,9 @@ def _group(obs: np.ndarray, env: Any) -> int:
     return int(np.argmax(obs[: env.G]))  # the observation starts with the group one-hot
 
 
-def _num_actions(env: Any, g: int) -> int:
-    """Valid actions at group ``g`` (fewer in a MoLA model's lower groups; envs without ``num_actions``: all)."""
-    return env.num_actions(g) if hasattr(env, "num_actions") else int(env.action_space.n)
-
-
 def _valid(obs: np.ndarray, env: Any) -> np.ndarray:  # [A] float 0/1
     valid = np.zeros(int(env.action_space.n))
-    valid[: _num_actions(env, _group(obs, env))] = 1.0
+    valid[: action_widths(env)[_group(obs, env)]] = 1.0
     return valid
 
 
@@ -65,7 +62,7 @@ class RoundRobinAgent:
         g = _group(obs, env)
         n = self.counts.get(g, 0)
         self.counts[g] = n + 1
-        return (n + g) % _num_actions(env, g)
+        return (n + g) % action_widths(env)[g]
 
     def config(self) -> dict:
         return {}

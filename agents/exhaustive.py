@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.base import SearchResult
+from agents.base import SearchResult, action_widths
 from routing_env.supervision import q_targets
 
 __all__ = ["ExhaustiveAgent", "exhaustive_q", "optimal_path"]
@@ -33,7 +33,7 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
     batch costs ``G`` batched calls. Actions a group lacks (MoLA) have ``Q = NaN``.
     """
     A, G = int(env.action_space.n), env.G
-    widths = _widths(env)
+    widths = action_widths(env)
     ids = [int(i) for i in example_ids]
     reward: list[dict[tuple, float]] = [{} for _ in ids]  # edge reward into each node
     for depth in range(1, G + 1):
@@ -52,12 +52,6 @@ def exhaustive_q(env: Any, example_ids: Sequence[int]) -> list[dict[tuple, np.nd
                     q[p][a] = reward[n][p + (a,)] + (0.0 if depth + 1 == G else float(np.nanmax(q[p + (a,)])))
         out.append(q)
     return out
-
-
-def _widths(env: Any) -> list[int]:
-    """``[G]`` valid actions per group (all of ``action_space.n`` unless the env says fewer)."""
-    n = int(env.action_space.n)
-    return [env.num_actions(g) if hasattr(env, "num_actions") else n for g in range(env.G)]
 
 
 def _prefixes(widths: Sequence[int], depth: int) -> list[tuple]:
@@ -89,9 +83,10 @@ class ExhaustiveAgent:
         self.temperature, self.batch_size, self.max_paths = temperature, batch_size, max_paths
 
     def _check(self, env: Any) -> None:
-        paths = int(np.prod(_widths(env)))
+        widths = action_widths(env)
+        paths = int(np.prod(widths))
         if paths > self.max_paths:
-            raise ValueError(f"the routing tree has {paths} paths per question ({_widths(env)} actions per group), "
+            raise ValueError(f"the routing tree has {paths} paths per question ({widths} actions per group), "
                              f"above max_paths={self.max_paths}: use --agent mcts for trees this big, or raise max_paths")
 
     def search(self, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
@@ -100,7 +95,7 @@ class ExhaustiveAgent:
         for start in range(0, len(example_ids), self.batch_size):
             ids = [int(i) for i in example_ids[start : start + self.batch_size]]
             qs = exhaustive_q(env, ids)
-            G, widths = env.G, _widths(env)
+            G, widths = env.G, action_widths(env)
             paths = [optimal_path(q, G) for q in qs]
             # Each group's Q* at the node the optimal path reaches.
             values = np.array([[q[p[:g]] for g in range(G)] for q, p in zip(qs, paths)])  # [B, G, A]
@@ -124,7 +119,7 @@ class ExhaustiveAgent:
         best, best_return = 0, -np.inf
         # Enumerate the subtree's complete paths and score them in one batch; the return from here on
         # is what differs between them (the prefix's rewards are shared).
-        tails = _prefixes(_widths(env)[len(s.prefix):], rest)
+        tails = _prefixes(action_widths(env)[len(s.prefix):], rest)
         res = env.evaluate_paths([s.example] * len(tails), [list(s.prefix) + list(t) for t in tails])
         for t, o, b in zip(tails, res["outcome"], res["balance"]):
             if o + b > best_return:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from agents.base import SearchResult
+from agents.base import SearchResult, action_widths
 from agents.mcts.tree import expand_and_backup, init_roots, new_tree, root_q, root_visits, select
 
 __all__ = ["MCTSConfig", "LeafEvaluator", "search_tree", "mcts_search"]
@@ -131,7 +131,7 @@ def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig,
     """Search ``example_ids`` together on ``env`` (a ``RoutingEnv`` or anything with its planning interface)."""
     ids = [int(i) for i in example_ids]
     B, G, A = len(ids), env.G, int(env.action_space.n)
-    widths = [env.num_actions(g) if hasattr(env, "num_actions") else A for g in range(G)]  # valid actions per group
+    widths = action_widths(env)  # valid actions per group (a MoLA model's lower groups have fewer)
     evaluator = LeafEvaluator(env, cfg.leaf_value)
     prefixes: list[tuple] = [()] * B
     targets, values = np.zeros((B, G, A)), np.full((B, G, A), np.nan)
