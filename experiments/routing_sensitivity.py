@@ -71,7 +71,7 @@ def summarize(rows: dict) -> str:
             lp = {w: np.mean([r[w]["logp"] for r in rs]) for w in ("router", "random", "oracle")}
 
             def ms(x: np.ndarray, fmt: str = "{:.2f}") -> str:
-                return fmt.format(x.mean()) + (" ± " + fmt.format(x.std(ddof=1)) if len(x) > 1 else "")
+                return fmt.format(x.mean()) + (f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else "")
 
             lines.append(f"| {task} | {kind} | {len(rs)} | {ms(acc['router'])} | {ms(acc['random'])} | "
                          f"{ms(acc['oracle'])} | {ms(acc['router'] - acc['random'], '{:+.2f}')} | "
