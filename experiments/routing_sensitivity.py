@@ -9,7 +9,8 @@ weight 0 so every number is the model's own:
 
 * ``router``: the learned router's greedy route;
 * ``random``: uniformly random routes (``--random-draws`` seeded draws, averaged);
-* ``oracle``: the exhaustive oracle's route, chosen *knowing the answer* (max log p(correct)).
+* ``oracle``: the exhaustive oracle's route, chosen *knowing the answer* (max log p(correct)); for the
+  ``--oracle-kinds`` checkpoints only (it costs 28 times the other two).
 
 ``router - random`` is what routing learned from the input is worth; ``oracle - router`` is what
 the best route in hindsight would add. Stage 3 can only move the router; if the first is about zero
@@ -42,18 +43,19 @@ def _score(results: list) -> dict:
             "logp": float(np.mean([r.outcome for r in results]))}
 
 
-def measure(checkpoint: str, env_id: str, n: int, draws: int, data_dir: str | None) -> dict:
-    """Accuracy and mean log p(correct) of the router's, random and the oracle's routes on dev."""
+def measure(checkpoint: str, env_id: str, n: int, draws: int, data_dir: str | None, oracle: bool = True) -> dict:
+    """Accuracy and mean log p(correct) of the router's, random and (``oracle``) the oracle's routes on dev."""
     env = gym.make(env_id, checkpoint=checkpoint, split="dev", data_dir=data_dir, balance_weight=0.0).unwrapped
     ids = list(range(min(n, len(env.examples))))
     row = {"checkpoint": checkpoint, "examples": len(ids),
            "router": _score(agents.run_agent(agents.make("router"), env, ids))}
     rnd = [_score(agents.run_agent(agents.make("random", seed=d), env, ids)) for d in range(draws)]
     row["random"] = {k: float(np.mean([r[k] for r in rnd])) for k in ("accuracy", "logp")}
-    oracle = []
-    for start in tqdm(range(0, len(ids), 16), desc=f"oracle {Path(checkpoint).parent.name}", leave=False):
-        oracle += agents.run_agent(agents.make("exhaustive"), env, ids[start : start + 16])
-    row["oracle"] = _score(oracle)
+    if oracle:  # 84 group forwards per question (4 experts, 3 groups) against 3 per route above
+        found = []
+        for start in tqdm(range(0, len(ids), 16), desc=f"oracle {Path(checkpoint).parent.name}", leave=False):
+            found += agents.run_agent(agents.make("exhaustive"), env, ids[start : start + 16])
+        row["oracle"] = _score(found)
     env.close()
     return row
 
@@ -67,16 +69,21 @@ def summarize(rows: dict) -> str:
             rs = [r for k, r in sorted(rows.items()) if k.startswith(f"{task}/{kind}/")]
             if not rs:
                 continue
-            acc = {w: 100 * np.array([r[w]["accuracy"] for r in rs]) for w in ("router", "random", "oracle")}
-            lp = {w: np.mean([r[w]["logp"] for r in rs]) for w in ("router", "random", "oracle")}
+            routes = [w for w in ("router", "random", "oracle") if all(w in r for r in rs)]
+            acc = {w: 100 * np.array([r[w]["accuracy"] for r in rs]) for w in routes}
+            lp = {w: np.mean([r[w]["logp"] for r in rs]) for w in routes}
 
-            def ms(x: np.ndarray, fmt: str = "{:.2f}") -> str:
+            def ms(x: np.ndarray | None, fmt: str = "{:.2f}") -> str:
+                if x is None:
+                    return "n/a"
                 return fmt.format(x.mean()) + (f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else "")
 
+            oracle = acc.get("oracle")
             lines.append(f"| {task} | {kind} | {len(rs)} | {ms(acc['router'])} | {ms(acc['random'])} | "
-                         f"{ms(acc['oracle'])} | {ms(acc['router'] - acc['random'], '{:+.2f}')} | "
-                         f"{ms(acc['oracle'] - acc['router'], '{:+.2f}')} | "
-                         f"{lp['router']:.3f} / {lp['random']:.3f} / {lp['oracle']:.3f} |")
+                         f"{ms(oracle)} | {ms(acc['router'] - acc['random'], '{:+.2f}')} | "
+                         f"{ms(None if oracle is None else oracle - acc['router'], '{:+.2f}')} | "
+                         + " / ".join(f"{lp[w]:.3f}" if w in lp else "n/a" for w in ("router", "random", "oracle"))
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +95,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(RUNS))
     ap.add_argument("--examples", type=int, default=300)
     ap.add_argument("--random-draws", type=int, default=4)
+    ap.add_argument("--oracle-kinds", default="lora-moe", help="checkpoint kinds that also get the (costly) oracle")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--output", default="results/routing_sensitivity.json")
     args = ap.parse_args()
@@ -102,7 +110,8 @@ def main() -> None:
                 ckpt = Path(args.runs) / task / RUNS[kind].format(s=seed) / "final"
                 if not ckpt.exists():
                     raise SystemExit(f"error: no checkpoint {ckpt}; run the pipeline for {task} seed {seed} first")
-                rows[key] = measure(str(ckpt), TASKS[task], args.examples, args.random_draws, args.data_dir)
+                rows[key] = measure(str(ckpt), TASKS[task], args.examples, args.random_draws, args.data_dir,
+                                    oracle=kind in args.oracle_kinds.split(","))
                 out.write_text(json.dumps(rows, indent=2) + "\n")  # each finished row survives a crash
                 print(key, json.dumps({w: rows[key][w] for w in ("router", "random", "oracle")}), flush=True)
     out.with_suffix(".md").write_text(summarize(rows))

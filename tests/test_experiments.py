@@ -45,6 +45,11 @@ def test_routing_sensitivity_summary_known_answer():
     assert cells[6] == "+0.00 ± 2.83"
     assert cells[7] == "+13.00 ± 4.24"
     assert float(cells[3].split(" ± ")[0]) == pytest.approx(100 * np.mean([0.50, 0.54]))
+    # a checkpoint kind searched without the oracle: its oracle cells say so instead of failing
+    rows["obqa/layermoe/s0"] = {w: {"accuracy": 0.5, "logp": -1.0} for w in ("router", "random")}
+    line = [ln for ln in rs.summarize(rows).splitlines() if ln.startswith("| obqa | layermoe")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert (cells[5], cells[6], cells[7]) == ("n/a", "+0.00", "n/a")
 
 
 def test_routing_sensitivity_resumes_finished_rows(tmp_path, monkeypatch):
