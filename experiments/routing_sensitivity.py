@@ -113,7 +113,7 @@ def main() -> None:
                 rows[key] = measure(str(ckpt), TASKS[task], args.examples, args.random_draws, args.data_dir,
                                     oracle=kind in args.oracle_kinds.split(","))
                 out.write_text(json.dumps(rows, indent=2) + "\n")  # each finished row survives a crash
-                print(key, json.dumps({w: rows[key][w] for w in ("router", "random", "oracle")}), flush=True)
+                print(key, json.dumps({w: v for w, v in rows[key].items() if isinstance(v, dict)}), flush=True)
     out.with_suffix(".md").write_text(summarize(rows))
     print(summarize(rows))
 

@@ -52,12 +52,23 @@ def test_routing_sensitivity_summary_known_answer():
     assert (cells[5], cells[6], cells[7]) == ("n/a", "+0.00", "n/a")
 
 
-def test_routing_sensitivity_resumes_finished_rows(tmp_path, monkeypatch):
+def test_routing_sensitivity_resumes_finished_rows(tmp_path, monkeypatch, capsys):
     rs = _load("routing_sensitivity")
     out = tmp_path / "rs.json"
     done = {w: {"accuracy": 0.5, "logp": -1.0} for w in ("router", "random", "oracle")}
     out.write_text(json.dumps({"obqa/lora-moe/s0": done}))
-    monkeypatch.setattr(rs, "measure", lambda *a, **k: pytest.fail("a finished row was recomputed"))
-    monkeypatch.setattr("sys.argv", ["rs", "--tasks", "obqa", "--seeds", "0", "--kinds", "lora-moe", "--output", str(out)])
+    runs = tmp_path / "runs"
+    (runs / "obqa" / "layermoe-exhaustive-c3a0a54b-s0" / "final").mkdir(parents=True)
+    calls = []
+
+    def fake_measure(ckpt, env_id, n, draws, data_dir, oracle=True):
+        calls.append((Path(ckpt).parent.name, oracle))
+        return {w: {"accuracy": 0.25, "logp": -1.2} for w in ("router", "random")}
+
+    monkeypatch.setattr(rs, "measure", fake_measure)
+    monkeypatch.setattr("sys.argv", ["rs", "--tasks", "obqa", "--seeds", "0", "--runs", str(runs), "--output", str(out)])
     rs.main()
-    assert out.with_suffix(".md").read_text().count("| obqa |") == 1
+    # the finished lora-moe row is not recomputed; the layermoe one runs without the oracle (default kinds)
+    assert calls == [("layermoe-exhaustive-c3a0a54b-s0", False)]
+    assert set(json.loads(out.read_text())) == {"obqa/lora-moe/s0", "obqa/layermoe/s0"}
+    assert out.with_suffix(".md").read_text().count("| obqa |") == 2
