@@ -63,7 +63,7 @@ def measure(checkpoint: str, env_id: str, n: int, draws: int, data_dir: str | No
 def summarize(rows: dict) -> str:
     """Markdown: per task and checkpoint kind, mean ± std over seeds of the three routes and their gaps."""
     n = sorted({r["examples"] for r in rows.values() if "examples" in r})
-    lines = [f"# What the route decides: dev accuracy of the router's, random and the oracle's routes\n",
+    lines = ["# What the route decides: dev accuracy of the router's, random and the oracle's routes\n",
              f"First {'/'.join(map(str, n))} dev questions per task; the env's routing (one primary expert per layer "
              "group and question), balance weight 0; oracle = the exhaustive search's route chosen knowing the "
              "answer; mean ± sample std over seeds. `python experiments/routing_sensitivity.py`\n",

@@ -52,7 +52,7 @@ def test_routing_sensitivity_summary_known_answer():
     assert (cells[5], cells[6], cells[7]) == ("n/a", "+0.00", "n/a")
 
 
-def test_routing_sensitivity_resumes_finished_rows(tmp_path, monkeypatch, capsys):
+def test_routing_sensitivity_resumes_finished_rows(tmp_path, monkeypatch):
     rs = _load("routing_sensitivity")
     out = tmp_path / "rs.json"
     done = {w: {"accuracy": 0.5, "logp": -1.0} for w in ("router", "random", "oracle")}
