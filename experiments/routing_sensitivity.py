@@ -30,12 +30,15 @@ import numpy as np
 from tqdm import tqdm
 
 import agents
-import routing_env  # noqa: F401  (registers the ids)
+from routing_env import pipeline
+from routing_env.compare import LAYERMOE
 
-#: task -> env id, as in the pipeline's table
-TASKS = {"arc-easy": "layermoe-arc", "arc-challenge": "layermoe-arc-challenge", "obqa": "layermoe-obqa"}
+#: the tasks of the results table (the pipeline maps each to its registered env id)
+TASKS = ("arc-easy", "arc-challenge", "obqa")
+#: the table's stage-3 runs are named by the pipeline's tag of its settings (`make reproduce`, compare's LAYERMOE)
+_TAG = pipeline.settings_tag(pipeline.PipelineConfig(**LAYERMOE), pipeline.SEARCH_FIELDS + pipeline.STAGE3_FIELDS)
 #: checkpoint kind -> run folder under runs/pipeline/<task>/ ({s} = seed)
-RUNS = {"lora-moe": "lora-moe-s{s}", "layermoe": "layermoe-exhaustive-c3a0a54b-s{s}"}
+RUNS = {"lora-moe": "lora-moe-s{s}", "layermoe": f"layermoe-exhaustive{_TAG}-s{{s}}"}
 
 
 def _score(results: list) -> dict:
@@ -115,7 +118,7 @@ def main() -> None:
                 ckpt = Path(args.runs) / task / RUNS[kind].format(s=seed) / "final"
                 if not ckpt.exists():
                     raise SystemExit(f"error: no checkpoint {ckpt}; run the pipeline for {task} seed {seed} first")
-                rows[key] = measure(str(ckpt), TASKS[task], args.examples, args.random_draws, args.data_dir,
+                rows[key] = measure(str(ckpt), pipeline.TASK_ENV[task], args.examples, args.random_draws, args.data_dir,
                                     oracle=kind in args.oracle_kinds.split(","))
                 out.write_text(json.dumps(rows, indent=2) + "\n")  # each finished row survives a crash
                 print(key, json.dumps({w: v for w, v in rows[key].items() if isinstance(v, dict)}), flush=True)
