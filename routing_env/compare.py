@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from routing_env import pipeline
 from routing_env.moe.balancing import STRATEGIES, make_strategy
-from routing_env.results import write_table
+from routing_env.identity import provenance, settings_tag
+from routing_env.results import check_replace, write_table
 from routing_env.utils import cfg_field, make_writer, run_cli, save_config
 
-__all__ = ["CompareConfig", "main", "LAYERMOE", "MOLA_EXPERTS", "strategies"]
+__all__ = ["CompareConfig", "main", "LAYERMOE", "MOLA_EXPERTS", "strategies", "table_name"]
 
 #: LayerMoE's best setting from the dev ablations (results/ablations.md)
 LAYERMOE = {"target_form": "softmax", "target_temperature": 0.05, "target_balance": "sinkhorn", "beta": 1.0,
@@ -74,30 +75,57 @@ def strategies(names: list[str]) -> list[str]:
     return chosen
 
 
+def _pipeline_config(cfg: CompareConfig, name: str) -> pipeline.PipelineConfig:
+    balance, mola = _split_mola(name)
+    return pipeline.PipelineConfig(
+        task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
+        num_experts=MOLA_EXPERTS if mola else [4],
+        train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
+        data_dir=cfg.data_dir, device=cfg.device, balance=balance, logdir=str(Path(cfg.logdir) / name),
+        results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)
+
+
+def table_name(cfg: CompareConfig) -> str:
+    """``<task>-strategies``, with a tag of the budget when it is not the default one."""
+    task = pipeline.task_folder(pipeline.PipelineConfig(task=cfg.task))  # the task's identity (own data: content hash)
+    return f"{task}-strategies{settings_tag(cfg, ('epochs', 'train_limit', 'eval_limit', 'search_batch_size'))}"
+
+
 def main(cfg: CompareConfig) -> dict:
     chosen = strategies(cfg.methods)
+    for name in chosen:  # every strategy's settings, before the first one trains
+        pipeline.check(_pipeline_config(cfg, name))
+    out = Path(cfg.results_dir)
+    rows_of = [f"{n}{suffix}" for n in chosen for suffix in ("", " + LayerMoE")]
+    check_replace(out / f"{table_name(cfg)}.json", {r: {"seeds": cfg.seeds} for r in rows_of})
     table: dict[str, dict] = {}
     budget: dict = {}
+    skipped: list[str] = []
     for name in tqdm(chosen, desc="strategies", unit="strategy"):
-        balance, mola = _split_mola(name)
-        pcfg = pipeline.PipelineConfig(
-            task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
-            num_experts=MOLA_EXPERTS if mola else [4],
-            train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
-            data_dir=cfg.data_dir, device=cfg.device, balance=balance, logdir=str(Path(cfg.logdir) / name),
-            results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)
-        rows = pipeline.main(pcfg)
+        try:
+            rows = pipeline.main(_pipeline_config(cfg, name))
+        except ValueError as e:  # --table-only: a strategy with nothing finished at these settings is left out
+            if not (cfg.table_only and str(e).startswith("--table-only: no finished stage")):
+                raise
+            skipped.append(name)
+            continue
         if "lora-moe" in rows:
             table[name] = rows["lora-moe"]
         if "layermoe-exhaustive" in rows:
             table[f"{name} + LayerMoE"] = rows["layermoe-exhaustive"]
         budget = {"task": cfg.task, "seeds": cfg.seeds, "epochs": cfg.epochs, "train_limit": cfg.train_limit,
-                  "eval_limit": cfg.eval_limit, "LayerMoE": f"exhaustive oracle, {LAYERMOE}"}
-    out = Path(cfg.results_dir)
+                  "eval_limit": cfg.eval_limit, "search_batch_size": cfg.search_batch_size,
+                  "LayerMoE": f"exhaustive oracle, {LAYERMOE}"}
+    if not table:
+        raise ValueError(f"--table-only: no strategy has finished runs at these settings ({', '.join(chosen)}; epochs "
+                         f"{cfg.epochs}, train_limit {cfg.train_limit}, eval_limit {cfg.eval_limit}) under "
+                         f"{cfg.results_dir}; run without --table-only, or give the settings the runs were made with")
+    if skipped:
+        budget["not finished (left out)"] = ", ".join(skipped)
+        print(f"[compare] nothing finished at these settings, left out: {', '.join(skipped)}")
     save_config(Path(cfg.logdir) / "compare", cfg)  # beside its TensorBoard log, as every run's
     writer = make_writer(Path(cfg.logdir) / "compare")
-    path = write_table(f"{pipeline._source(pipeline.PipelineConfig(task=cfg.task)).name}-strategies", table, out,
-                       budget, writer)
+    path = write_table(table_name(cfg), table, out, budget, writer, provenance())
     writer.close()
     print(Path(path).read_text())
     return table

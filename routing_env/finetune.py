@@ -32,10 +32,11 @@ from routing_env.moe.balancing import STRATEGIES, make_strategy
 from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
-from routing_env.safefiles import RunLock, atomic_write_text
+from routing_env.identity import check_same_run, provenance
+from routing_env.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
                                      group_agreement, routing_loss)
-from routing_env.targets import load_targets
+from routing_env.targets import TargetsError, load_targets
 from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
 from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer,
@@ -163,6 +164,20 @@ def check_config(cfg: Config) -> TaskSource:
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
         raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
+    if cfg.method == "layermoe" and not (Path(cfg.init_checkpoint) / "config.json").is_file():
+        raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a checkpoint folder (no config.json there); "
+                         "pass a lora-moe run's checkpoints/epoch_<n> (paired) or final/ folder")
+    if cfg.method == "layermoe" and not Path(cfg.targets).is_file():
+        raise ValueError(f"--targets {cfg.targets}: no such file; make it with train_rl.py on the --init-checkpoint")
+    state_file = Path(cfg.init_checkpoint or "") / "training_state.pt"
+    if cfg.method == "layermoe" and state_file.is_file():  # an epoch checkpoint: stage 3 continues that run
+        done = torch.load(state_file, weights_only=False, map_location="cpu")["epoch"] + 1
+        if done >= cfg.epochs:  # stage 3 would train 0 steps and report the base model as layermoe
+            raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is after epoch {done} of the run, and --epochs is "
+                             f"{cfg.epochs}: stage 3 would have nothing left to train; pass an earlier epoch checkpoint "
+                             "(the warm-up) or more --epochs (for both runs)")
+    if cfg.name is not None:
+        check_run_name(cfg.name)
     return resolve_task(cfg.task, cfg.train_file, cfg.dev_file, cfg.test_file)
 
 
@@ -178,6 +193,10 @@ def main(cfg: Config) -> dict:
     name = cfg.name or f"{source.name}-{cfg.method}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
     with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        if cfg.resume and (run_dir / "config.json").is_file():  # the settings this folder's run was made with
+            check_same_run(cfg, json.loads((run_dir / "config.json").read_text()), run_dir,
+                           "give these settings another --name, rerun with the stored ones (--config "
+                           f"{run_dir / 'config.json'}), or pass --resume false to discard that run and start again")
         return train(cfg, source, name, run_dir, ctx)
 
 
@@ -217,7 +236,16 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
             "num_experts": E, "num_actions": E,
             **({"group_experts": group_experts} if len(set(group_experts)) > 1 else {})}, cfg.route_weighting,
             cfg.target_balance, cfg.target_form, cfg.target_temperature)
-        ctx.print(f"layermoe: routing targets for {len(table)} of {len(train)} training questions from {cfg.targets}")
+        split = table.header.get("split", "train")
+        if split != "train":  # stage 3 trains on training questions: none would have a target
+            raise TargetsError(f"{cfg.targets}:1: the targets were searched on the {split!r} split, stage 3 trains on "
+                               "'train'; search the training split (train_rl.py --split train)")
+        covered = sum(e.id in table.targets for e in train)
+        if covered == 0:
+            raise TargetsError(f"{cfg.targets}: none of the {len(train)} training questions has a target (the file's "
+                               f"{len(table)} ids are other questions); search this task's training split on "
+                               f"{cfg.init_checkpoint}")
+        ctx.print(f"layermoe: routing targets for {covered} of {len(train)} training questions from {cfg.targets}")
         hist = table.histogram()
         ctx.print("layermoe: mean target per expert, by group: " + "; ".join(
             f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
@@ -244,7 +272,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
     if done or paired:
         last, state = done or (Path(cfg.init_checkpoint), load_training_state(Path(cfg.init_checkpoint)))
         if paired:
-            check_paired(cfg, state.get("config"), last)
+            check_paired(cfg, state.get("config"), last)  # (check_config refused one with no epoch left)
+        elif state.get("config") is not None:  # this run's own checkpoint: made with these settings?
+            check_same_run(cfg, state["config"], last, "give these settings another --name, or pass --resume false "
+                           "to discard that run and start again")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -263,14 +294,17 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
     use_aux = cfg.method in ("lora-moe", "layermoe") and (cfg.aux_loss_coef > 0 or strategy is not None)
     step = start_epoch * steps_per_epoch
     stage3_start = step  # teacher forcing anneals over the steps this run trains
-    forcing_rng = np.random.default_rng([cfg.seed, 0x7F])  # its own stream: the paired runs' RNG is untouched
     net = model
     if ctx.world > 1:
-        # Same initial adapters on every rank (seeded; DDP also broadcasts rank 0's), but each rank
-        # its own dropout stream, a function of (seed, rank, epoch) so a resumed run draws the same.
-        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + start_epoch)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, cfg.epochs):
+        if ctx.world > 1:
+            # Same initial adapters on every rank (seeded; DDP also broadcasts rank 0's), but each rank
+            # its own dropout stream, reseeded from (seed, rank, epoch) at every epoch: the checkpoint
+            # holds rank 0's RNG only, so a resumed run must not depend on the other ranks' state.
+            torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + epoch)
+        # Teacher forcing's own stream (the paired runs' RNG untouched), per epoch so a resume draws the same.
+        forcing_rng = np.random.default_rng([cfg.seed, 0x7F, epoch])
         model.train()
         model.routing.compute_aux = use_aux
         model.routing.collect_route = table is not None
@@ -311,17 +345,20 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
                 logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
                 route_loss = routing_loss(probs, tgt, w, logp)
                 loss = loss + cfg.beta * route_loss
-            task_value, loss_value = ctx.mean(torch.stack([task_loss.detach(), loss.detach()])).tolist()  # one host sync
-            if not np.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # One host sync per step, after the backward is queued: a finite loss can still give an
+            # infinite gradient (and NaN adapters after the step), so both are checked before the update.
+            task_value, loss_value, norm_value = ctx.mean(torch.stack([
+                task_loss.detach(), loss.detach(), grad_norm.detach().to(loss.device).float()])).tolist()
+            if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
                 if not ctx.is_main:  # every rank stops; rank 0 saves the state and names the questions
                     raise NonFiniteLoss(f"non-finite loss at step {step + 1} (rank 0 saved the state)")
-                parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value}
+                parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value, "grad_norm": norm_value}
                 if table is not None:
                     parts["route"] = float(route_loss.detach())
                 stop_nonfinite(model, optimizer, scheduler, run_dir, step + 1, epoch, batch.ids, parts, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -343,6 +380,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
             continue
         res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
                        device=device, desc="dev", amp_dtype=amp)
+        if not np.isfinite(res.loss):  # adapters gone non-finite by a path the step checks did not see
+            raise NonFiniteLoss(f"the dev loss after epoch {epoch + 1} is {res.loss} (adapters not finite); no "
+                                f"checkpoint or results were written for it. Lower --lr or check the inputs; "
+                                f"epoch {epoch} is the last good checkpoint in {ckpt_root}")
         writer.add_scalar("eval/accuracy", res.accuracy, step)
         writer.add_scalar("eval/loss", res.loss, step)
         log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
@@ -358,6 +399,8 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
     if cfg.eval_test:
         test_res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
                             device=device, desc="test", amp_dtype=amp)
+        if not np.isfinite(test_res.loss):
+            raise NonFiniteLoss(f"the test loss is {test_res.loss} (adapters not finite); no results were written")
         writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
         log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
     final = save_checkpoint(model, run_dir / "final", extra={"task": source.name, "seed": cfg.seed,
@@ -373,6 +416,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         "targets_coverage": None if table is None else sum(e.id in table.targets for e in train) / len(train),
         "targets_histogram": None if table is None else table.histogram().tolist(),
         "config": asdict(cfg),
+        "provenance": provenance(),
     }
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     writer.close()

@@ -17,9 +17,9 @@ JSON + a PNG plot.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from routing_env import finetune
@@ -27,11 +27,13 @@ from routing_env import search as train_rl  # stage 2, named after its command
 from routing_env.data import TaskSource, resolve_task
 from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS
-from routing_env.results import aggregate, run_metrics, write_table
+from routing_env.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
+from routing_env.results import aggregate, check_replace, run_metrics, write_table
 from routing_env.safefiles import atomic_write_text
 from routing_env.utils import cfg_field, make_writer, run_cli, save_config
 
-__all__ = ["PipelineConfig", "main"]
+__all__ = ["BUDGET_FIELDS", "PipelineConfig", "SEARCH_FIELDS", "STAGE3_FIELDS", "TASK_ENV", "VALUE_AGENTS", "check",
+           "main", "settings_tag", "table_name", "task_folder"]
 
 TASK_ENV = {task: env_id for env_id, task in ENV_IDS.items()}
 
@@ -89,9 +91,18 @@ def _resolve(task: str, train_file: str | None, dev_file: str | None, test_file:
     return resolve_task(task, train_file, dev_file, test_file)  # hashes a custom task's files once, not per stage
 
 
+def task_folder(cfg: PipelineConfig) -> str:
+    """``<task>`` at the default budget, ``<task>-<tag of the budget>`` at any other (see ``BUDGET_FIELDS``).
+
+    Run folders, committed records and tables of one budget never meet another's: a 32-question
+    smoke run from the repository root neither reuses the full-size records nor replaces their tables.
+    """
+    return _source(cfg).name + settings_tag(cfg, BUDGET_FIELDS)
+
+
 def _record(cfg: PipelineConfig, name: str) -> Path:
-    """Where a finished stage's results are committed: ``<results_dir>/runs/<task>/<name>.json``."""
-    return Path(cfg.results_dir) / "runs" / _source(cfg).name / f"{name}.json"
+    """Where a finished stage's results are committed: ``<results_dir>/runs/<task folder>/<name>.json``."""
+    return Path(cfg.results_dir) / "runs" / task_folder(cfg) / f"{name}.json"
 
 
 def _finished(cfg: PipelineConfig, root: Path, name: str, filename: str = "results.json") -> bool:
@@ -99,66 +110,89 @@ def _finished(cfg: PipelineConfig, root: Path, name: str, filename: str = "resul
     return (root / name / filename).is_file() or _record(cfg, name).is_file()
 
 
-def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, run, force: bool = False) -> dict:
+#: Paths a stage's settings hold: they follow from the run names, which follow from the settings.
+_PATHS = ("init_checkpoint", "targets", "checkpoint", "output")
+
+
+def _reusable(res: dict, expected, where: Path) -> dict:
+    """``res`` when it was computed with ``expected``'s settings, else a refusal naming each difference."""
+    diff = run_differences(expected, res.get("config") or {}, ignore=RUN_PLACE_FIELDS + _PATHS)
+    if diff:
+        raise ValueError(f"{where} holds a result computed with other settings ({'; '.join(diff)}); a stage is reused "
+                         "only when every setting matches. Delete it (and its run folder) to recompute it, or use "
+                         "another --logdir / --results-dir")
+    return res
+
+
+def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, run, force: bool = False) -> dict:
     """A stage's results: from its run folder, else from its committed record, else by running it.
 
-    Whatever way they come, they are (re)written to the record, so committing ``results/runs``
-    after each stage lets an interrupted table resume on another machine. ``force`` ignores a
-    record (not a local run folder): for a stage whose local outputs a later stage needs.
+    Run folder and record are reused only when their stored settings are ``expected``'s (the stage
+    config this pipeline would run); any difference is refused, naming it. Whatever way the results
+    come, they are (re)written to the record, so committing ``results/runs`` after each stage lets
+    an interrupted table resume on another machine. ``force`` ignores a record (not a local run
+    folder): for a stage whose local outputs a later stage needs.
     """
     local, record = root / name / filename, _record(cfg, name)
     if local.is_file():
-        print(f"[pipeline] {_source(cfg).name} {name}: done, skipped")
-        res = json.loads(local.read_text())
+        print(f"[pipeline] {task_folder(cfg)} {name}: done, skipped")
+        res = _reusable(json.loads(local.read_text()), expected, local)
     elif record.is_file() and not force:
-        print(f"[pipeline] {_source(cfg).name} {name}: done (committed record {record}), skipped")
-        return json.loads(record.read_text())
+        print(f"[pipeline] {task_folder(cfg)} {name}: done (committed record {record}), skipped")
+        return _reusable(json.loads(record.read_text()), expected, record)
     elif cfg.table_only:
         raise ValueError(f"--table-only: stage {name} has no results yet; run the pipeline without --table-only")
     else:
-        print(f"[pipeline] {_source(cfg).name} {name}: running")
+        print(f"[pipeline] {task_folder(cfg)} {name}: running")
         res = run()
     atomic_write_text(record, json.dumps(res, indent=2))
     return res
 
 
+def _finetune_config(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> finetune.Config:
+    return finetune.Config(**_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit,
+                           eval_limit=cfg.eval_limit, data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name,
+                           resume=True, balance=cfg.balance, num_experts=cfg.num_experts, **kw)
+
+
 def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool = False, **kw) -> dict:
     """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
-    return _stage(cfg, root, name, "results.json", lambda: finetune.main(finetune.Config(
-        **_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
-        data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name, resume=True, balance=cfg.balance,
-        num_experts=cfg.num_experts, **kw)),
-        force)
+    ft = _finetune_config(cfg, root, name, seed, **kw)
+    return _stage(cfg, root, name, "results.json", ft, lambda: finetune.main(ft), force)
 
 
+#: Settings every method shares: the budget. Any non-default value names its own task folder
+#: (``task_folder``), so runs, records and tables of different budgets never meet.
+BUDGET_FIELDS = ("epochs", "backbone", "balance", "num_experts", "train_limit", "eval_limit")
 #: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so
 #: a rerun with other settings never reuses a stage computed with different ones.
-SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight")
+SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight", "warmup_epochs",
+                 "search_batch_size")
 STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "target_temperature", "teacher_forcing",
                  "route_granularity")
 
 
-#: Agents whose targets files carry process values, so ``target_form`` onehot / softmax applies.
+#: Agents whose targets files carry process values, so ``target_form`` onehot / softmax and
+#: ``route_weighting`` value-gap apply; the others (router, random, PPO, ...) keep their own
+#: distributions, equally weighted.
 VALUE_AGENTS = ("mcts", "exhaustive")
 
 
-def settings_tag(cfg: PipelineConfig, names: tuple[str, ...]) -> str:
-    """``""`` when ``names`` are all at their defaults, else ``"-<8 hex>"`` naming those settings."""
-    defaults = {f.name: f.default for f in fields(PipelineConfig)}
-    changed = {k: getattr(cfg, k) for k in names if getattr(cfg, k) != defaults[k]}
-    return "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
+def _search_config(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, name: str) -> train_rl.Config:
+    source = _source(cfg)  # a custom task goes to the env as files (the env id only picks the class)
+    return train_rl.Config(
+        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()),
+        agent=agent, checkpoint=str(checkpoint), seed=seed,
+        num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
+        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs,
+        balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)
 
 
 def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, force: bool = False) -> dict:
     """A search stage (train_rl resumes after its last written example)."""
     name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
-    source = _source(cfg)  # a custom task goes to the env as files (the env id only picks the class)
-    return _stage(cfg, root, name, "summary.json", lambda: train_rl.main(train_rl.Config(
-        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()),
-        agent=agent, checkpoint=str(checkpoint), seed=seed,
-        num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
-        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs,
-        balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)), force)
+    rl = _search_config(cfg, root, agent, seed, checkpoint, name)
+    return _stage(cfg, root, name, "summary.json", rl, lambda: train_rl.main(rl), force)
 
 
 def _run_name(method: str, seed: int, tag: str) -> str:
@@ -166,18 +200,65 @@ def _run_name(method: str, seed: int, tag: str) -> str:
     return f"{method}-s{seed}" if method in ("lora", "lora-moe") else f"{method}{tag}-s{seed}"
 
 
-def main(cfg: PipelineConfig) -> dict:
+def _stage3_settings(cfg: PipelineConfig, agent: str) -> dict:
+    """Stage 3's settings for targets of ``agent``: agents without process values keep their own
+    distributions (target form ``file``), equally weighted (value-gap would weigh every term 0)."""
+    values = agent in VALUE_AGENTS
+    return dict(beta=cfg.beta, route_weighting=cfg.route_weighting if values else "none",
+                target_balance=cfg.target_balance, target_form=cfg.target_form if values else "file",
+                target_temperature=cfg.target_temperature, teacher_forcing=cfg.teacher_forcing,
+                route_granularity=cfg.route_granularity)
+
+
+def check(cfg: PipelineConfig) -> None:
+    """Every setting of every stage, checked before the first one runs (a typo in the last method
+    must not cost the lora-moe run before it)."""
+    from routing_env.supervision import GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS
+
+    for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
+        if not value:
+            raise ValueError(f"--{flag} is empty; give at least one")
     if not 0 < cfg.warmup_epochs < cfg.epochs:
         raise ValueError(f"warmup_epochs must be between 1 and epochs - 1 (= {cfg.epochs - 1}) so layermoe gets a stage 3; "
                          f"got {cfg.warmup_epochs}")
     for m in cfg.methods:
         if m not in ("lora", "lora-moe") and not m.startswith("layermoe-"):
             raise ValueError(f"unknown method {m!r}; valid: lora, lora-moe, layermoe-<agent> (e.g. layermoe-mcts)")
-    source = _source(cfg)  # checked before anything runs
-    for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
-        if not value:
-            raise ValueError(f"--{flag} is empty; give at least one")
-    root = Path(cfg.logdir) / source.name
+    for flag, value, valid in (("route-weighting", cfg.route_weighting, WEIGHTINGS),
+                               ("target-balance", cfg.target_balance, TARGET_BALANCING),
+                               ("target-form", cfg.target_form, TARGET_FORMS),
+                               ("route-granularity", cfg.route_granularity, GRANULARITIES)):
+        if value not in valid:
+            raise ValueError(f"--{flag} {value!r} is not one of {', '.join(valid)}")
+    if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
+        raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    if not (math.isfinite(cfg.target_temperature) and cfg.target_temperature > 0):
+        raise ValueError(f"--target-temperature must be a finite number > 0, got {cfg.target_temperature}")
+    if not 0 <= cfg.teacher_forcing <= 1:
+        raise ValueError(f"--teacher-forcing is a share of the examples, in [0, 1]; got {cfg.teacher_forcing}")
+    if not math.isfinite(cfg.balance_weight):
+        raise ValueError(f"--balance-weight must be a finite number, got {cfg.balance_weight}")
+    if cfg.search_examples is not None and cfg.search_examples < 1:
+        raise ValueError(f"--search-examples must be at least 1 (or none for all), got {cfg.search_examples}")
+    root = Path(cfg.logdir) / "<check>"
+    for method in ("lora", "lora-moe"):  # budget, MoE shape, strategy, task: as each fine-tune checks them
+        finetune.check_config(_finetune_config(cfg, root, method, cfg.seeds[0], method=method, epochs=cfg.epochs))
+    for method in cfg.methods:  # agent name, its settings, search budget: as train_rl checks them
+        if method.startswith("layermoe-"):
+            train_rl.check_config(_search_config(cfg, root, method.removeprefix("layermoe-"), cfg.seeds[0], root, method))
+
+
+def table_name(cfg: PipelineConfig) -> str:
+    """``<task>`` for the default settings, else ``<task>-<tag of every non-default budget, search and stage-3 setting>``."""
+    return _source(cfg).name + settings_tag(cfg, BUDGET_FIELDS + SEARCH_FIELDS + STAGE3_FIELDS)
+
+
+def main(cfg: PipelineConfig) -> dict:
+    check(cfg)
+    # A table is never replaced by a subset of itself: refused now, not after hours of training.
+    check_replace(Path(cfg.results_dir) / f"{table_name(cfg)}.json", {m: {"seeds": cfg.seeds} for m in cfg.methods})
+    source = _source(cfg)
+    root = Path(cfg.logdir) / task_folder(cfg)
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
     missing: list[str] = []
@@ -210,12 +291,7 @@ def main(cfg: PipelineConfig) -> dict:
                 search = _search(cfg, root, agent, seed, warm, force=True)
             # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
             res = _finetune(cfg, root, _run_name(method, seed, tag), seed, method="layermoe", epochs=cfg.epochs,
-                            init_checkpoint=str(warm), targets=search["targets"], beta=cfg.beta,
-                            route_weighting=cfg.route_weighting, target_balance=cfg.target_balance,
-                            # Agents without process values (router, PPO, ...) keep their own distributions.
-                            target_form=cfg.target_form if agent in VALUE_AGENTS else "file",
-                            target_temperature=cfg.target_temperature,
-                            teacher_forcing=cfg.teacher_forcing, route_granularity=cfg.route_granularity)
+                            init_checkpoint=str(warm), targets=search["targets"], **_stage3_settings(cfg, agent))
             runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
                                  "paired_with": run_metrics(base),
                                  "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"),
@@ -223,15 +299,24 @@ def main(cfg: PipelineConfig) -> dict:
 
     # ---- the table ---------------------------------------------------------------------------------
     table = aggregate({m: r for m, r in runs.items() if r})
+    if not table:
+        raise ValueError(f"--table-only: no finished stage matches these settings (task folder {task_folder(cfg)}, "
+                         f"settings tag {tag or 'none'}) under {root} or {Path(cfg.results_dir) / 'runs'}; nothing to "
+                         "tabulate. Run the pipeline without --table-only, or give the settings the runs were made with")
     budget = {k: v for k, v in asdict(cfg).items()
-              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only")}
+              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only", "threads")}
+    notes = [f"{m}: targets from an agent without process values, so target_form file and route_weighting none"
+             for m in cfg.methods if m.startswith("layermoe-") and m.removeprefix("layermoe-") not in VALUE_AGENTS
+             and (cfg.target_form != "file" or cfg.route_weighting != "none")]
+    if notes:
+        budget["per-agent settings"] = "; ".join(notes)
     if missing:
         budget["not finished (left out)"] = ", ".join(missing)
         print(f"[pipeline] not finished, left out of the table: {', '.join(missing)}")
     save_config(root / "pipeline", cfg)
     writer = make_writer(root / "pipeline")
-    # Other layermoe settings: another table beside the default one, the settings in its budget line.
-    path = write_table(source.name + tag, table, cfg.results_dir, budget, writer)
+    # Another budget or other layermoe settings: another table beside the default one, named by them.
+    path = write_table(table_name(cfg), table, cfg.results_dir, budget, writer, provenance())
     writer.close()
     print(Path(path).read_text())
     return table

@@ -15,7 +15,7 @@ import numpy as np
 
 from routing_env.safefiles import atomic_write_text
 
-__all__ = ["run_metrics", "aggregate", "write_table"]
+__all__ = ["run_metrics", "aggregate", "check_replace", "write_table"]
 
 METRICS = ("accuracy", "cv", "max_over_mean", "norm_entropy")
 
@@ -61,14 +61,43 @@ def _fmt(s: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> 
     return f"{s['mean'] * scale:{sign}.{digits}f} ± {s['std'] * scale:.{digits}f}"
 
 
-def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: dict, writer: Any = None) -> Path:
-    """``<out_dir>/<task>.md`` + ``.json`` and ``<task>_accuracy_vs_balance.png`` (and TensorBoard)."""
+def _pairs(table: dict[str, dict]) -> set[tuple[str, int]]:
+    return {(method, seed) for method, row in table.items() for seed in row.get("seeds", [])}
+
+
+def check_replace(path: Path, table: dict[str, dict]) -> None:
+    """Refuse to replace the table at ``path`` with one that lacks any of its (method, seed) runs.
+
+    A table grows as seeds and methods finish; a run with fewer methods or seeds (``--methods aux
+    --table-only``) must not silently replace the full table with its subset.
+    """
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())["methods"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a table of ours: nothing to lose
+    lost = sorted(_pairs(old) - _pairs(table))
+    if lost:
+        names = ", ".join(f"{m} s{s}" for m, s in lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+        raise ValueError(f"{path} already holds runs this table lacks ({names}); a table is never replaced by a subset "
+                         "of itself. Give the full --methods and --seeds, or write it elsewhere with --results-dir")
+
+
+def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: dict, writer: Any = None,
+                provenance: dict | None = None) -> Path:
+    """``<out_dir>/<task>.md`` + ``.json`` and ``<task>_accuracy_vs_balance.png`` (and TensorBoard).
+
+    ``budget`` is every setting the table's runs share; ``provenance`` the command, commit and date
+    that made the table (``routing_env.identity.provenance``). Both are written under the table.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
+    check_replace(out / f"{task}.json", table)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds; one seed: no spread)", "",
              "Paired Δ: layermoe minus the same seed's lora-moe run, which it continues from the warm-up "
@@ -84,8 +113,12 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
         lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {d_acc} | {_fmt(row['cv'])} | "
                      f"{d_cv} | {_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
     lines += ["", "Budget (the same for every method): " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]
+    if provenance:
+        lines += [f"Made by `{provenance.get('command')}` at commit {provenance.get('commit')}, {provenance.get('date')}.",
+                  ""]
     atomic_write_text(out / f"{task}.md", "\n".join(lines))
-    atomic_write_text(out / f"{task}.json", json.dumps({"task": task, "budget": budget, "methods": table}, indent=2))
+    atomic_write_text(out / f"{task}.json", json.dumps({"task": task, "budget": budget, "provenance": provenance,
+                                                        "methods": table}, indent=2))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method, row in table.items():

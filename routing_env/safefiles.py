@@ -16,11 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMPLETE", "RunLock", "RunLockedError", "atomic_write", "atomic_write_text", "is_complete",
-           "mark_complete"]
+__all__ = ["COMPLETE", "RunLock", "RunLockedError", "atomic_write", "atomic_write_text", "check_run_name",
+           "is_complete", "mark_complete"]
 
 #: The marker file of a complete checkpoint folder (its content: the names of the files it vouches for).
 COMPLETE = "COMPLETE"
+
+
+def check_run_name(name: str, flag: str = "--name") -> str:
+    """A run name is one plain folder name inside ``--logdir``: no path separators, no ``..``, not absolute.
+
+    ``--name ../../x`` or ``--name /tmp/x`` would write (and lock, and later resume) outside the
+    log folder the user asked for.
+    """
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+            or name.startswith(".") or any(ord(c) < 32 for c in name)):
+        raise ValueError(f"{flag} {name!r} is not a plain run name: it must be one folder name inside --logdir "
+                         "(letters, digits, '-', '_', '.'; no '/', no leading '.'); put the folder in --logdir instead")
+    return name
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
@@ -69,25 +82,20 @@ class RunLockedError(RuntimeError):
     """Another live process holds the run folder."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class RunLock:
     """``with RunLock(run_dir):`` -- the only writer of ``run_dir`` until the block ends.
 
-    The lock is a file holding the owner's pid, created with ``O_EXCL``. A lock whose pid is no
-    longer running (the owner was killed) is taken over, so a crash never blocks the resume.
+    The lock is an advisory ``flock`` on a file holding the owner's pid. The kernel grants it to one
+    process at a time, atomically (a create-then-write-pid file lock has a window in which a second
+    process reads an empty pid, takes it for stale and takes the lock as well), and releases it when
+    its process dies, so a crash never blocks the resume. A holder removes the file when it is done;
+    a process that locked the file just before it was removed notices (the path no longer names the
+    file it holds) and tries again on the new file.
     """
 
     def __init__(self, folder: str | os.PathLike[str], name: str = ".lock") -> None:
         self.path = Path(folder) / name
+        self._fd: int | None = None
 
     @classmethod
     def for_file(cls, path: str | os.PathLike[str]) -> RunLock:
@@ -95,25 +103,37 @@ class RunLock:
         return cls(Path(path).parent, f".{Path(path).name}.lock")
 
     def __enter__(self) -> RunLock:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
                 try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise RunLockedError(
-                        f"{self.path.parent} is in use by process {pid} (lock file {self.path}). Wait for it to "
-                        f"finish, stop it, or use another run name; if pid {pid} is not this job, delete the lock.")
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                    pid = self.path.read_text().strip() or "?"
+                except OSError:
+                    pid = "?"
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by process {pid} (lock file {self.path}). Wait for it to finish, "
+                    "stop it, or use another run name.") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file between our open and our lock: lock the new one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
             return self
-        raise RunLockedError(f"could not take the lock {self.path}; another process keeps re-creating it")
+        raise RunLockedError(f"could not take the lock {self.path}; other processes keep re-creating it")
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before the release, so no one locks a file about to vanish
+            os.close(self._fd)
+            self._fd = None

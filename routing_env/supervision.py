@@ -139,6 +139,7 @@ class TargetTable:
         if balancing not in TARGET_BALANCING:
             raise ValueError(f"unknown target balancing {balancing!r}; valid: {', '.join(TARGET_BALANCING)}")
         check_compatible(targets.header, expected)
+        self.header = targets.header
         if targets.header.get("action_mode", "primary") != "primary":
             raise ValueError("stage 3 needs per-expert targets (a search with action_mode='primary')")
         self.G, self.E = targets.header["num_groups"], targets.header["num_experts"]
@@ -153,6 +154,11 @@ class TargetTable:
                 stacked[:, g, :w] = balance_targets(stacked[:, g, :w])
             self.targets = dict(zip(keys, stacked))
         gaps = {k: self._gap(r["values"]) for k, r in targets.records.items()}
+        if weighting == "value-gap" and gaps and not any(g.any() for g in gaps.values()):
+            # Every weight would be 0: the routing loss identically zero, stage 3 = the base run.
+            raise ValueError(f"--route-weighting value-gap needs process values, but the targets of agent "
+                             f"{targets.header.get('agent')!r} have none (no two estimated actions in any group); "
+                             "use --route-weighting none, or targets from an agent with values (mcts, exhaustive)")
         mean_gap = np.mean([g for v in gaps.values() for g in v if g > 0] or [1.0])
         self.weights = {k: (g / mean_gap if weighting == "value-gap" else np.ones(self.G)) for k, g in gaps.items()}
 
