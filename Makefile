@@ -32,8 +32,9 @@ constraints: install
 
 # The main job: search layer-group routing on ARC-Easy with MCTS (trains and caches a demo-size
 # warm-up checkpoint first when none is cached) and write routing targets + TensorBoard logs.
+# THREADS=N caps torch's CPU threads (`make demo THREADS=2` on a shared machine); unset: torch's default.
 demo: install
-	$(PY) train_rl.py --env layermoe-arc
+	$(PY) train_rl.py --env layermoe-arc $(if $(THREADS),--threads $(THREADS))
 
 # Benchmarks print JSON; bench/mcts.py also times DeepMind's mctx when the bench extra is installed.
 bench: install

@@ -11,11 +11,14 @@ a final test evaluation written to ``runs/<name>/results.json``.
 
 from __future__ import annotations
 
-# The loop lives in the package (routing_env.finetune); this script is its command line. The names
-# stay importable from here (``finetune.Config``, ``finetune.main``) for existing code.
-from routing_env.finetune import *  # noqa: F403
-from routing_env.finetune import Config, main
-from routing_env.utils import run_cli
-
+# The loop lives in the package (routing_env.finetune); this script is its command line. Run as a
+# script, it parses (and answers --help) before importing that module, so no flag waits for torch.
+# Imported, the names stay available from here (``finetune.Config``, ``finetune.main``) for existing code.
 if __name__ == "__main__":
-    run_cli(main, Config, __doc__)
+    from routing_env.cli import run_cli
+    from routing_env.configs import FinetuneConfig
+
+    run_cli("routing_env.finetune:main", FinetuneConfig, __doc__)
+else:
+    from routing_env.finetune import *  # noqa: F403
+    from routing_env.finetune import Config, main  # noqa: F401

@@ -17,16 +17,25 @@ entropy, wall time) goes to ``<results-dir>/<task>-strategies.md`` with JSON and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+# The command line, before the imports below: --help and flag errors answer without loading torch,
+# then run_cli imports this module (routing_env.compare, not __main__) and runs its main.
+if __name__ == "__main__":
+    from routing_env.cli import run_cli
+    from routing_env.configs import CompareConfig
+
+    run_cli("routing_env.compare:main", CompareConfig, __doc__)
+    raise SystemExit(0)
+
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from routing_env import pipeline
 from routing_env.moe.balancing import STRATEGIES, make_strategy
+from routing_env.configs import CompareConfig  # the settings, torch-free for the command line
 from routing_env.identity import provenance, settings_tag
 from routing_env.results import check_replace, write_table
-from routing_env.utils import cfg_field, make_writer, run_cli, save_config
+from routing_env.utils import make_writer, save_config
 
 __all__ = ["CompareConfig", "main", "LAYERMOE", "MOLA_EXPERTS", "strategies", "table_name"]
 
@@ -43,25 +52,6 @@ def _split_mola(name: str) -> tuple[str, bool]:
     parts = [p.strip() for p in name.split("+")]
     rest = "+".join(p for p in parts if p != "mola")
     return rest or "aux", "mola" in parts
-
-
-@dataclass
-class CompareConfig:
-    """Every balancing strategy alone and with LayerMoE on top, paired by seed."""
-
-    task: str = cfg_field("arc-easy", "task name or your own data (as in routing_env.pipeline)")
-    methods: list[str] = cfg_field(["all"], f"comma-separated strategies or combinations ({', '.join(STRATEGIES)}, "
-                                   "mola, e.g. loss-free+z-loss or mola+loss-free), or all")
-    seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds")
-    epochs: int = cfg_field(2, "epochs of every run (LayerMoE: warm-up + stage 3)")
-    train_limit: int | None = cfg_field(None, "use only the first N training questions")
-    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
-    search_batch_size: int = cfg_field(16, "questions searched together")
-    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA)")
-    device: str = cfg_field("auto", "device of every stage")
-    logdir: str = cfg_field("runs/compare", "parent of the per-strategy pipeline folders")
-    results_dir: str = cfg_field("results/compare", "where the table, JSON, plot and the stage records go")
-    table_only: bool = cfg_field(False, "run nothing: the table from the finished stages")
 
 
 def strategies(names: list[str]) -> list[str]:
@@ -130,6 +120,3 @@ def main(cfg: CompareConfig) -> dict:
     print(Path(path).read_text())
     return table
 
-
-if __name__ == "__main__":
-    run_cli(main, CompareConfig, __doc__)

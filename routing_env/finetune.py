@@ -15,7 +15,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,90 +25,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from routing_env.data import TaskSource, describe_split, resolve_task, task_names
+from routing_env.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
+from routing_env.data import TaskSource, describe_split, resolve_task
 from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
-from routing_env.moe.balancing import STRATEGIES, make_strategy
-from routing_env.moe import DEFAULT_BACKBONE, METHODS, MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
+from routing_env.moe.balancing import make_strategy
+from routing_env.moe import MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
 from routing_env.identity import check_same_run, provenance
 from routing_env.safefiles import RunLock, atomic_write_text, check_run_name
-from routing_env.supervision import (GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS, TargetTable, forced_route_bias,
-                                     group_agreement, routing_loss)
+from routing_env.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
 from routing_env.targets import TargetsError, load_targets
 from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
-from routing_env.utils import (PRECISIONS, autocast, autocast_dtype, cfg_field, log_hparams, make_writer,
-                               save_config, seed_everything)
+from routing_env.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything
 
 __all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
-
-
-@dataclass
-class Config:
-    """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
-
-    task: str = cfg_field("arc-easy", f"task: a name ({', '.join(task_names())}), a folder of train/dev/test "
-                          ".jsonl[.gz] files, or one file (split 80/10/10 by question-id hash)")
-    train_file: str | None = cfg_field(None, "your own training split (with --dev-file and --test-file; overrides --task)")
-    dev_file: str | None = cfg_field(None, "your own dev split (model selection and ablations read it)")
-    test_file: str | None = cfg_field(None, "your own test split (read once, at the end)")
-    method: str = cfg_field("lora-moe", "lora / lora-moe (stage 1), or layermoe: continue a lora-moe warm-up "
-                            "with routing targets (stage 3)", choices=[*METHODS, "layermoe"])
-    backbone: str = cfg_field(DEFAULT_BACKBONE, "'minilm' (packaged, offline), a local folder or a hub id")
-    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
-    epochs: int = cfg_field(2, "passes over the training split")
-    batch_size: int = cfg_field(16, "questions per optimiser step")
-    lr: float = cfg_field(1e-3, "peak learning rate (AdamW, linear warm-up then decay)")
-    weight_decay: float = cfg_field(0.0, "AdamW weight decay")
-    warmup_ratio: float = cfg_field(0.06, "share of the steps spent warming the learning rate up")
-    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm")
-    max_length: int = cfg_field(128, "token limit of one (question, choice) input")
-    num_experts: list[int] = cfg_field([4], "experts per layer: one number, or one per layer (MoLA), comma-separated")
-    top_k: int = cfg_field(2, "experts per token")
-    rank: int = cfg_field(8, "LoRA rank of each expert")
-    alpha: float = cfg_field(16.0, "LoRA alpha (scale = alpha / rank)")
-    dropout: float = cfg_field(0.05, "dropout on the adapter input")
-    backbone_dropout: float | None = cfg_field(None, "the backbone's own dropout (hidden states, attention) while "
-                                               "training; none keeps its config's (MiniLM: 0.1)")
-    target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
-    num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
-    group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
-    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss (lora-moe, layermoe)")
-    balance: str = cfg_field("aux", f"lora-moe routing / balancing strategy: {', '.join(STRATEGIES)}, combined with "
-                             "'+' (e.g. loss-free+z-loss); aux is the Switch loss at --aux-loss-coef. layermoe keeps "
-                             "its checkpoint's")
-    init_checkpoint: str | None = cfg_field(None, "layermoe: the warm-up checkpoint to continue (its adapter settings are "
-                                            "used); an epoch checkpoint of a lora-moe run continues that run's optimiser, "
-                                            "schedule and RNG (paired design: only the routing loss differs)")
-    targets: str | None = cfg_field(None, "layermoe: routing-targets file from train_rl.py for that checkpoint")
-    beta: float = cfg_field(1.0, "layermoe: weight of the routing loss KL(target || group router distribution)")
-    route_weighting: str = cfg_field("none", "layermoe: weight each (example, group) term equally, or by the spread "
-                                     "of its process values", choices=list(WEIGHTINGS))
-    target_form: str = cfg_field("file", "layermoe: targets as the agent wrote them, a one-hot of the best-valued "
-                                 "action, or a softmax of the process values at --target-temperature",
-                                 choices=list(TARGET_FORMS))
-    target_temperature: float = cfg_field(1.0, "layermoe: temperature of --target-form softmax (values are in log-p units)")
-    route_granularity: str = cfg_field("group", "layermoe: KL to the target of the group's router distribution averaged "
-                                       "over the example's tokens, or of every token's", choices=list(GRANULARITIES))
-    teacher_forcing: float = cfg_field(0.0, "layermoe: share of targeted examples whose task-loss forward runs through "
-                                       "their searched route, annealed linearly to 0 over stage 3")
-    target_balance: str = cfg_field("none", "layermoe: use the targets as searched, or rescale them (sinkhorn) so every "
-                                    "expert of a group gets the same total target mass over the training questions",
-                                    choices=list(TARGET_BALANCING))
-    train_limit: int | None = cfg_field(None, "use only the first N training questions")
-    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions")
-    eval_batch_size: int = cfg_field(64, "questions per evaluation batch")
-    seed: int = cfg_field(0, "seed for adapter init, shuffling and dropout")
-    device: str = cfg_field("auto", "auto, cpu or cuda[:i]")
-    precision: str = cfg_field("auto", f"autocast: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA GPU, fp32 elsewhere)")
-    name: str | None = cfg_field(None, "run name (default: <task>-<method>-s<seed>)")
-    logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, checkpoints, results)")
-    resume: bool = cfg_field(True, "continue from the last complete epoch checkpoint of this run (as train_rl.py "
-                             "does); false starts again, overwriting it")
-    eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
-    log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
 
 
 def moe_config(cfg: Config) -> MoEConfig:

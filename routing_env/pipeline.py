@@ -16,70 +16,35 @@ JSON + a PNG plot.
 
 from __future__ import annotations
 
+# The command line, before the imports below: --help and flag errors answer without loading torch,
+# then run_cli imports this module (routing_env.pipeline, not __main__) and runs its main.
+if __name__ == "__main__":
+    from routing_env.cli import run_cli
+    from routing_env.configs import PipelineConfig
+
+    run_cli("routing_env.pipeline:main", PipelineConfig, __doc__)
+    raise SystemExit(0)
+
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from routing_env import finetune
 from routing_env import search as train_rl  # stage 2, named after its command
+from routing_env.configs import PipelineConfig  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, resolve_task
-from routing_env.moe import DEFAULT_BACKBONE
 from routing_env.registration import ENV_IDS
 from routing_env.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
 from routing_env.results import aggregate, check_replace, run_metrics, write_table
 from routing_env.safefiles import atomic_write_text
-from routing_env.utils import cfg_field, make_writer, run_cli, save_config
+from routing_env.utils import make_writer, save_config
 
 __all__ = ["BUDGET_FIELDS", "PipelineConfig", "SEARCH_FIELDS", "STAGE3_FIELDS", "TASK_ENV", "VALUE_AGENTS", "check",
            "main", "settings_tag", "table_name", "task_folder"]
 
 TASK_ENV = {task: env_id for env_id, task in ENV_IDS.items()}
-
-
-@dataclass
-class PipelineConfig:
-    """Warm-up -> search -> process-supervised fine-tune -> test, with the baselines, over seeds."""
-
-    task: str = cfg_field("arc-easy", f"task: a name ({', '.join(TASK_ENV)}), a folder of train/dev/test "
-                          ".jsonl[.gz] files, or one file (split 80/10/10 by question-id hash)")
-    train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
-    dev_file: str | None = cfg_field(None, "your own dev split")
-    test_file: str | None = cfg_field(None, "your own test split")
-    methods: list[str] = cfg_field(["lora", "lora-moe", "layermoe-mcts", "layermoe-ppo"],
-                                   "comma-separated methods: lora, lora-moe, layermoe-<agent> (any registered agent)")
-    seeds: list[int] = cfg_field([0, 1, 2], "comma-separated seeds; every method runs every seed")
-    epochs: int = cfg_field(2, "epochs of task training for every method (layermoe: warm-up + stage 3)")
-    warmup_epochs: int = cfg_field(1, "layermoe: epochs of the lora-moe warm-up before the search")
-    backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
-    balance: str = cfg_field("aux", "routing / balancing strategy of the lora-moe runs (layermoe inherits it): aux, "
-                             "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.compare runs them all)")
-    num_experts: list[int] = cfg_field([4], "experts per layer of the lora-moe runs: one number, or one per layer "
-                                       "(MoLA, e.g. 2,2,4,4,6,6; every layer group needs one count). Another value, "
-                                       "like another --balance, needs its own --logdir")
-    train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
-    eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
-    search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "
-                                            "rest get the task loss only)")
-    num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
-    search_batch_size: int = cfg_field(16, "questions searched together (a larger batch fills a GPU; float rounding only)")
-    agent_kwargs: str = cfg_field("{}", "JSON object of agent settings for every search, e.g. '{\"temperature\": 0.5}'")
-    balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")
-    beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")
-    route_weighting: str = cfg_field("none", "layermoe: none or value-gap (weight by the spread of process values)")
-    target_balance: str = cfg_field("none", "layermoe: none or sinkhorn (rescale targets to equal mass per expert)")
-    target_form: str = cfg_field("file", "layermoe: file (as searched), onehot or softmax of the process values "
-                                 "(agents with values: mcts, exhaustive; the others keep their distributions)")
-    target_temperature: float = cfg_field(1.0, "layermoe: temperature of target_form softmax")
-    route_granularity: str = cfg_field("group", "layermoe: group (token-averaged router) or token (per-token KL)")
-    teacher_forcing: float = cfg_field(0.0, "layermoe: share of examples trained through their searched route (annealed)")
-    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
-    device: str = cfg_field("auto", "device of every stage, search included (auto, cpu, cuda[:i])")
-    logdir: str = cfg_field("runs/pipeline", "parent folder of the stage runs (<logdir>/<task>/<stage>-s<seed>)")
-    results_dir: str = cfg_field("results", "where the table, its JSON and the plot go")
-    table_only: bool = cfg_field(False, "run nothing: write the table from the stages already finished (run "
-                                 "folders or committed records), listing the (method, seed) pairs still missing")
 
 
 def _source(cfg: PipelineConfig) -> TaskSource:
@@ -321,6 +286,3 @@ def main(cfg: PipelineConfig) -> dict:
     print(Path(path).read_text())
     return table
 
-
-if __name__ == "__main__":
-    run_cli(main, PipelineConfig, __doc__)

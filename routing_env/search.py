@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,45 +26,15 @@ from tqdm.auto import tqdm
 import agents
 import routing_env  # importing registers the env ids
 from agents.base import SearchResult
+from routing_env.configs import SearchConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, resolve_task
 from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.plots import load_heatmap
 from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
-from routing_env.utils import (PRECISIONS, autocast_dtype, cfg_field, log_hparams, make_writer, pick_device, save_config,
-                               seed_everything)
+from routing_env.utils import autocast_dtype, log_hparams, make_writer, pick_device, save_config, seed_everything
 
 __all__ = ["Config", "check_config", "main", "search", "parse_agent_kwargs"]
-
-
-@dataclass
-class Config:
-    """Search the routing MDP with an agent; write routing targets for the training examples."""
-
-    env: str = cfg_field("layermoe-arc", f"registered env id ({', '.join(routing_env.ENV_IDS)})")
-    task: str | None = cfg_field(None, "your own task instead of the env id's: a folder of train/dev/test .jsonl[.gz] "
-                                 "files or one file (split 80/10/10 by question-id hash)")
-    train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
-    dev_file: str | None = cfg_field(None, "your own dev split")
-    test_file: str | None = cfg_field(None, "your own test split")
-    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(agents.AGENTS))}, or module:Class for your own")
-    agent_kwargs: str = cfg_field("{}", "JSON object of extra agent constructor arguments, e.g. '{\"c_puct\": 2.0}'")
-    checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
-    data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")
-    split: str = cfg_field("train", "split whose examples get targets")
-    num_examples: int = cfg_field(128, "search the first N examples of the split (stage 3 trains the rest on the task loss)")
-    num_simulations: int = cfg_field(16, "MCTS simulations per layer group (for agents that take num_simulations)")
-    batch_size: int = cfg_field(16, "examples searched together (one batched forward per tree level)")
-    balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward")
-    seed: int = cfg_field(0, "seed of the agent and of torch / numpy")
-    device: str = cfg_field("auto", "device of the env's model: auto (CUDA when available), cpu, cuda[:i]")
-    precision: str = cfg_field("auto", f"autocast of the env's model: {', '.join(PRECISIONS)} (auto: bf16 on a CUDA "
-                               "GPU, fp32 elsewhere)")
-    output: str | None = cfg_field(None, "routing-targets file (default: <logdir>/<name>/targets.jsonl)")
-    overwrite: bool = cfg_field(False, "start the targets file again instead of resuming it")
-    compare_router: bool = cfg_field(True, "also score the learned router's greedy paths on the same examples")
-    name: str | None = cfg_field(None, "run name (default: <env>-<agent>-s<seed>)")
-    logdir: str = cfg_field("runs", "parent folder of run folders (TensorBoard logs, targets, summary)")
 
 
 def parse_agent_kwargs(text: str) -> dict:
