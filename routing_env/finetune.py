@@ -97,8 +97,8 @@ def check_config(cfg: Config) -> TaskSource:
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
         raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
-    if cfg.method == "layermoe" and not (Path(cfg.init_checkpoint) / "config.json").is_file():
-        raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a checkpoint folder (no config.json there); "
+    if cfg.method == "layermoe" and not (Path(cfg.init_checkpoint) / "adapter_config.json").is_file():
+        raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a checkpoint folder (no adapter_config.json); "
                          "pass a lora-moe run's checkpoints/epoch_<n> (paired) or final/ folder")
     if cfg.method == "layermoe" and not Path(cfg.targets).is_file():
         raise ValueError(f"--targets {cfg.targets}: no such file; make it with train_rl.py on the --init-checkpoint")

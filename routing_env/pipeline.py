@@ -31,6 +31,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import agents
 from routing_env import finetune
 from routing_env import search as train_rl  # stage 2, named after its command
 from routing_env.configs import PipelineConfig  # the settings, torch-free for the command line
@@ -79,9 +80,11 @@ def _finished(cfg: PipelineConfig, root: Path, name: str, filename: str = "resul
 _PATHS = ("init_checkpoint", "targets", "checkpoint", "output")
 
 
-def _reusable(res: dict, expected, where: Path) -> dict:
-    """``res`` when it was computed with ``expected``'s settings, else a refusal naming each difference."""
-    diff = run_differences(expected, res.get("config") or {}, ignore=RUN_PLACE_FIELDS + _PATHS)
+def _reusable(res: dict, expected, where: Path, neutral: tuple[str, ...] = ()) -> dict:
+    """``res`` when it was computed with ``expected``'s settings, else a refusal naming each difference.
+
+    ``neutral``: settings shown not to change this stage's result (see ``_search``)."""
+    diff = run_differences(expected, res.get("config") or {}, ignore=RUN_PLACE_FIELDS + _PATHS + neutral)
     if diff:
         raise ValueError(f"{where} holds a result computed with other settings ({'; '.join(diff)}); a stage is reused "
                          "only when every setting matches. Delete it (and its run folder) to recompute it, or use "
@@ -89,7 +92,8 @@ def _reusable(res: dict, expected, where: Path) -> dict:
     return res
 
 
-def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, run, force: bool = False) -> dict:
+def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, run, force: bool = False,
+           neutral: tuple[str, ...] = ()) -> dict:
     """A stage's results: from its run folder, else from its committed record, else by running it.
 
     Run folder and record are reused only when their stored settings are ``expected``'s (the stage
@@ -101,10 +105,10 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, 
     local, record = root / name / filename, _record(cfg, name)
     if local.is_file():
         print(f"[pipeline] {task_folder(cfg)} {name}: done, skipped")
-        res = _reusable(json.loads(local.read_text()), expected, local)
+        res = _reusable(json.loads(local.read_text()), expected, local, neutral)
     elif record.is_file() and not force:
         print(f"[pipeline] {task_folder(cfg)} {name}: done (committed record {record}), skipped")
-        return _reusable(json.loads(record.read_text()), expected, record)
+        return _reusable(json.loads(record.read_text()), expected, record, neutral)
     elif cfg.table_only:
         raise ValueError(f"--table-only: stage {name} has no results yet; run the pipeline without --table-only")
     else:
@@ -157,7 +161,11 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
     """A search stage (train_rl resumes after its last written example)."""
     name = f"search-{agent}{settings_tag(cfg, SEARCH_FIELDS)}-s{seed}"
     rl = _search_config(cfg, root, agent, seed, checkpoint, name)
-    return _stage(cfg, root, name, "summary.json", rl, lambda: train_rl.main(rl), force)
+    # An act-only agent (router, random, ...) runs its examples one episode at a time whatever the
+    # batch (``agents.rollout``): there the batch size only chunks the writes, so it is no part of
+    # the result's identity. A batched planner (a ``search`` method) computes per batch.
+    neutral = () if hasattr(agents.factory(agent), "search") else ("batch_size",)
+    return _stage(cfg, root, name, "summary.json", rl, lambda: train_rl.main(rl), force, neutral)
 
 
 def _run_name(method: str, seed: int, tag: str) -> str:
@@ -203,6 +211,9 @@ def check(cfg: PipelineConfig) -> None:
         raise ValueError(f"--teacher-forcing is a share of the examples, in [0, 1]; got {cfg.teacher_forcing}")
     if not math.isfinite(cfg.balance_weight):
         raise ValueError(f"--balance-weight must be a finite number, got {cfg.balance_weight}")
+    for flag, value in (("num-simulations", cfg.num_simulations), ("search-batch-size", cfg.search_batch_size)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
     if cfg.search_examples is not None and cfg.search_examples < 1:
         raise ValueError(f"--search-examples must be at least 1 (or none for all), got {cfg.search_examples}")
     root = Path(cfg.logdir) / "<check>"
@@ -222,7 +233,6 @@ def main(cfg: PipelineConfig) -> dict:
     check(cfg)
     # A table is never replaced by a subset of itself: refused now, not after hours of training.
     check_replace(Path(cfg.results_dir) / f"{table_name(cfg)}.json", {m: {"seeds": cfg.seeds} for m in cfg.methods})
-    source = _source(cfg)
     root = Path(cfg.logdir) / task_folder(cfg)
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)

@@ -21,7 +21,7 @@ from routing_env import finetune
 from routing_env import search as train_rl
 from routing_env import pipeline
 from routing_env.data import DataError
-from routing_env.safefiles import RunLock, RunLockedError, atomic_write_text, is_complete
+from routing_env.safefiles import atomic_write_text, is_complete
 from routing_env.targets import TargetsError, TargetsWriter, load_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,21 +160,6 @@ def test_resume_skips_a_damaged_epoch_and_matches_the_uninterrupted_run(tmp_path
     assert again["test"]["loss"] == full["test"]["loss"]  # epoch 2 retrained from epoch 1: same ops, same numbers
     a, b = load_file(tmp_path / "full" / "final" / "adapter.safetensors"), load_file(run / "final" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_second_writer_is_refused_naming_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / ".lock").write_text(str(holder.pid))
-        with pytest.raises(RunLockedError, match=f"in use by process {holder.pid}"):
-            with RunLock(tmp_path):
-                pass
-    finally:
-        holder.kill()
-        holder.wait()
-    with RunLock(tmp_path):  # its holder is gone: a stale lock is taken over, not a dead end
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
-    assert not (tmp_path / ".lock").exists()
 
 
 def test_targets_file_with_two_records_for_one_example_is_refused(tmp_path):

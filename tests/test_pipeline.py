@@ -25,21 +25,24 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     # A tiny search budget is a non-default setting: its runs carry the settings' tag.
     s_tag = pipeline.settings_tag(cfg, pipeline.SEARCH_FIELDS)
     tag = pipeline.settings_tag(cfg, pipeline.SEARCH_FIELDS + pipeline.STAGE3_FIELDS)
+    # ... and a tiny budget its own task folder and table: they never meet the full-size ones.
+    folder, table_name = pipeline.task_folder(cfg), pipeline.table_name(cfg)
+    assert folder.startswith("arc-easy-") and table_name.startswith("arc-easy-") and table_name != folder
     assert calls == ["lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0", f"layermoe-mcts{tag}-s0"]
-    md = (tmp_path / "results" / f"arc-easy{tag}.md").read_text()
+    md = (tmp_path / "results" / f"{table_name}.md").read_text()
     assert "| layermoe-mcts | 1 |" in md and "| lora | 1 |" in md and "n/a" in md  # lora has no experts
     row = table["layermoe-mcts"]  # paired with the same seed's lora-moe run
     assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table["lora-moe"]["accuracy"]["mean"])
-    assert (tmp_path / "results" / f"arc-easy{tag}_accuracy_vs_balance.png").is_file()
-    saved = json.loads((tmp_path / "results" / f"arc-easy{tag}.json").read_text())
+    assert (tmp_path / "results" / f"{table_name}_accuracy_vs_balance.png").is_file()
+    saved = json.loads((tmp_path / "results" / f"{table_name}.json").read_text())
     assert saved["methods"]["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
     assert set(saved["methods"]["layermoe-mcts"]["seconds"]) == {"warm-up", "search", "stage 3"}
     # --table-only runs nothing: seed 1 has not run, so it is listed as missing and left out.
     calls.clear()
     partial = pipeline.main(pipeline.PipelineConfig(**{**cfg.__dict__, "seeds": [0, 1], "table_only": True}))
     assert calls == [] and partial["layermoe-mcts"]["seeds"] == [0] and partial["lora"]["seeds"] == [0]
-    assert "lora s1, lora-moe s1, layermoe-mcts s1" in (tmp_path / "results" / f"arc-easy{tag}.md").read_text()
-    stage3 = json.loads((tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").read_text())
+    assert "lora s1, lora-moe s1, layermoe-mcts s1" in (tmp_path / "results" / f"{table_name}.md").read_text()
+    stage3 = json.loads((tmp_path / "runs" / folder / f"layermoe-mcts{tag}-s0" / "results.json").read_text())
     assert stage3["config"]["init_checkpoint"].endswith("lora-moe-s0/checkpoints/epoch_1")
     assert stage3["targets_coverage"] == 0.25 and [h["epoch"] for h in stage3["history"]] == [1, 2]
 
@@ -48,8 +51,8 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     assert pipeline.main(cfg) == table and calls == []
 
     # A lost final result: only that stage runs, resuming from its last epoch checkpoint (no retraining).
-    (tmp_path / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0" / "results.json").unlink()
-    (tmp_path / "results" / "runs" / "arc-easy" / f"layermoe-mcts{tag}-s0.json").unlink()  # and its committed record
+    (tmp_path / "runs" / folder / f"layermoe-mcts{tag}-s0" / "results.json").unlink()
+    (tmp_path / "results" / "runs" / folder / f"layermoe-mcts{tag}-s0.json").unlink()  # and its committed record
     calls.clear()
     again = pipeline.main(cfg)
     assert calls == [f"layermoe-mcts{tag}-s0"]
@@ -59,7 +62,7 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     import shutil
 
     shutil.rmtree(tmp_path / "runs")
-    records = tmp_path / "results" / "runs" / "arc-easy"
+    records = tmp_path / "results" / "runs" / folder
     assert {p.stem for p in records.glob("*.json")} == {"lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0",
                                                          f"layermoe-mcts{tag}-s0"}
     calls.clear()
