@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from routing_env import compare
+from routing_env import compare, pipeline
 from routing_env.moe import read_checkpoint_config
 
 
@@ -19,14 +19,18 @@ def test_compare_runs_each_strategy_with_and_without_layermoe(data_dir, tmp_path
     assert list(table) == ["loss-free", "loss-free + LayerMoE", "top-p", "top-p + LayerMoE"]
     for name in ("loss-free", "top-p"):
         # The lora-moe run really trained with the strategy, and LayerMoE continued that run.
-        ck = tmp_path / "runs" / name / "arc-easy" / "lora-moe-s0" / "checkpoints" / "epoch_1"
+        folder = pipeline.task_folder(compare._pipeline_config(cfg, name))  # the budget's own folder
+        assert folder.startswith("arc-easy-")
+        ck = tmp_path / "runs" / name / folder / "lora-moe-s0" / "checkpoints" / "epoch_1"
         assert read_checkpoint_config(ck)["moe"]["balance"] == name
         row = table[f"{name} + LayerMoE"]
         assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table[name]["accuracy"]["mean"])
-    md = (tmp_path / "results" / "arc-easy-strategies.md").read_text()
+    out = compare.table_name(cfg)
+    assert out.startswith("arc-easy-strategies-")  # not the default budget's table
+    md = (tmp_path / "results" / f"{out}.md").read_text()
     assert "| loss-free + LayerMoE | 1 |" in md and "| top-p | 1 |" in md
-    assert (tmp_path / "results" / "arc-easy-strategies_accuracy_vs_balance.png").is_file()
-    saved = json.loads((tmp_path / "results" / "arc-easy-strategies.json").read_text())
+    assert (tmp_path / "results" / f"{out}_accuracy_vs_balance.png").is_file()
+    saved = json.loads((tmp_path / "results" / f"{out}.json").read_text())
     assert set(saved["methods"]) == set(table)
     again = compare.main(compare.CompareConfig(**{**cfg.__dict__, "table_only": True}))  # resumes: nothing reruns
     assert again["top-p"]["accuracy"] == table["top-p"]["accuracy"]

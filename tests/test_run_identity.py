@@ -307,3 +307,15 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
     with RunLock(tmp_path):  # ... but not the lock: it is taken over
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
+
+
+def test_no_absolute_paths_in_committed_results():
+    """Results are read on other machines: a path of the machine that made them means nothing there."""
+    import re
+
+    bad = []
+    for path in (ROOT / "results").rglob("*"):
+        if path.suffix in (".json", ".md") and path.is_file():
+            for m in re.finditer(r"""(?:^|[\s"'`=(])(/(?:work|root|home|tmp|Users|mnt)/[^\s"'`,)]*)""", path.read_text()):
+                bad.append(f"{path.relative_to(ROOT)}: {m.group(1)}")
+    assert not bad, bad[:10]
