@@ -31,6 +31,7 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     assert calls == ["lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0", f"layermoe-mcts{tag}-s0"]
     md = (tmp_path / "results" / f"{table_name}.md").read_text()
     assert "| layermoe-mcts | 1 |" in md and "| lora | 1 |" in md and "n/a" in md  # lora has no experts
+    assert "Made by `python" in md and "at commit" in md  # where the table came from, with its settings above
     row = table["layermoe-mcts"]  # paired with the same seed's lora-moe run
     assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table["lora-moe"]["accuracy"]["mean"])
     assert (tmp_path / "results" / f"{table_name}_accuracy_vs_balance.png").is_file()

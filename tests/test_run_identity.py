@@ -134,6 +134,15 @@ def test_value_gap_weighting_without_values_is_refused():
     TargetTable(RoutingTargets(header, recs), {}, weighting="none")  # the same file, equal weights: fine
 
 
+def test_the_pipeline_weighs_targets_without_values_equally():
+    """Before: ``--route-weighting value-gap`` went to every agent, so the router control's routing loss
+    was identically zero (every weight 0), silently."""
+    cfg = pipeline.PipelineConfig(route_weighting="value-gap", target_form="softmax")
+    assert pipeline._stage3_settings(cfg, "router")["route_weighting"] == "none"
+    assert pipeline._stage3_settings(cfg, "router")["target_form"] == "file"
+    assert pipeline._stage3_settings(cfg, "exhaustive")["route_weighting"] == "value-gap"
+
+
 @pytest.mark.slow
 def test_a_nonfinite_gradient_in_the_last_step_stops_the_run(tmp_path, data_dir, monkeypatch):
     """A finite loss whose gradient is infinite: before, the step made the adapters NaN and the run
