@@ -7,6 +7,11 @@ An agent needs one method, ``act(obs, env) -> action``. It may also offer:
 * ``search(env, example_ids) -> list[SearchResult]`` its own planning over many examples (MCTS);
 * ``fit(env, seed)`` training before it is used (PPO);
 * ``config() -> dict`` its settings, written into the routing-targets file.
+
+Randomness: a stochastic agent draws each example's choices from a generator of (its seed, the
+example index, the group) only (``example_rng``), never from one stream over the run. A search that
+is killed and rerun resumes after the finished examples; with one stream the rerun would restart it
+at the seed and every later example would be searched differently than without the kill.
 """
 
 from __future__ import annotations
@@ -16,7 +21,17 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Agent", "SearchResult", "action_widths", "check_agent", "rollout", "run_agent", "summarize"]
+__all__ = ["Agent", "AgentError", "SearchResult", "action_widths", "check_agent", "current_example", "example_rng",
+           "rollout", "run_agent", "summarize"]
+
+
+class AgentError(ValueError, TypeError):
+    """An object that does not implement the agent protocol.
+
+    A ``ValueError``, so the command line reports it as one ``error:`` line (a user's bad input,
+    exit status 2); also a ``TypeError``, which is what it was before, so ``except TypeError`` still
+    catches it.
+    """
 
 
 @runtime_checkable
@@ -46,14 +61,41 @@ def action_widths(env: Any) -> list[int]:
     return [env.num_actions(g) if hasattr(env, "num_actions") else n for g in range(env.G)]
 
 
+def example_rng(seed: int, example: int, group: int | None = None) -> np.random.Generator:
+    """The generator of one example's (and group's) random choices: a function of these numbers only.
+
+    Seeding per example, not one stream per run, is what makes a resumed search equal an
+    uninterrupted one (and a batch's draws independent of which examples share it).
+    """
+    key = [int(seed), int(example)] + ([] if group is None else [int(group)])
+    if min(key) < 0:
+        raise ValueError(f"seed, example and group must be >= 0 to seed a generator, got seed={seed}, "
+                         f"example={example}, group={group}")
+    return np.random.default_rng(key)
+
+
+def current_example(env: Any) -> int:
+    """The example index of the env's current episode (a ``RoutingEnv``, a wrapper of one, or the synthetic env)."""
+    base = getattr(env, "unwrapped", env)
+    if callable(getattr(base, "get_state", None)):
+        return int(base.get_state().example)
+    return int(base._example)
+
+
 def check_agent(agent: Any, name: str = "agent") -> Any:
-    """Refuse an object that does not implement the protocol, naming what is missing."""
+    """Refuse an object that does not implement the protocol, naming what is missing (``AgentError``).
+
+    Works on a class too (its methods are attributes of the class), so a ``module:Class`` can be
+    checked before it is built, and before any model loads.
+    """
+    what = agent.__name__ if isinstance(agent, type) else type(agent).__name__
     if not callable(getattr(agent, "act", None)) and not callable(getattr(agent, "search", None)):
-        raise TypeError(f"{name} ({type(agent).__name__}) does not implement the agent protocol: it needs a method "
-                        "act(obs, env) -> action (and optionally policy, search, fit, config); see agents/base.py")
+        raise AgentError(f"{name} ({what}) does not implement the agent protocol: it needs a method "
+                         "act(obs, env) -> action (or search(env, example_ids) -> list of SearchResult; optionally "
+                         "policy, fit, config); see agents/base.py and the README's 'Your own agent'")
     for opt in ("policy", "search", "fit", "config"):
         if hasattr(agent, opt) and not callable(getattr(agent, opt)):
-            raise TypeError(f"{name}.{opt} must be a method, got {type(getattr(agent, opt)).__name__}")
+            raise AgentError(f"{name} ({what}): {opt} must be a method, got {type(getattr(agent, opt)).__name__}")
     return agent
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import action_widths
+from agents.base import action_widths, current_example, example_rng
 
 __all__ = ["RouterAgent", "RandomAgent", "RoundRobinAgent"]
 
@@ -36,13 +36,21 @@ class RouterAgent:
 
 
 class RandomAgent:
-    """Uniformly random actions from its own seeded generator."""
+    """Uniformly random actions; group g of example n draws from ``example_rng(seed, n, g)``.
+
+    A function of (seed, example, group), not one stream over the run: a resumed search makes the
+    same choices as an uninterrupted one, and an example's path does not depend on which examples
+    ran before it.
+    """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed, self.rng = seed, np.random.default_rng(seed)
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed = seed
 
     def act(self, obs: np.ndarray, env: Any) -> int:
-        return int(self.rng.choice(np.flatnonzero(_valid(obs, env))))
+        rng = example_rng(self.seed, current_example(env), _group(obs, env))
+        return int(rng.choice(np.flatnonzero(_valid(obs, env))))
 
     def policy(self, obs: np.ndarray, env: Any) -> np.ndarray:
         valid = _valid(obs, env)
@@ -53,16 +61,16 @@ class RandomAgent:
 
 
 class RoundRobinAgent:
-    """Perfectly balanced by construction: group g of the n-th episode takes action ``(n + g) mod A``."""
+    """Balanced by construction: group g of example n (its index in the split) takes ``(n + g) mod A_g``.
 
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
+    ``A_g`` is the group's number of valid actions. Over consecutive examples every action of a group
+    is taken equally often (exactly, for a multiple of ``A_g`` examples). The choice is a function of
+    the example, not of a count of episodes run, so a resumed search routes like an uninterrupted one.
+    """
 
     def act(self, obs: np.ndarray, env: Any) -> int:
         g = _group(obs, env)
-        n = self.counts.get(g, 0)
-        self.counts[g] = n + 1
-        return (n + g) % action_widths(env)[g]
+        return (current_example(env) + g) % action_widths(env)[g]
 
     def config(self) -> dict:
         return {}

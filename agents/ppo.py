@@ -21,6 +21,8 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.logger import configure as configure_logger
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.base import current_example, example_rng
+
 __all__ = ["PPOAgent", "SB3VecEnv", "make_vector_env"]
 
 
@@ -99,7 +101,6 @@ class PPOAgent:
                        deterministic=deterministic)
         self.model_path, self.verbose = model_path, verbose
         self.model: PPO | None = None
-        self.rng = np.random.default_rng(seed)
 
     def fit(self, env: Any, tensorboard_log: str | None = None) -> None:
         if not isinstance(env.action_space, gym.spaces.Discrete):
@@ -137,7 +138,10 @@ class PPOAgent:
         p = self.policy(obs, env)
         if self.kw["deterministic"]:
             return int(np.argmax(p))
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+        # Drawn per (seed, example, group), not from one stream: a resumed search samples as an uninterrupted one.
+        g = int(np.argmax(np.asarray(obs)[: getattr(env, "unwrapped", env).G]))
+        rng = example_rng(self.kw["seed"], current_example(env), g)
+        return int(rng.choice(len(p), p=p / p.sum()))
 
     def config(self) -> dict:
         return dict(self.kw)

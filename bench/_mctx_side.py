@@ -1,11 +1,16 @@
 """mctx side of bench/mcts.py: times DeepMind mctx's ``muzero_policy`` on CPU.
 
-Imported only by bench/mcts.py. Needs the optional benchmark-only packages
-``jax[cpu]`` and ``mctx``; they are imported lazily inside the function.
+Imported by bench/mcts.py, which compares it with the numba trees; run alone it times mctx only
+(JSON). Needs the optional benchmark-only packages ``jax[cpu]`` and ``mctx``; they are imported
+lazily inside the function.
+
+    python bench/_mctx_side.py [--batch 64] [--actions 8] [--simulations 64] [--depth 4] [--repeats 5]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from typing import Any
 
@@ -83,3 +88,22 @@ def mctx_simulations_per_second(
         "mctx_version": getattr(mctx, "__version__", "unknown"),
         "jax_devices": str(jax.devices()),
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--actions", type=int, default=8)
+    ap.add_argument("--simulations", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    try:
+        out = mctx_simulations_per_second(a.batch, a.actions, a.simulations, a.depth, a.repeats)
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

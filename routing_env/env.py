@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,35 @@ from routing_env.planning import EnvState, PlanningMixin
 from routing_env.utils import autocast_dtype
 from routing_env.warmup import default_checkpoint
 
-__all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES"]
+__all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES", "check_number"]
 
 ACTION_MODES = ("primary", "combo", "bias")
 REWARD_MODES = ("outcome", "process")
 BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
+
+
+def check_number(owner: str, name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, optional: bool = False) -> None:
+    """Refuse a bad numeric argument up front: a ``ValueError`` naming it, its value and the valid range.
+
+    Without this, ``cache_mb=-5`` is accepted, ``balance_weight=nan`` turns every reward into NaN, and
+    ``max_examples=0`` or ``obs_proj_dim=-1`` fail deep inside numpy after a model has loaded (or a
+    demo warm-up has trained). A number is a real, finite, non-bool value; an integer an integral one.
+    """
+    if optional and value is None:
+        return
+    if integer:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        if low is not None and high is not None:
+            bounds = f" in [{low:g}, {high:g}]"
+        else:
+            bounds = f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else ""
+        raise ValueError(f"{owner}: {name} must be {kind}{bounds}{' (or None)' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -39,6 +65,16 @@ class _Example:
         r = self.rows
         return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids, self.order)
                    if t is not None)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"RoutingEnv: device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"RoutingEnv: device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+    return dev
 
 
 class RoutingEnv(PlanningMixin, gym.Env):
@@ -107,6 +143,13 @@ class RoutingEnv(PlanningMixin, gym.Env):
     ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups);
     ``num_experts``, when given, must match the checkpoint's. ``precision``: ``auto`` runs the model
     under bf16 autocast on a CUDA GPU and in fp32 elsewhere; ``fp32`` / ``bf16`` force one.
+
+    These are checked before any data or model loads, a ``ValueError`` naming the argument, its value
+    and the valid range: ``balance_weight`` a finite number (0: no balance term), ``cache_mb`` a
+    finite number >= 0, ``max_examples``, ``num_groups``, ``num_experts`` integers >= 1 or None,
+    ``group_sizes`` integers >= 1, ``obs_proj_dim`` (0: no hidden-state features) and
+    ``projection_seed`` integers >= 0, ``device`` a torch device that exists, ``precision`` one of
+    ``auto``, ``fp32``, ``bf16``.
     """
 
     metadata = {"render_modes": []}
@@ -135,18 +178,23 @@ class RoutingEnv(PlanningMixin, gym.Env):
             raise ValueError(f"unknown action_mode {action_mode!r}; valid: {', '.join(ACTION_MODES)}")
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"unknown reward_mode {reward_mode!r}; valid: {', '.join(REWARD_MODES)}")
-        # The data first: a bad task or file is reported before any model is built or trained.
+        # Every argument, then the data, before any model is built or trained (without a checkpoint
+        # the env trains a demo warm-up first: a typo must not cost that).
+        self._check_args(balance_weight=balance_weight, num_groups=num_groups, group_sizes=group_sizes,
+                         max_examples=max_examples, obs_proj_dim=obs_proj_dim, projection_seed=projection_seed,
+                         cache_mb=cache_mb, num_experts=num_experts)
+        self.device = _device(device)
+        autocast = autocast_dtype(precision, self.device)
         self.source = resolve_task(task)
         self.task, self.split = self.source.name, split
         self.examples = self.source.load(split, data_dir, limit=max_examples)
         self.action_mode, self.reward_mode, self.balance_weight = action_mode, reward_mode, float(balance_weight)
-        self.device = torch.device(device)
         if model is None:
             model = load_checkpoint(checkpoint or default_checkpoint(self.source, data_dir=data_dir))
         self.model = model.to(self.device).eval()
         if num_groups is not None or group_sizes is not None:
             self._regroup(num_groups, group_sizes)
-        self.stepper = GroupStepper(self.model, autocast_dtype(precision, self.device))
+        self.stepper = GroupStepper(self.model, autocast)
         self.G = self.stepper.num_groups
         #: experts of each group's layers; a MoLA model (``--num-experts 2,2,4,4,6,6``) has more in higher groups
         self.group_experts, self.k = self._group_experts()
@@ -188,6 +236,22 @@ class RoutingEnv(PlanningMixin, gym.Env):
         self._episode_balance = 0.0  # balance rewards of this episode so far (paid at the end in outcome mode)
 
     # ---- set-up helpers --------------------------------------------------------------------------
+    @staticmethod
+    def _check_args(balance_weight: Any, num_groups: Any, group_sizes: Any, max_examples: Any, obs_proj_dim: Any,
+                    projection_seed: Any, cache_mb: Any, num_experts: Any) -> None:
+        """The numeric arguments' valid ranges (``check_number``); those that need the model (num_groups
+        at most the layer count, group_sizes summing to it) are checked again once it has loaded."""
+        check_number("RoutingEnv", "balance_weight", balance_weight)  # any sign; 0 turns the balance term off
+        check_number("RoutingEnv", "num_groups", num_groups, integer=True, low=1, optional=True)
+        if group_sizes is not None and not (isinstance(group_sizes, (list, tuple)) and group_sizes and all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in group_sizes)):
+            raise ValueError(f"RoutingEnv: group_sizes must be a list of integers >= 1 (or None), got {group_sizes!r}")
+        check_number("RoutingEnv", "max_examples", max_examples, integer=True, low=1, optional=True)
+        check_number("RoutingEnv", "obs_proj_dim", obs_proj_dim, integer=True, low=0)  # 0: no hidden-state features
+        check_number("RoutingEnv", "projection_seed", projection_seed, integer=True, low=0)  # numpy seeds are >= 0
+        check_number("RoutingEnv", "cache_mb", cache_mb, low=0)  # 0 keeps only the newest entry (slow, still right)
+        check_number("RoutingEnv", "num_experts", num_experts, integer=True, low=1, optional=True)
+
     def _regroup(self, num_groups: int | None, group_sizes: list[int] | None) -> None:
         groups = split_layer_groups(self.model.num_layers, num_groups, group_sizes)
         group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}

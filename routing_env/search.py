@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,7 @@ from routing_env.safefiles import RunLock, atomic_write_text
 from routing_env.targets import TargetsWriter
 from routing_env.utils import autocast_dtype, log_hparams, make_writer, pick_device, save_config, seed_everything
 
-__all__ = ["Config", "check_config", "main", "search", "parse_agent_kwargs"]
+__all__ = ["Config", "check_config", "hindsight_note", "main", "search", "parse_agent_kwargs"]
 
 
 def parse_agent_kwargs(text: str) -> dict:
@@ -54,11 +55,18 @@ def check_config(cfg: Config) -> tuple[object, TaskSource | None]:
                         ("num-simulations", cfg.num_simulations)):
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
+    # NaN would pass through every reward into the targets file; the env refuses it too, but only here
+    # does the message name the flag.
+    if not math.isfinite(cfg.balance_weight):
+        raise ValueError(f"--balance-weight must be a finite number, got {cfg.balance_weight}; e.g. --balance-weight 0.1 "
+                         "(0 turns the balance reward off)")
     if cfg.env not in gym.registry:
         raise ValueError(f"unknown env {cfg.env!r}; registered: {', '.join(routing_env.ENV_IDS)}")
-    parse_agent_kwargs(cfg.agent_kwargs)
+    kwargs = parse_agent_kwargs(cfg.agent_kwargs)
     autocast_dtype(cfg.precision, pick_device(cfg.device))
-    factory = agents.factory(cfg.agent)
+    # The class is checked against the agent protocol and --agent-kwargs against its constructor here,
+    # before the run folder and the model; a factory function is checked once it has built its agent.
+    factory = agents.check_factory(agents.factory(cfg.agent), cfg.agent, kwargs)
     custom = cfg.task or cfg.train_file or cfg.dev_file or cfg.test_file
     return factory, resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
 
@@ -93,7 +101,7 @@ def main(cfg: Config) -> dict:
     """
     factory, source = check_config(cfg)
     ctx = setup()
-    name = cfg.name or f"{source.name if source else cfg.env}-{cfg.agent.replace(':', '.')}-s{cfg.seed}"
+    name = cfg.name or f"{source.name if source else cfg.env}-{agents.short_name(cfg.agent)}-s{cfg.seed}"
     run_dir = Path(cfg.logdir) / name
     out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
     locks = (RunLock(run_dir), RunLock.for_file(out_path)) if ctx.is_main else ()  # --output may lie outside run_dir
@@ -111,6 +119,8 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     t_start = time.time()
     if cfg.overwrite and ctx.is_main:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
         (run_dir / "agent.zip").unlink(missing_ok=True)
+    # Built before the env: an agent that cannot be built (or is no agent) is refused before any model loads.
+    agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))
     if ctx.is_main:
         save_config(run_dir, cfg)  # the resolved settings; `train_rl.py --config <run>/config.json` reruns them
     writer = make_writer(run_dir) if ctx.is_main else NullWriter()
@@ -120,7 +130,6 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
                    **({"task": source} if source else {})).unwrapped
     if env.action_mode != "primary":
         raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")
-    agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))
     agent_config = agent.config() if callable(getattr(agent, "config", None)) else {}
     n = min(cfg.num_examples, len(env.examples))
     example_ids = list(range(n))
@@ -208,14 +217,34 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
         env.load_stats[:] = 0.0  # the router's paths, scored from the same starting loads as the search
         summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids), widths)
         env.load_stats = saved
-    summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start)
+    # The search saw each question's answer: its numbers say how good routes exist, not how well a
+    # router would do on questions it has not seen. Said in the file and on the console, next to them.
+    summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start,
+                   hindsight=True, note=hindsight_note(cfg.split, cfg.compare_router))
     rows = {k: v for k, v in summary.items() if k in ("agent", "router")}
+    pngs = []
+    print(f"{len(results)} {cfg.split} questions: searched paths ({cfg.agent})"
+          + (" vs the learned router's own greedy paths" if "router" in rows else ""))
     for who, s in rows.items():
+        pngs.append(run_dir / f"loads_{who}.png")
         fig = load_heatmap(s["load_share"], [f"group {g}" for g in range(env.G)], f"{who}: expert-load shares of chosen paths",
-                           run_dir / f"loads_{who}.png")
+                           pngs[-1])
         writer.add_figure(f"routing/loads_{who}", fig, len(results))
         print(f"{who:>7}: outcome (log p correct) {s['outcome_mean']:.4f}  accuracy {s['accuracy']:.3f}  "
               f"load CV {s['cv_mean']:.3f} (per group {', '.join(f'{c:.3f}' for c in s['cv'])})")
+    print(summary["note"])
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     writer.close()
+    print(f"targets:       {out_path}\n"
+          f"summary:       {run_dir / 'summary.json'}\n"
+          f"TensorBoard:   {run_dir}  (tensorboard --logdir {run_dir})\n"
+          f"load heatmaps: {', '.join(map(str, pngs))}")
     return ctx.broadcast(summary)
+
+
+def hindsight_note(split: str, compared: bool = True) -> str:
+    """What the summary's numbers are: a search with the answer known, not a held-out score."""
+    router = "; the router's greedy paths are scored on the same questions" if compared else ""
+    return (f"note: these are {split} questions searched knowing the answer (hindsight){router}. This is not a "
+            "held-out accuracy: whether the targets help shows in stage 3 (finetune.py --method layermoe "
+            "--targets ...) on dev and test.")

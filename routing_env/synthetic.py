@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from routing_env.env import check_number
 from routing_env.planning import EnvState
 
 __all__ = ["SyntheticRoutingEnv"]
@@ -27,6 +28,14 @@ class SyntheticRoutingEnv(gym.Env):
     def __init__(self, num_groups: int = 3, num_experts: int = 4, num_examples: int = 64, penalty: float = 0.7,
                  router_accuracy: float = 0.5, balance_weight: float = 0.0, tokens: int = 10, obs_proj_dim: int = 4,
                  seed: int = 0) -> None:
+        for name, value in (("num_groups", num_groups), ("num_experts", num_experts), ("num_examples", num_examples),
+                            ("tokens", tokens)):
+            check_number("SyntheticRoutingEnv", name, value, integer=True, low=1)
+        check_number("SyntheticRoutingEnv", "obs_proj_dim", obs_proj_dim, integer=True, low=0)
+        check_number("SyntheticRoutingEnv", "seed", seed, integer=True, low=0)
+        check_number("SyntheticRoutingEnv", "penalty", penalty)
+        check_number("SyntheticRoutingEnv", "router_accuracy", router_accuracy, low=0, high=1)
+        check_number("SyntheticRoutingEnv", "balance_weight", balance_weight)
         self.G, self.E, self.k = num_groups, num_experts, 1
         self.action_mode, self.balance_weight, self.penalty, self.tokens = "primary", balance_weight, penalty, tokens
         rng = np.random.default_rng([seed, 0x5EED])  # not default_rng(seed): agents seeded alike would know the answers

@@ -8,7 +8,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 
-from routing_env.env import EnvState, RoutingEnv
+from routing_env.env import EnvState, RoutingEnv, check_number
 
 __all__ = ["RoutingVectorEnv"]
 
@@ -31,6 +31,7 @@ class RoutingVectorEnv(VectorEnv):
                  env: RoutingEnv | None = None, **env_kwargs: Any) -> None:
         if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
             raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode!r}")
+        check_number("RoutingVectorEnv", "num_envs", num_envs, integer=True, low=1)  # before the env (and model) is built
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.env = env if env is not None else RoutingEnv(**env_kwargs)
         self.num_envs = num_envs

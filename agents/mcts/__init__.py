@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.base import SearchResult
+from agents.base import SearchResult, example_rng
 from agents.mcts.search import LeafEvaluator, MCTSConfig, mcts_search, search_tree
 from agents.mcts.tree import root_visits
 
@@ -19,7 +19,9 @@ class MCTSAgent:
 
     ``act`` searches the current example from the current node (slow; for use as a plain agent);
     ``search`` is what ``train_rl.py`` calls. Running loads are updated with each batch's chosen
-    paths before the next batch is searched, so the balance term sees earlier decisions.
+    paths before the next batch is searched, so the balance term sees earlier decisions. Root noise
+    (``dirichlet_fraction > 0``) of example ``i`` at group ``g`` is drawn from ``example_rng(seed, i, g)``
+    in both, so a resumed search equals an uninterrupted one.
     """
 
     def __init__(self, num_simulations: int = 32, c_puct: float = 1.25, dirichlet_alpha: float = 0.3,
@@ -29,14 +31,15 @@ class MCTSAgent:
             raise ValueError(f"num_simulations must be at least 1, got {num_simulations}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.cfg = MCTSConfig(num_simulations, c_puct, dirichlet_alpha, dirichlet_fraction, temperature, leaf_value)
         self.batch_size, self.seed = batch_size, seed
-        self.rng = np.random.default_rng(seed)
 
     def search(self, env: Any, example_ids: Sequence[int]) -> list[SearchResult]:
         out: list[SearchResult] = []
         for start in range(0, len(example_ids), self.batch_size):
-            results = mcts_search(env, example_ids[start : start + self.batch_size], self.cfg, self.rng)
+            results = mcts_search(env, example_ids[start : start + self.batch_size], self.cfg, seed=self.seed)
             for r in results:
                 env.finish_episode(r.loads)
             out += results
@@ -48,7 +51,7 @@ class MCTSAgent:
         ev = LeafEvaluator(env, self.cfg.leaf_value)
         # One tree: evaluate() is only called when it grows, so every path is real.
         tree = search_tree(lambda paths: ev([(s.example, s.prefix + p) for p in paths]), 1, A, G - len(s.prefix),
-                           self.cfg, self.rng)
+                           self.cfg, example_rng(self.seed, s.example, len(s.prefix)))
         return int(np.argmax(root_visits(tree)[0]))
 
     def config(self) -> dict:

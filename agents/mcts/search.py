@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from agents.base import SearchResult, action_widths
+from agents.base import SearchResult, action_widths, example_rng
 from agents.mcts.tree import expand_and_backup, init_roots, new_tree, root_q, root_visits, select
 
 __all__ = ["MCTSConfig", "LeafEvaluator", "search_tree", "mcts_search"]
@@ -85,21 +85,27 @@ class LeafEvaluator:
 
 
 def search_tree(evaluate: Callable[[list[tuple]], tuple[np.ndarray, np.ndarray, np.ndarray]], batch: int,
-                num_actions: int, max_depth: int, cfg: MCTSConfig, rng: np.random.Generator | None = None):
+                num_actions: int, max_depth: int, cfg: MCTSConfig,
+                rng: np.random.Generator | Sequence[np.random.Generator] | None = None):
     """Run ``cfg.num_simulations`` simulations on ``batch`` fresh trees; returns the ``Tree``.
 
     ``evaluate(paths)`` receives one action tuple per tree (``()`` = the root) and returns the
     nodes' ``prior [B, A]`` (negative: no such action), edge ``reward [B]`` and ``value [B]``
-    (return-to-go estimate).
+    (return-to-go estimate). ``rng`` draws the root noise (``cfg.dirichlet_fraction > 0``): one
+    generator for all roots in turn, or one per tree (``[B]``, so that a root's noise does not depend
+    on the other trees of the batch; ``mcts_search`` gives each root its own).
     """
     tree = new_tree(batch, cfg.num_simulations, num_actions, max_depth)
     prior, _, value = evaluate([()] * batch)
     if cfg.dirichlet_fraction > 0:  # over the actions each root has (prior >= 0)
         rng = rng if rng is not None else np.random.default_rng()
+        rngs = [rng] * batch if isinstance(rng, np.random.Generator) else list(rng)
+        if len(rngs) != batch:
+            raise ValueError(f"search_tree: {len(rngs)} generators for {batch} trees; give one, or one per tree")
         prior = prior.copy()
         for b in range(batch):
             valid = prior[b] >= 0
-            noise = rng.dirichlet(np.full(int(valid.sum()), cfg.dirichlet_alpha))
+            noise = rngs[b].dirichlet(np.full(int(valid.sum()), cfg.dirichlet_alpha))
             prior[b, valid] = (1 - cfg.dirichlet_fraction) * prior[b, valid] + cfg.dirichlet_fraction * noise
     init_roots(tree.visits, tree.value_sum, tree.prior, tree.terminal, tree.num_nodes, tree.qmin, tree.qmax,
                max_depth, np.ascontiguousarray(prior, np.float64), np.ascontiguousarray(value, np.float64))
@@ -126,9 +132,15 @@ def evaluate_subset(evaluate: Callable, paths: list[tuple], trees: np.ndarray, b
     return prior[trees], reward[trees], value[trees]
 
 
-def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig,
-                rng: np.random.Generator | None = None) -> list[SearchResult]:
-    """Search ``example_ids`` together on ``env`` (a ``RoutingEnv`` or anything with its planning interface)."""
+def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig, rng: np.random.Generator | None = None,
+                seed: int | None = None) -> list[SearchResult]:
+    """Search ``example_ids`` together on ``env`` (a ``RoutingEnv`` or anything with its planning interface).
+
+    Root noise (``cfg.dirichlet_fraction > 0``): with ``seed``, the root of example ``i`` at group
+    ``g`` draws from ``example_rng(seed, i, g)``, so an example's search does not depend on the
+    examples searched before it or beside it (a resumed search equals an uninterrupted one); else
+    all roots draw from ``rng`` in turn. Without noise neither is used.
+    """
     ids = [int(i) for i in example_ids]
     B, G, A = len(ids), env.G, int(env.action_space.n)
     widths = action_widths(env)  # valid actions per group (a MoLA model's lower groups have fewer)
@@ -148,7 +160,8 @@ def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig,
                         prior[b, widths[group]:] = -1.0
             return prior, reward, value
 
-        tree = search_tree(evaluate, B, A, G - g, cfg, rng)
+        roots_rng = [example_rng(seed, i, g) for i in ids] if seed is not None and cfg.dirichlet_fraction > 0 else rng
+        tree = search_tree(evaluate, B, A, G - g, cfg, roots_rng)
         visits, q = root_visits(tree), root_q(tree)  # [B, A]
         depth_reached += tree.depth.max(1) / G
         nodes += tree.num_nodes
