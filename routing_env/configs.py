@@ -113,7 +113,8 @@ class SearchConfig:
     train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
     dev_file: str | None = cfg_field(None, "your own dev split")
     test_file: str | None = cfg_field(None, "your own test split")
-    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(AGENTS))}, or module:Class for your own")
+    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(AGENTS))}, or your own as path/to/file.py:Class or "
+                           "module:Class (the module's folder on PYTHONPATH)")
     agent_kwargs: str = cfg_field("{}", "JSON object of extra agent constructor arguments, e.g. '{\"c_puct\": 2.0}'")
     checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the Hugging Face hub)")

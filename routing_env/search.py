@@ -31,7 +31,7 @@ from routing_env.configs import SearchConfig as Config  # the settings, torch-fr
 from routing_env.data import TaskSource, resolve_task
 from routing_env.distributed import DistContext, NullWriter, setup
 from routing_env.plots import load_heatmap
-from routing_env.safefiles import RunLock, atomic_write_text
+from routing_env.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.targets import TargetsWriter
 from routing_env.utils import autocast_dtype, log_hparams, make_writer, pick_device, save_config, seed_everything
 
@@ -67,6 +67,8 @@ def check_config(cfg: Config) -> tuple[object, TaskSource | None]:
     # The class is checked against the agent protocol and --agent-kwargs against its constructor here,
     # before the run folder and the model; a factory function is checked once it has built its agent.
     factory = agents.check_factory(agents.factory(cfg.agent), cfg.agent, kwargs)
+    if cfg.name is not None:  # one folder inside --logdir, never a path out of it
+        check_run_name(cfg.name)
     custom = cfg.task or cfg.train_file or cfg.dev_file or cfg.test_file
     return factory, resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
 

@@ -245,6 +245,11 @@ def test_run_names_stay_inside_the_logdir(tmp_path, data_dir):
         with pytest.raises(ValueError, match="is not a plain run name"):
             finetune.main(_ft(tmp_path / "logs", data_dir, name=name))
     assert not (tmp_path / "logs").exists() and not (tmp_path / "abs").exists()
+    from routing_env import search
+
+    with pytest.raises(ValueError, match="is not a plain run name"):
+        search.main(search.Config(name="../../x", logdir=str(tmp_path / "logs"), data_dir=str(data_dir)))
+    assert not (tmp_path / "logs").exists() and not (tmp_path.parent / "x").exists()
 
 
 # ---- 5. one writer, for sure -----------------------------------------------------------------------
