@@ -32,11 +32,13 @@ def test_finetune_writes_results_logs_heatmaps_and_resumes(tmp_path, data_dir):
         assert abs(sum(layer["loads"]) - 1.0) < 1e-9 and layer["cv"] >= 0.0
     assert saved["config"]["method"] == "lora-moe" and saved["wall_time_s"] > 0
 
-    # A second epoch with --resume continues after epoch 1 instead of starting over.
-    res2 = finetune.main(_cfg(tmp_path, data_dir, epochs=2, resume=True))
-    assert [h["epoch"] for h in res2["history"]] == [1, 2]
-    assert res2["history"][0] == res1["history"][0]  # epoch 1 was loaded, not re-run
-    assert (run / "checkpoints" / "epoch_2" / "training_state.pt").is_file()
+    # The same command again resumes after epoch 1 (nothing left to train) instead of starting over.
+    res2 = finetune.main(_cfg(tmp_path, data_dir, resume=True))
+    assert res2["history"] == res1["history"] and res2["test"] == res1["test"]
+    # More epochs are another run (another learning-rate schedule), not a continuation: refused.
+    with pytest.raises(ValueError, match=r"other settings \(epochs: 1 there, 2 here\)"):
+        finetune.main(_cfg(tmp_path, data_dir, epochs=2, resume=True))
+    assert not (run / "checkpoints" / "epoch_2").exists()
 
 
 def test_same_seed_same_result(tmp_path, data_dir):
