@@ -1,7 +1,13 @@
-"""Accuracy and routing statistics of a multiple-choice model on a list of examples, in one pass."""
+"""Accuracy and routing statistics of a multiple-choice model on a list of examples, in one pass.
+
+Each evaluation also keeps its per-question evidence (id, label, prediction, log-probabilities over
+the choices): two runs answer the same questions, so a paired comparison can be tested within a
+seed (``routing_env.stats``), not only across seeds.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -19,17 +25,37 @@ from routing_env.utils import autocast
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "iterate_batches", "layer_load_stats"]
 
 
+#: Decimals of the stored log-probabilities: records are committed (ARC-Easy's test split is 2376
+#: questions), and 1e-5 nats is far below any difference a paired test is asked about.
+LOGP_DECIMALS = 5
+
+
 @dataclass
 class EvalResult:
     accuracy: float
     loss: float
     n: int
     layer_stats: dict[int, LayerStats] = field(default_factory=dict)  # transformer layer -> its expert loads
-    predictions: list[int] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)  # per question, in the order of ``ids``
+    ids: list[str] = field(default_factory=list)  # the examples' ids, in evaluation order
+    labels: list[int] = field(default_factory=list)  # the correct choice's index
+    # log_softmax of the logits over each question's own choices (its row is as long as it has
+    # choices); a choice scored -inf (padded) is None, which JSON writes as null.
+    logp: list[list[float | None]] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        """JSON-ready: accuracy, loss and per-layer balance metrics."""
+    def questions(self) -> dict:
+        """The per-question evidence, columnar (one list per field, aligned by position): ids, label,
+        pred and logp (rounded to ``LOGP_DECIMALS``). Paired tests join two runs' blocks on ``ids``."""
         return {
+            "ids": list(self.ids),
+            "label": list(self.labels),
+            "pred": list(self.predictions),
+            "logp": [[None if v is None else round(v, LOGP_DECIMALS) for v in row] for row in self.logp],
+        }
+
+    def summary(self, questions: bool = True) -> dict:
+        """JSON-ready: accuracy, loss, per-layer balance metrics and (``questions``) the per-question block."""
+        out = {
             "accuracy": self.accuracy,
             "loss": self.loss,
             "n": self.n,
@@ -38,6 +64,9 @@ class EvalResult:
                 for layer, s in self.layer_stats.items()
             },
         }
+        if questions:
+            out["questions"] = self.questions()
+        return out
 
 
 def batch_encoder(model: MCModel, tokenizer: object, max_length: int) -> Callable[[Sequence[MCExample]], MCBatch]:
@@ -82,7 +111,8 @@ def evaluate(
     progress: bool = True,
     amp_dtype: torch.dtype | None = None,
 ) -> EvalResult:
-    """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards).
+    """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards), and
+    per question its id, label, prediction (argmax of the logits) and log-probabilities over its choices.
 
     ``amp_dtype``: run the forwards under autocast to it (``routing_env.utils.autocast_dtype``).
     """
@@ -92,8 +122,9 @@ def evaluate(
     ctx = model.routing
     ctx.reset_records()
     ctx.record_loads, ctx.compute_aux = True, False
-    # Sums and predictions stay on the device and are read once at the end: no host sync per batch.
-    losses, preds = [], []
+    # Sums, predictions and log-probabilities stay on the device and are read once at the end: no host
+    # sync per batch.
+    losses, preds, logps = [], [], []
     try:
         for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
             batch = encode(exs).to(device)
@@ -101,6 +132,7 @@ def evaluate(
                 logits = model(batch).float()  # [B, C]
             losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
             preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
+            logps.append(F.log_softmax(logits, dim=1))  # [B, C_batch]; padded choices stay -inf
         stats = layer_load_stats(model)
     finally:
         ctx.record_loads = False
@@ -108,7 +140,18 @@ def evaluate(
     n = len(examples)
     if not preds:
         return EvalResult(accuracy=0.0, loss=0.0, n=0, layer_stats=stats)
-    pred, labels = torch.cat(preds, 1).cpu()  # [2, N] -> [N], [N]
-    loss_sum = float(torch.stack(losses).sum())
+    # Batches have as many choice columns as their widest question: pad to the widest of all (-inf,
+    # as padded choices are) so one tensor holds them, then read everything in one transfer.
+    width = max(t.shape[1] for t in logps)
+    logp = torch.cat([F.pad(t, (0, width - t.shape[1]), value=-math.inf) for t in logps])  # [N, W]
+    pred_label = torch.cat(preds, 1)  # [2, N]
+    loss_sum = torch.stack(losses).sum()
+    host = torch.cat([logp.reshape(-1), pred_label.reshape(-1).float(), loss_sum.reshape(1)]).cpu()
+    logp_h, pred_label_h = host[: n * width].view(n, width), host[n * width : -1].view(2, n)
+    pred, labels = pred_label_h.long()  # small integers: exact in float32
+    loss_sum = float(host[-1])
     correct = int((pred == labels).sum())
-    return EvalResult(accuracy=correct / n, loss=loss_sum / n, n=n, layer_stats=stats, predictions=pred.tolist())
+    rows = [[v if math.isfinite(v) else None for v in row[: len(ex.choices)]]
+            for row, ex in zip(logp_h.tolist(), examples)]
+    return EvalResult(accuracy=correct / n, loss=loss_sum / n, n=n, layer_stats=stats, predictions=pred.tolist(),
+                      ids=[ex.id for ex in examples], labels=labels.tolist(), logp=rows)

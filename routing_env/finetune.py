@@ -320,7 +320,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         writer.add_scalar("eval/accuracy", res.accuracy, step)
         writer.add_scalar("eval/loss", res.loss, step)
         log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
-        history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(), "elapsed_s": time.time() - t_start})
+        # The per-question block of dev for the last epoch only (the model the run ends with; earlier
+        # epochs' blocks would multiply the committed records' size for no paired comparison).
+        history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(questions=epoch + 1 == cfg.epochs),
+                        "elapsed_s": time.time() - t_start})
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
         save_epoch(model, optimizer, scheduler, ckpt_root / f"epoch_{epoch + 1}", epoch, history, cfg, source.name, device)
         ctx.barrier()

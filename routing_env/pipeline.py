@@ -38,7 +38,7 @@ from routing_env.configs import PipelineConfig  # the settings, torch-free for t
 from routing_env.data import TaskSource, resolve_task
 from routing_env.registration import ENV_IDS
 from routing_env.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
-from routing_env.results import aggregate, check_replace, run_metrics, write_table
+from routing_env.results import aggregate, check_replace, run_metrics, run_questions, write_table
 from routing_env.safefiles import atomic_write_text
 from routing_env.utils import make_writer, save_config
 
@@ -254,7 +254,8 @@ def main(cfg: PipelineConfig) -> dict:
             if method in ("lora", "lora-moe"):
                 res = _finetune(cfg, root, _run_name(method, seed, tag), seed, force=rerun_base and method == "lora-moe",
                                 method=method, epochs=cfg.epochs)
-                runs[method].append({"seed": seed, "metrics": run_metrics(res), "seconds": {"train": res["wall_time_s"]}})
+                runs[method].append({"seed": seed, "metrics": run_metrics(res), "questions": run_questions(res),
+                                     "seconds": {"train": res["wall_time_s"]}})
                 continue
             agent = method.removeprefix("layermoe-")
             # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
@@ -269,6 +270,8 @@ def main(cfg: PipelineConfig) -> dict:
                             init_checkpoint=str(warm), targets=search["targets"], **_stage3_settings(cfg, agent))
             runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
                                  "paired_with": run_metrics(base),
+                                 # per-question test records of both arms: the within-seed paired tests
+                                 "questions": run_questions(res), "paired_questions": run_questions(base),
                                  "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"),
                                              "stage 3": res["wall_time_s"]}})
 

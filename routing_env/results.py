@@ -3,6 +3,12 @@
 Balance metrics are those of the test evaluation, per transformer layer, averaged over layers:
 coefficient of variation of the expert loads (0 = balanced), max/mean load (1 = balanced) and
 normalised entropy (1 = balanced). Plain LoRA has no experts, so no balance figures.
+
+Paired rows (layermoe, each seed continuing that seed's lora-moe run) also get a within-seed test
+from the per-question records of both arms' test evaluations (``routing_env.stats``): per seed the
+exact McNemar p, a question-bootstrap interval of the paired difference pooled over seeds, and the
+smallest difference the design can detect within a seed and across the seeds. Records made before
+evaluations kept per-question evidence say so (``n/a (no per-question records)``).
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from routing_env.safefiles import atomic_write_text
+from routing_env.stats import (HAVE_SCIPY, detectable_across_seeds, detectable_within_seed, mcnemar_exact,
+                               paired_outcomes, pooled_paired_bootstrap)
 
-__all__ = ["run_metrics", "aggregate", "check_replace", "write_table"]
+__all__ = ["run_metrics", "run_questions", "aggregate", "check_replace", "write_table"]
 
 METRICS = ("accuracy", "cv", "max_over_mean", "norm_entropy")
+#: The paired tests' settings, written into the table's JSON beside their results.
+ALPHA, POWER, LEVEL, RESAMPLES, BOOTSTRAP_SEED = 0.05, 0.8, 0.95, 10000, 0
+NO_RECORDS = "n/a (no per-question records)"
 
 
 def run_metrics(results: dict) -> dict[str, float | None]:
@@ -29,6 +40,12 @@ def run_metrics(results: dict) -> dict[str, float | None]:
     return out
 
 
+def run_questions(results: dict) -> dict | None:
+    """One fine-tune's ``results.json`` -> its test evaluation's per-question block (ids, label, pred,
+    logp; ``EvalResult.questions``), or None for a record made before evaluations kept one."""
+    return (results.get("test") or {}).get("questions")
+
+
 def _stat(values: Sequence[float | None]) -> dict[str, Any]:
     v = [x for x in values if x is not None]
     if not v:
@@ -37,7 +54,12 @@ def _stat(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """``{method: [per-seed {"metrics": run_metrics, "seconds": {stage: s}, "seed": n}]}`` -> summary."""
+    """``{method: [per-seed {"metrics": run_metrics, "seconds": {stage: s}, "seed": n}]}`` -> summary.
+
+    A paired row's per-seed entries also carry ``"paired_with"`` (the base run's metrics) and, for the
+    within-seed tests, ``"questions"`` and ``"paired_questions"`` (``run_questions`` of the run and of
+    its base; None or absent for older records).
+    """
     table = {}
     for method, per_seed in runs.items():
         row = {k: _stat([r["metrics"][k] for r in per_seed]) for k in METRICS}
@@ -48,8 +70,41 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
             # Same seed, same lora-moe run up to the warm-up: the per-seed difference is the effect.
             row["paired_diff"] = {k: _stat([None if r["metrics"][k] is None else r["metrics"][k] - r["paired_with"][k]
                                             for r in per_seed]) for k in ("accuracy", "cv")}
+            row["paired_test"] = _paired_test(per_seed, row["paired_diff"]["accuracy"])
         table[method] = row
     return table
+
+
+def _paired_test(per_seed: list[dict], diff: dict) -> dict[str, Any]:
+    """Within-seed evidence for a paired row: per seed McNemar (base = a, this method = b), the pooled
+    question bootstrap of the paired difference and the smallest detectable effects.
+
+    The bootstrap resamples the test questions within each seed and averages the per-seed paired
+    differences, so its centre is the table's mean paired Δ and its width the question-sampling
+    uncertainty alone (the seed spread is beside it). Across seeds the detectable effect needs only
+    the per-seed differences, so older records get it too.
+    """
+    out: dict[str, Any] = {
+        "alpha": ALPHA, "power": POWER,
+        "detectable_across_seeds": detectable_across_seeds(diff["std"], len(diff["values"]), ALPHA, POWER),
+        "across_seeds_method": "noncentral t" if HAVE_SCIPY else "normal approximation with a t critical value",
+        "per_seed": None, "bootstrap": None}
+    if not all(r.get("questions") and r.get("paired_questions") for r in per_seed):
+        out["note"] = NO_RECORDS
+        return out
+    pairs, rows = [], []
+    for r in per_seed:
+        _, base_ok, run_ok = paired_outcomes(r["paired_questions"], r["questions"])  # joined on question id
+        test = mcnemar_exact(base_ok, run_ok)  # b: base right, run wrong; c: the reverse
+        rows.append({"seed": r["seed"], **test, "diff": (test["c"] - test["b"]) / test["n"],
+                     "discordance": (test["b"] + test["c"]) / test["n"],
+                     "detectable": detectable_within_seed(test["n"], test["b"] + test["c"], ALPHA, POWER)})
+        pairs.append((base_ok, run_ok))
+    mean, lo, hi = pooled_paired_bootstrap(pairs, RESAMPLES, BOOTSTRAP_SEED, LEVEL)
+    out["per_seed"] = rows
+    out["bootstrap"] = {"mean": mean, "lo": lo, "hi": hi, "level": LEVEL, "n_resamples": RESAMPLES,
+                        "seed": BOOTSTRAP_SEED, "pooling": "questions resampled within each seed, per-seed differences averaged"}
+    return out
 
 
 def _fmt(s: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
@@ -59,6 +114,48 @@ def _fmt(s: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> 
     if len(s["values"]) < 2:  # one seed has no spread; "± 0" would claim one
         return f"{s['mean'] * scale:{sign}.{digits}f}"
     return f"{s['mean'] * scale:{sign}.{digits}f} ± {s['std'] * scale:.{digits}f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
+
+
+def _paired_cells(row: dict) -> tuple[str, str]:
+    """The table's McNemar-p and bootstrap-interval cells of a row ("" for a row that is not paired)."""
+    test = row.get("paired_test")
+    if test is None:
+        return "", ""
+    if test["per_seed"] is None:
+        return NO_RECORDS, NO_RECORDS
+    ps = ", ".join(f"s{t['seed']} {_p(t['p'])}" for t in test["per_seed"])
+    b = test["bootstrap"]
+    return ps, f"{b['mean'] * 100:+.2f} [{b['lo'] * 100:+.2f}, {b['hi'] * 100:+.2f}]"
+
+
+def _detectable_lines(table: dict[str, dict]) -> list[str]:
+    """Under the table, per paired method: the smallest paired accuracy difference the design detects."""
+    paired = {m: row["paired_test"] for m, row in table.items() if row.get("paired_test") is not None}
+    if not paired:
+        return []
+    lines = [f"Smallest paired accuracy difference detectable (two-sided α {ALPHA}, {POWER:.0%} power). Within a "
+             "seed: McNemar on its test questions, ≈ (z(0.975) + z(0.8))·√(d/n), d = share of the n questions the two "
+             "arms answer differently (at least the 6/n the exact test needs). Across the seeds: a one-sample t-test "
+             f"of the per-seed paired Δ given their sample std ({next(iter(paired.values()))['across_seeds_method']}).",
+             ""]
+    for method, test in paired.items():
+        if test["per_seed"] is None:
+            within = f"within a seed {NO_RECORDS}"
+        else:
+            within = ("within a seed " + " / ".join(f"{t['detectable'] * 100:.2f}" for t in test["per_seed"]) + " pts ("
+                      + " / ".join(f"s{t['seed']}" for t in test["per_seed"]) + "; d = "
+                      + " / ".join(f"{t['discordance']:.3f}" for t in test["per_seed"]) + ")")
+        seeds = len(table[method]["paired_diff"]["accuracy"]["values"])
+        det = test["detectable_across_seeds"]
+        across = (f"across the {seeds} seeds {det * 100:.2f} pts (std of the paired Δ "
+                  f"{table[method]['paired_diff']['accuracy']['std'] * 100:.2f} pts)" if det is not None
+                  else f"across the seeds n/a ({seeds} seed{'s' if seeds != 1 else ''})")
+        lines.append(f"- {method}: {within}; {across}")
+    return lines + [""]
 
 
 def _pairs(table: dict[str, dict]) -> set[tuple[str, int]]:
@@ -102,17 +199,23 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
     lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds; one seed: no spread)", "",
              "Paired Δ: layermoe minus the same seed's lora-moe run, which it continues from the warm-up "
              "checkpoint (only the routing loss differs).", "",
-             "| method | seeds | test accuracy (%) | paired Δ accuracy (pts) | load CV | paired Δ CV | max/mean | "
+             "McNemar p: exact two-sided test of each seed's pair on the test questions both runs answered (joined on "
+             f"question id). {LEVEL:.0%} CI: percentile bootstrap of the paired Δ over test questions, resampled "
+             "within each seed and the per-seed Δ averaged (question sampling only; the ± is the seed spread).", "",
+             "| method | seeds | test accuracy (%) | paired Δ accuracy (pts) | McNemar p per seed | "
+             f"paired Δ {LEVEL:.0%} CI (pts, question bootstrap) | load CV | paired Δ CV | max/mean | "
              "norm. entropy | wall time per stage (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, row in table.items():
         times = ", ".join(f"{s} {row['seconds'][s]['mean']:.0f}" for s in row["seconds"] if row["seconds"][s]["mean"] is not None)
         diff = row.get("paired_diff")
         d_acc = _fmt(diff["accuracy"], 100, 2, signed=True) if diff else ""
         d_cv = _fmt(diff["cv"], signed=True) if diff else ""
-        lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {d_acc} | {_fmt(row['cv'])} | "
-                     f"{d_cv} | {_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
-    lines += ["", "Budget (the same for every method): " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]
+        p_cell, ci_cell = _paired_cells(row)
+        lines.append(f"| {method} | {len(row['seeds'])} | {_fmt(row['accuracy'], 100, 2)} | {d_acc} | {p_cell} | {ci_cell} | "
+                     f"{_fmt(row['cv'])} | {d_cv} | {_fmt(row['max_over_mean'])} | {_fmt(row['norm_entropy'])} | {times} |")
+    lines += [""] + _detectable_lines(table)
+    lines += ["Budget (the same for every method): " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]
     if provenance:
         lines += [f"Made by `{provenance.get('command')}` at commit {provenance.get('commit')}, {provenance.get('date')}.",
                   ""]

@@ -34,6 +34,13 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     assert "Made by `python" in md and "at commit" in md  # where the table came from, with its settings above
     row = table["layermoe-mcts"]  # paired with the same seed's lora-moe run
     assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table["lora-moe"]["accuracy"]["mean"])
+    # ... and tested within the seed, on both arms' per-question test records (joined on question id)
+    paired = row["paired_test"]
+    assert [(t["seed"], t["n"]) for t in paired["per_seed"]] == [(0, 8)] and 0 <= paired["per_seed"][0]["p"] <= 1
+    assert paired["bootstrap"]["mean"] == pytest.approx(row["paired_diff"]["accuracy"]["mean"])
+    cells = [c.strip() for c in next(r for r in md.splitlines() if r.startswith("| layermoe-mcts |")).split("|")[1:-1]]
+    assert cells[4].startswith("s0 ") and "[" in cells[5] and "n/a" not in cells[4] + cells[5]
+    assert "- layermoe-mcts: within a seed " in md and "across the seeds n/a (1 seed)" in md
     assert (tmp_path / "results" / f"{table_name}_accuracy_vs_balance.png").is_file()
     saved = json.loads((tmp_path / "results" / f"{table_name}.json").read_text())
     assert saved["methods"]["layermoe-mcts"]["accuracy"]["mean"] == table["layermoe-mcts"]["accuracy"]["mean"]
@@ -46,6 +53,9 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     stage3 = json.loads((tmp_path / "runs" / folder / f"layermoe-mcts{tag}-s0" / "results.json").read_text())
     assert stage3["config"]["init_checkpoint"].endswith("lora-moe-s0/checkpoints/epoch_1")
     assert stage3["targets_coverage"] == 0.25 and [h["epoch"] for h in stage3["history"]] == [1, 2]
+    # per-question evidence: every test question, and dev of the last epoch only
+    assert len(stage3["test"]["questions"]["ids"]) == 8 and len(stage3["test"]["questions"]["logp"]) == 8
+    assert "questions" not in stage3["history"][0]["dev"] and len(stage3["history"][1]["dev"]["questions"]["pred"]) == 8
 
     # Everything finished: nothing runs again, the same table comes out.
     calls.clear()
