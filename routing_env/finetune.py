@@ -33,6 +33,7 @@ from routing_env.moe.balancing import make_strategy
 from routing_env.moe import MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.planning import model_fingerprint
 from routing_env.plots import load_heatmap
+from routing_env.results import dumps_record
 from routing_env.identity import check_same_run, provenance
 from routing_env.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
@@ -354,7 +355,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         "config": asdict(cfg),
         "provenance": provenance(),
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(run_dir / "results.json", dumps_record(results))
     writer.close()
     if test_res:
         print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")

@@ -38,7 +38,7 @@ from routing_env.configs import PipelineConfig  # the settings, torch-free for t
 from routing_env.data import TaskSource, resolve_task
 from routing_env.registration import ENV_IDS
 from routing_env.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
-from routing_env.results import aggregate, check_replace, run_metrics, run_questions, write_table
+from routing_env.results import aggregate, check_replace, dumps_record, run_metrics, run_questions, write_table
 from routing_env.safefiles import atomic_write_text
 from routing_env.utils import make_writer, save_config
 
@@ -114,7 +114,7 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, 
     else:
         print(f"[pipeline] {task_folder(cfg)} {name}: running")
         res = run()
-    atomic_write_text(record, json.dumps(res, indent=2))
+    atomic_write_text(record, dumps_record(res))
     return res
 
 

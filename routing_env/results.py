@@ -23,12 +23,37 @@ from routing_env.safefiles import atomic_write_text
 from routing_env.stats import (HAVE_SCIPY, detectable_across_seeds, detectable_within_seed, mcnemar_exact,
                                paired_outcomes, pooled_paired_bootstrap)
 
-__all__ = ["run_metrics", "run_questions", "aggregate", "check_replace", "write_table"]
+__all__ = ["dumps_record", "run_metrics", "run_questions", "aggregate", "check_replace", "write_table"]
 
 METRICS = ("accuracy", "cv", "max_over_mean", "norm_entropy")
 #: The paired tests' settings, written into the table's JSON beside their results.
 ALPHA, POWER, LEVEL, RESAMPLES, BOOTSTRAP_SEED = 0.05, 0.8, 0.95, 10000, 0
 NO_RECORDS = "n/a (no per-question records)"
+
+
+def dumps_record(obj: Any, indent: int = 2) -> str:
+    """JSON of a results record, indented, with every list of plain values on one line.
+
+    A record's per-question block (thousands of ids, labels and log-probability rows) written one
+    value per line would be ~150 bytes a question; on one line per list it is ~60, and the record
+    stays readable and diffable by key.
+    """
+
+    def flat(x: Any) -> bool:  # a list of scalars, or of lists of scalars (logp rows)
+        return isinstance(x, list) and all(not isinstance(v, (dict, list)) or
+                                           (isinstance(v, list) and all(not isinstance(u, (dict, list)) for u in v))
+                                           for v in x)
+
+    def fmt(x: Any, depth: int) -> str:
+        pad, inner = " " * (indent * depth), " " * (indent * (depth + 1))
+        if isinstance(x, dict) and x:
+            items = [f"{inner}{json.dumps(str(k))}: {fmt(v, depth + 1)}" for k, v in x.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(x, list) and x and not flat(x):
+            return "[\n" + ",\n".join(inner + fmt(v, depth + 1) for v in x) + "\n" + pad + "]"
+        return json.dumps(x, separators=(", ", ": ") if isinstance(x, list) else None)
+
+    return fmt(obj, 0) + "\n"
 
 
 def run_metrics(results: dict) -> dict[str, float | None]:
