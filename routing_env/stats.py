@@ -197,6 +197,8 @@ def detectable_across_seeds(std: float, seeds: int, alpha: float = 0.05, power: 
         return None
     if std < 0 or not math.isfinite(std):
         raise ValueError(f"std must be a finite number >= 0, got {std}")
+    if std == 0:  # identical per-seed differences: the t-test is undefined, not infinitely sensitive
+        return None
     df = seeds - 1
     if _scipy_stats is None:
         return (_t_quantile(1 - alpha / 2, df) + _z(power)) * std / math.sqrt(seeds)
@@ -208,7 +210,13 @@ def detectable_across_seeds(std: float, seeds: int, alpha: float = 0.05, power: 
         nct = _scipy_stats.nct
         return float(nct.sf(t_crit, df, nc) + nct.cdf(-t_crit, df, nc)) - power
 
-    hi = 1.0
-    while shortfall(hi) < 0:
-        hi *= 2
-    return brentq(shortfall, 0.0, hi, xtol=1e-10) * std / math.sqrt(seeds)
+    approx = (_t_quantile(1 - alpha / 2, df) + _z(power)) * std / math.sqrt(seeds)
+    try:
+        hi = 1.0
+        while shortfall(hi) < 0:
+            hi *= 2
+            if hi > 1e6:  # power never reached: scipy's noncentral t lost precision
+                return approx
+        return brentq(shortfall, 0.0, hi, xtol=1e-10) * std / math.sqrt(seeds)
+    except ValueError:  # NaN from scipy's noncentral t at very few degrees of freedom (2 seeds): the approximation
+        return approx
