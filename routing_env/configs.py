@@ -152,8 +152,12 @@ class PipelineConfig:
     balance: str = cfg_field("aux", "routing / balancing strategy of the lora-moe runs (layermoe inherits it): aux, "
                              "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.compare runs them all)")
     num_experts: list[int] = cfg_field([4], "experts per layer of the lora-moe runs: one number, or one per layer "
-                                       "(MoLA, e.g. 2,2,4,4,6,6; every layer group needs one count). Another value, "
-                                       "like another --balance, needs its own --logdir")
+                                       "(MoLA, e.g. 2,2,4,4,6,6; every layer group needs one count); another value gets "
+                                       "its own task folder, as every budget setting does")
+    top_k: int = cfg_field(2, "experts per token of the lora-moe runs (1: the route alone decides a token's expert)")
+    rank: int = cfg_field(8, "LoRA rank of every expert, and of plain lora")
+    aux_loss_coef: float = cfg_field(0.01, "weight of the Switch balance loss of the lora-moe runs (0: none)")
+    lr: float = cfg_field(1e-3, "peak learning rate of every fine-tune")
     train_limit: int | None = cfg_field(None, "use only the first N training questions (all methods)")
     eval_limit: int | None = cfg_field(None, "evaluate on only the first N dev / test questions (all methods)")
     search_examples: int | None = cfg_field(None, "search only the first N training questions (default: all; the "

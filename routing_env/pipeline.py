@@ -121,7 +121,8 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, 
 def _finetune_config(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> finetune.Config:
     return finetune.Config(**_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit,
                            eval_limit=cfg.eval_limit, data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name,
-                           resume=True, balance=cfg.balance, num_experts=cfg.num_experts, **kw)
+                           resume=True, balance=cfg.balance, num_experts=cfg.num_experts, top_k=cfg.top_k, rank=cfg.rank,
+                           aux_loss_coef=cfg.aux_loss_coef, lr=cfg.lr, **kw)
 
 
 def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool = False, **kw) -> dict:
@@ -132,7 +133,8 @@ def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool
 
 #: Settings every method shares: the budget. Any non-default value names its own task folder
 #: (``task_folder``), so runs, records and tables of different budgets never meet.
-BUDGET_FIELDS = ("epochs", "backbone", "balance", "num_experts", "train_limit", "eval_limit")
+BUDGET_FIELDS = ("epochs", "backbone", "balance", "num_experts", "top_k", "rank", "aux_loss_coef", "lr", "train_limit",
+                 "eval_limit")
 #: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so
 #: a rerun with other settings never reuses a stage computed with different ones.
 SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight", "warmup_epochs",

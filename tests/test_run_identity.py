@@ -215,9 +215,11 @@ def test_every_budget_and_option_names_its_own_folder_and_table():
     base = pipeline.PipelineConfig()
     assert pipeline.task_folder(base) == "arc-easy" and pipeline.table_name(base) == "arc-easy"
     for change in ({"epochs": 3}, {"train_limit": 10}, {"eval_limit": 10}, {"balance": "bip"}, {"num_experts": [8]},
-                   {"backbone": "x"}):
+                   {"backbone": "x"}, {"top_k": 1}, {"rank": 16}, {"aux_loss_coef": 0.0}, {"lr": 3e-3}):
         other = pipeline.PipelineConfig(**change)
         assert pipeline.task_folder(other) != "arc-easy" and pipeline.table_name(other) != "arc-easy", change
+        ft = pipeline._finetune_config(other, Path("r"), "lora-moe-s0", 0, method="lora-moe", epochs=other.epochs)
+        assert all(getattr(ft, k) == v for k, v in change.items()), change  # and the runs get them
     for change in ({"warmup_epochs": 2, "epochs": 3}, {"search_batch_size": 4}, {"beta": 0.5}):
         assert settings_tag(pipeline.PipelineConfig(**change), pipeline.SEARCH_FIELDS + pipeline.STAGE3_FIELDS), change
 
