@@ -21,7 +21,8 @@ class LoRAMoELinear(nn.Module):
 
     ``A_e`` starts Kaiming-uniform and ``B_e`` at zero (as in LoRA), so a fresh layer returns exactly
     ``base(x)``. The router is a bias-free linear map to ``E`` logits; gates are its softmax
-    probabilities renormalised over the selected experts, so the router gets gradient from the task loss.
+    probabilities renormalised over the selected experts (top-1: the raw probability, as in Switch),
+    so the router gets gradient from the task loss.
     """
 
     def __init__(
@@ -100,7 +101,18 @@ class LoRAMoELinear(nn.Module):
             k = self.num_experts if self.context.strategy.variable_k else self.top_k
             expert_idx = (chosen * 2 + probs).topk(k, dim=-1).indices
         gates = probs.gather(1, expert_idx) * chosen.gather(1, expert_idx)
+        if not self._renormalise():
+            return expert_idx, gates  # Switch's top-1 gate: see ``_renormalise``
         return expert_idx, gates / gates.sum(dim=-1, keepdim=True)
+
+    def _renormalise(self) -> bool:
+        """Whether the chosen experts' probabilities are renormalised to sum to 1 (every top-k > 1).
+
+        Not for top-1 (Switch Transformer's gate): renormalised, a single expert's gate is p / p = 1
+        whatever the router says, so the task loss gives the router no gradient at all and a top-1
+        router would learn only from the balance loss. Its raw probability keeps the gradient.
+        """
+        return not (self.top_k == 1 and (self.context.strategy is None or not self.context.strategy.variable_k))
 
     def _select(self, logits: torch.Tensor) -> torch.Tensor:
         """``[T, k]`` the experts each token uses: top-k of the logits plus the group's selection bias."""
@@ -127,7 +139,8 @@ class LoRAMoELinear(nn.Module):
         E, r, d_in = self.lora_A.shape
         if E * r * 4 <= d_in:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
             dense = probs * chosen
-            dense = dense / dense.sum(dim=-1, keepdim=True)  # [T, E] gates renormalised over the chosen, 0 elsewhere
+            if self._renormalise():
+                dense = dense / dense.sum(dim=-1, keepdim=True)  # [T, E] gates renormalised over the chosen, 0 elsewhere
             a_t, b_flat, spread = self._flat_weights()
             h = self.dropout(flat) @ a_t  # [T, E*r] every expert's down-projection
             h = h * (dense.to(h.dtype) @ spread)  # gate each expert's r columns (spread: [E, E*r] of 0/1)

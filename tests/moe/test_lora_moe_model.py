@@ -248,3 +248,24 @@ def test_mola_experts_per_layer_and_explicit_groups():
     assert by_layer == {0: (2, 0), 1: (4, 1), 2: (6, 1), 3: (8, 1)}
     with torch.no_grad():
         assert model(random_pairs_batch()).shape == (3, 4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_router_learns_from_the_task_loss_at_top_1_too(top_k):
+    """Before: gates renormalised over the chosen experts made a single expert's gate p / p = 1, so
+    a top-1 router got no gradient from the task loss (only the balance loss moved it). Top-1 gates
+    are the raw probability now (Switch); top-k > 1 gates still sum to 1."""
+    module, kind = tiny_bert()
+    model = build_model("lora-moe", backbone_module=(module, kind),
+                        moe=MoEConfig(num_experts=4, top_k=top_k, num_groups=2))
+    _perturb(model, seed=3)
+    batch = random_pairs_batch(B=3, seed=5)
+    F.cross_entropy(model(batch), batch.labels).backward()  # no balance loss: the task loss alone
+    layers = moe_layers(model)
+    assert all(m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in layers)
+    x = torch.randn(7, layers[0].lora_A.shape[2], generator=torch.Generator().manual_seed(0))
+    probs, idx, gates = layers[0].route(x)
+    if top_k == 1:
+        torch.testing.assert_close(gates, probs.gather(1, idx), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(gates.sum(-1), torch.ones(7))
