@@ -10,8 +10,11 @@ checkpoint, with its optimiser state, schedule and RNG, adding beta * routing lo
 difference from lora-moe is the routing loss, so the table reports per-seed paired differences
 (``layermoe-router``, targets from the learned router itself, is the no-search control). A stage
 whose outputs exist is skipped; an interrupted one resumes (fine-tunes from their last epoch
-checkpoint, searches after their last written example). The table goes to ``results/<task>.md`` +
-JSON + a PNG plot.
+checkpoint, searches after their last written example); either only when the settings it stored are
+the ones this run would use (``_reusable``): a run is exactly what its settings say. Another budget
+gets another task folder (``task_folder``), other search or stage-3 settings other stage names. The
+table goes to ``results/<table>.md`` + JSON + a PNG plot, ``<table>`` being the task plus a tag of
+every non-default setting (``table_name``), with the settings, command, commit and date under it.
 """
 
 from __future__ import annotations
