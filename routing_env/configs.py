@@ -164,6 +164,8 @@ class PipelineConfig:
                                             "rest get the task loss only)")
     num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
     search_batch_size: int = cfg_field(16, "questions searched together (a larger batch fills a GPU; float rounding only)")
+    gate_examples: int = cfg_field(200, "dev questions of the routing-structure gate (routing_env.gate) run on each "
+                                   "seed's warm-up before its search; 0 skips it")
     agent_kwargs: str = cfg_field("{}", "JSON object of agent settings for every search, e.g. '{\"temperature\": 0.5}'")
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")
     beta: float = cfg_field(1.0, "layermoe: weight of the routing loss")

@@ -35,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import agents
-from routing_env import finetune
+from routing_env import finetune, gate
 from routing_env import search as train_rl  # stage 2, named after its command
 from routing_env.configs import PipelineConfig  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, resolve_task
@@ -173,6 +173,20 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
     return _stage(cfg, root, name, "summary.json", rl, lambda: train_rl.main(rl), force, neutral)
 
 
+def _gate(cfg: PipelineConfig, root: Path, seed: int, checkpoint: Path) -> dict:
+    """The routing-structure gate on the warm-up (dev; ``routing_env.gate``), a stage like the others."""
+    name = f"gate{settings_tag(cfg, ('gate_examples',))}-s{seed}"
+    source = _source(cfg)
+    g = gate.GateConfig(checkpoint=str(checkpoint), env=TASK_ENV.get(source.builtin or "", "layermoe-arc"),
+                        **({} if source.builtin else source.args()),
+                        examples=min(cfg.gate_examples, cfg.eval_limit or cfg.gate_examples), seed=seed,
+                        data_dir=cfg.data_dir, device=cfg.device)
+    res = _stage(cfg, root, name, "gate.json", g, lambda: gate.run(g, root / name / "gate.json"))
+    if not res["structure"]:
+        print(f"[pipeline] warning, seed {seed}: {res['warning']}")
+    return res
+
+
 def _run_name(method: str, seed: int, tag: str) -> str:
     """A method's final run: ``<method>-s<seed>`` for the baselines, with the settings tag for layermoe."""
     return f"{method}-s{seed}" if method in ("lora", "lora-moe") else f"{method}{tag}-s{seed}"
@@ -219,6 +233,8 @@ def check(cfg: PipelineConfig) -> None:
     for flag, value in (("num-simulations", cfg.num_simulations), ("search-batch-size", cfg.search_batch_size)):
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if cfg.gate_examples < 0:
+        raise ValueError(f"--gate-examples must be at least 0 (0 skips the gate), got {cfg.gate_examples}")
     if cfg.search_examples is not None and cfg.search_examples < 1:
         raise ValueError(f"--search-examples must be at least 1 (or none for all), got {cfg.search_examples}")
     root = Path(cfg.logdir) / "<check>"
@@ -242,6 +258,7 @@ def main(cfg: PipelineConfig) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
     missing: list[str] = []
+    gates: dict[int, dict] = {}
     for seed in cfg.seeds:
         unfinished = [m for m in cfg.methods if not _finished(cfg, root, _run_name(m, seed, tag))]
         if cfg.table_only:  # leave out what has not finished (its base run must have, for layermoe)
@@ -266,6 +283,10 @@ def main(cfg: PipelineConfig) -> dict:
             # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
             base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, force=rerun_base, method="lora-moe", epochs=cfg.epochs)
             warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
+            # ---- the gate: is there routing structure to learn on this warm-up? (dev, once a seed) --
+            gate_name = f"gate{settings_tag(cfg, ('gate_examples',))}-s{seed}"
+            if cfg.gate_examples and seed not in gates and (method in pending or _finished(cfg, root, gate_name, "gate.json")):
+                gates[seed] = _gate(cfg, root, seed, warm)
             # ---- stage 2: search routing targets on that checkpoint -----------------------------
             search = _search(cfg, root, agent, seed, warm)
             if method in pending and not Path(search["targets"]).is_file():  # a record, but no targets here
@@ -293,6 +314,8 @@ def main(cfg: PipelineConfig) -> dict:
              and (cfg.target_form != "file" or cfg.route_weighting != "none")]
     if notes:
         budget["per-agent settings"] = "; ".join(notes)
+    if gates:
+        budget["routing-structure gate on the warm-up"] = "; ".join(f"s{s}: {gate.summary_line(g)}" for s, g in gates.items())
     if missing:
         budget["not finished (left out)"] = ", ".join(missing)
         print(f"[pipeline] not finished, left out of the table: {', '.join(missing)}")

@@ -153,8 +153,10 @@ class PlanningMixin:
         """Score complete paths, one batched forward per group over all paths' uncached prefixes.
 
         ``paths``: ``[N, G]`` actions (``[N, G, E]`` in bias mode). Returns ``outcome [N]`` (log p of
-        the correct answer), ``correct [N]``, ``loads [N, G, E]`` and ``balance [N]`` (the balance
-        reward against the current running loads, which this call does not change).
+        the correct answer), ``correct [N]``, ``loads [N, G, E]``, ``balance [N]`` (the balance
+        reward against the current running loads, which this call does not change), and, for
+        analyses that need every choice (``routing_env.gate``), ``logp`` (``N`` arrays ``[C_i]`` of
+        the choices' log-probabilities) and ``answer [N]`` (the correct choice's index in them).
         """
         ids = [int(i) for i in np.asarray(example_ids).reshape(-1)]
         keyed = [self._keyed(p) for p in paths]
@@ -168,7 +170,9 @@ class PlanningMixin:
             outcome[n], correct[n] = self._score(i, logps[n])
             loads[n] = self.path_loads(i, p)
         balance = np.array([sum(self.balance_reward(g, l[g]) for g in range(self.G)) for l in loads])
-        return {"outcome": outcome, "correct": correct, "loads": loads, "balance": balance}
+        answer = np.array([self._example_rows(i).answer_row for i in ids], dtype=int)
+        return {"outcome": outcome, "correct": correct, "loads": loads, "balance": balance,
+                "logp": [logps[n] for n in range(len(ids))], "answer": answer}
 
     def finish_episode(self, loads: np.ndarray) -> None:
         """Add a finished path's ``[G, E]`` loads to the running statistics, as ending an episode does.

@@ -32,6 +32,8 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
     md = (tmp_path / "results" / f"{table_name}.md").read_text()
     assert "| layermoe-mcts | 1 |" in md and "| lora | 1 |" in md and "n/a" in md  # lora has no experts
     assert "Made by `python" in md and "at commit" in md  # where the table came from, with its settings above
+    # The routing-structure gate ran on the warm-up before the search; 8 dev questions cannot pass it.
+    assert "routing-structure gate on the warm-up s0: router - random" in md and "NO structure to learn" in md
     row = table["layermoe-mcts"]  # paired with the same seed's lora-moe run
     assert row["paired_diff"]["accuracy"]["mean"] == pytest.approx(row["accuracy"]["mean"] - table["lora-moe"]["accuracy"]["mean"])
     # ... and tested within the seed, on both arms' per-question test records (joined on question id)
@@ -74,7 +76,7 @@ def test_pipeline_runs_skips_and_resumes(data_dir, tmp_path, monkeypatch):
 
     shutil.rmtree(tmp_path / "runs")
     records = tmp_path / "results" / "runs" / folder
-    assert {p.stem for p in records.glob("*.json")} == {"lora-s0", "lora-moe-s0", f"search-mcts{s_tag}-s0",
+    assert {p.stem for p in records.glob("*.json")} == {"lora-s0", "lora-moe-s0", "gate-s0", f"search-mcts{s_tag}-s0",
                                                          f"layermoe-mcts{tag}-s0"}
     calls.clear()
     assert pipeline.main(cfg) == again and calls == []
