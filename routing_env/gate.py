@@ -171,13 +171,14 @@ def run(cfg: GateConfig, output: str | Path | None = None) -> dict:
     import routing_env  # noqa: F401 -- registers the env ids
     from routing_env.data import resolve_task
     from routing_env.safefiles import atomic_write_text
+    from routing_env.utils import pick_device
 
     if cfg.examples < 1:
         raise ValueError(f"gate examples must be at least 1, got {cfg.examples}")
     custom = cfg.task or cfg.train_file
     source = resolve_task(cfg.task or "", cfg.train_file, cfg.dev_file, cfg.test_file) if custom else None
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split="dev", data_dir=cfg.data_dir, balance_weight=0.0,
-                   device=cfg.device, **({"task": source} if source else {})).unwrapped
+                   device=str(pick_device(cfg.device)), **({"task": source} if source else {})).unwrapped
     ids = list(range(min(cfg.examples, len(env.examples))))
     result = {"task": env.task, **gate(env, ids, cfg.null_draws, cfg.seed), "config": asdict(cfg)}
     if output is not None:

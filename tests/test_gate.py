@@ -49,3 +49,18 @@ def test_gate_on_a_real_checkpoint(distinct_checkpoint, data_dir):
     lo, hi = res["router_minus_random"]["ci95"]
     assert lo <= res["router_minus_random"]["mean"] <= hi
     assert res["structure"] is False and "no routing structure" in res["warning"]  # 6 questions cannot pass
+
+
+@pytest.mark.slow
+def test_gate_command_writes_its_result_with_its_settings(distinct_checkpoint, data_dir, tmp_path):
+    from routing_env.gate import GateConfig, main
+
+    out = tmp_path / "g.json"
+    res = main(["--checkpoint", str(distinct_checkpoint), "--examples", "2", "--null-draws", "2",
+                "--data-dir", str(data_dir), "--output", str(out)])  # default device: auto
+    import json
+
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res)) and saved["examples"] == 2
+    assert saved["config"] == {**GateConfig(checkpoint=str(distinct_checkpoint)).__dict__, "examples": 2,
+                               "null_draws": 2, "data_dir": str(data_dir)}
