@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["MIN_ROUTER_GAIN", "GateConfig", "gate", "route_table", "run", "shuffled_null", "summary_line", "main"]
+__all__ = ["MIN_ROUTER_GAIN", "WARMUP_KEYS", "GateConfig", "gate", "route_table", "run", "shuffled_null", "summary_line", "table", "warmup_settings", "main"]
 
 #: router - random accuracy (share) the gate asks for, with a bootstrap interval above 0
 MIN_ROUTER_GAIN = 0.02
@@ -180,7 +180,8 @@ def run(cfg: GateConfig, output: str | Path | None = None) -> dict:
     env = gym.make(cfg.env, checkpoint=cfg.checkpoint, split="dev", data_dir=cfg.data_dir, balance_weight=0.0,
                    device=str(pick_device(cfg.device)), **({"task": source} if source else {})).unwrapped
     ids = list(range(min(cfg.examples, len(env.examples))))
-    result = {"task": env.task, **gate(env, ids, cfg.null_draws, cfg.seed), "config": asdict(cfg)}
+    result = {"task": env.task, **gate(env, ids, cfg.null_draws, cfg.seed), "config": asdict(cfg),
+              "warmup": warmup_settings(cfg.checkpoint)}
     if output is not None:
         atomic_write_text(Path(output), json.dumps(result, indent=2) + "\n")
     return result
@@ -194,10 +195,43 @@ def summary_line(res: dict) -> str:
             f"{'structure' if res['structure'] else 'NO structure to learn'} ({res['examples']} dev questions)")
 
 
+#: the warm-up's settings a gate result carries (from the run's config.json beside its checkpoints)
+WARMUP_KEYS = ("task", "epochs", "train_limit", "num_experts", "top_k", "rank", "aux_loss_coef", "balance", "lr", "seed")
+
+
+def warmup_settings(checkpoint: str | Path) -> dict:
+    """The settings of the run whose ``checkpoints/epoch_<n>`` (or ``final``) ``checkpoint`` is, if its config is there."""
+    cfg = Path(checkpoint).parent.parent / "config.json"
+    if not cfg.is_file():
+        cfg = Path(checkpoint).parent / "config.json"  # a final/ folder
+    made = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    return {k: made[k] for k in WARMUP_KEYS if k in made}
+
+
+def table(folder: str | Path) -> str:
+    """Markdown table of every gate result (``*.json``) in ``folder``, one row per setting, with the warm-up's settings."""
+    rows = ["| setting | warm-up | dev questions x routes | router % | random % | router - random (95% CI) | "
+            "hindsight gain | shuffled null (p95) | swap median abs dlogp / top-2 margin | structure |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(Path(folder).glob("*.json")):
+        r = json.loads(path.read_text())
+        made = r.get("warmup") or warmup_settings(r["config"]["checkpoint"])
+        setting = ", ".join(f"{k} {v}" for k, v in made.items()) or r["config"]["checkpoint"]
+        d, n = r["router_minus_random"], r["shuffled_null_gain"]
+        rows.append(f"| {path.stem} | {setting} | {r['examples']} x {r['paths_per_question']} | "
+                    f"{100 * r['router_accuracy']:.1f} | {100 * r['random_route_accuracy']:.1f} | "
+                    f"{100 * d['mean']:+.1f} ({100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}) | "
+                    f"{100 * r['hindsight_gain']:+.1f} | {100 * n['mean']:+.1f} ({100 * n['p95']:+.1f}) | "
+                    f"{r['swap_effect']['median_abs_dlogp']:.4f} / {r['swap_effect']['median_top2_margin']:.4f} | "
+                    f"{'yes' if r['structure'] else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--checkpoint", required=True, help="a lora-moe checkpoint (the warm-up)")
+    ap.add_argument("--checkpoint", help="a lora-moe checkpoint (the warm-up)")
+    ap.add_argument("--table", metavar="FOLDER", help="instead: print the Markdown table of the gate results in FOLDER")
     ap.add_argument("--env", default="layermoe-arc", help="registered env id (the task)")
     ap.add_argument("--task", default=None, help="your own task folder or file instead of the env id's")
     ap.add_argument("--examples", type=int, default=200, help="first N dev questions")
@@ -206,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--output", default=None, help="JSON file for the result")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table), end="")
+        return {}
+    if not a.checkpoint:
+        ap.error("--checkpoint is required (or --table FOLDER)")
     if a.examples < 1:
         ap.error(f"--examples must be at least 1, got {a.examples}")
     result = run(GateConfig(checkpoint=a.checkpoint, env=a.env, task=a.task, examples=a.examples,

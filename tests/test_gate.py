@@ -64,3 +64,19 @@ def test_gate_command_writes_its_result_with_its_settings(distinct_checkpoint, d
     assert saved == json.loads(json.dumps(res)) and saved["examples"] == 2
     assert saved["config"] == {**GateConfig(checkpoint=str(distinct_checkpoint)).__dict__, "examples": 2,
                                "null_draws": 2, "data_dir": str(data_dir)}
+
+
+def test_gate_table_renders_every_result_with_its_warmup_settings(tmp_path):
+    import json
+
+    from routing_env.gate import table
+
+    res = {"examples": 150, "paths_per_question": 64, "router_accuracy": 0.44, "random_route_accuracy": 0.43,
+           "router_minus_random": {"mean": 0.01, "ci95": [-0.012, 0.034]}, "hindsight_gain": 0.047,
+           "shuffled_null_gain": {"mean": 0.073, "std": 0.014, "p95": 0.093}, "hindsight_minus_null": -0.026,
+           "swap_effect": {"median_abs_dlogp": 0.0006, "median_top2_margin": 0.0102}, "structure": False,
+           "config": {"checkpoint": "runs/x/checkpoints/epoch_1"}, "warmup": {"task": "arc-easy", "top_k": 1}}
+    (tmp_path / "a.json").write_text(json.dumps(res))
+    md = table(tmp_path)
+    assert "| a | task arc-easy, top_k 1 | 150 x 64 | 44.0 | 43.0 | +1.0 (-1.2, +3.4) | +4.7 | +7.3 (+9.3) |" in md
+    assert md.strip().endswith("| no |")
