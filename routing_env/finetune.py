@@ -350,7 +350,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         "history": history,
         "wall_time_s": time.time() - t_start,
         "checkpoint": str(final),
-        "targets_coverage": None if table is None else sum(e.id in table.targets for e in train) / len(train),
+        "targets_coverage": None if table is None else covered / len(train),
         "targets_histogram": None if table is None else table.histogram().tolist(),
         "config": asdict(cfg),
         "provenance": provenance(),

@@ -109,10 +109,11 @@ def gate(env: Any, example_ids: Sequence[int], null_draws: int = 20, seed: int =
     null = shuffled_null(logp, answer, router, null_draws, seed)
     # Swap effect: one group's expert changed on the router's route, every alternative.
     swaps, margins = [], []
+    widths = [max(p[g] for p in paths) + 1 for g in range(len(paths[0]))]  # actions of each group
     for lp, a, r in zip(logp, answer, router):
         base = paths[r]
         for g in range(len(base)):
-            for alt in range(max(p[g] for p in paths) + 1):
+            for alt in range(widths[g]):
                 other = base[:g] + (alt,) + base[g + 1 :]
                 if alt != base[g] and other in index:
                     swaps.append(abs(lp[index[other], a] - lp[r, a]))

@@ -152,11 +152,15 @@ STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "ta
 VALUE_AGENTS = ("mcts", "exhaustive")
 
 
+def _env_args(cfg: PipelineConfig) -> dict:
+    """The env id of a built-in task, or the default id plus the task's files (the id only picks the class)."""
+    source = _source(cfg)
+    return {"env": TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args())}
+
+
 def _search_config(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, name: str) -> train_rl.Config:
-    source = _source(cfg)  # a custom task goes to the env as files (the env id only picks the class)
     return train_rl.Config(
-        env=TASK_ENV.get(source.builtin or "", "layermoe-arc"), **({} if source.builtin else source.args()),
-        agent=agent, checkpoint=str(checkpoint), seed=seed,
+        **_env_args(cfg), agent=agent, checkpoint=str(checkpoint), seed=seed,
         num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
         batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs,
         balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)
@@ -173,13 +177,14 @@ def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: 
     return _stage(cfg, root, name, "summary.json", rl, lambda: train_rl.main(rl), force, neutral)
 
 
+def _gate_name(cfg: PipelineConfig, seed: int) -> str:
+    return f"gate{settings_tag(cfg, ('gate_examples',))}-s{seed}"
+
+
 def _gate(cfg: PipelineConfig, root: Path, seed: int, checkpoint: Path) -> dict:
     """The routing-structure gate on the warm-up (dev; ``routing_env.gate``), a stage like the others."""
-    name = f"gate{settings_tag(cfg, ('gate_examples',))}-s{seed}"
-    source = _source(cfg)
-    g = gate.GateConfig(checkpoint=str(checkpoint), env=TASK_ENV.get(source.builtin or "", "layermoe-arc"),
-                        **({} if source.builtin else source.args()),
-                        examples=min(cfg.gate_examples, cfg.eval_limit or cfg.gate_examples), seed=seed,
+    name = _gate_name(cfg, seed)
+    g = gate.GateConfig(checkpoint=str(checkpoint), **_env_args(cfg), examples=min(cfg.gate_examples, cfg.eval_limit or cfg.gate_examples), seed=seed,
                         data_dir=cfg.data_dir, device=cfg.device)
     res = _stage(cfg, root, name, "gate.json", g, lambda: gate.run(g, root / name / "gate.json"))
     if not res["structure"]:
@@ -228,11 +233,8 @@ def check(cfg: PipelineConfig) -> None:
         raise ValueError(f"--target-temperature must be a finite number > 0, got {cfg.target_temperature}")
     if not 0 <= cfg.teacher_forcing <= 1:
         raise ValueError(f"--teacher-forcing is a share of the examples, in [0, 1]; got {cfg.teacher_forcing}")
-    if not math.isfinite(cfg.balance_weight):
-        raise ValueError(f"--balance-weight must be a finite number, got {cfg.balance_weight}")
-    for flag, value in (("num-simulations", cfg.num_simulations), ("search-batch-size", cfg.search_batch_size)):
-        if value < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if cfg.search_batch_size < 1:  # train_rl's check below would name it --batch-size
+        raise ValueError(f"--search-batch-size must be at least 1, got {cfg.search_batch_size}")
     if cfg.gate_examples < 0:
         raise ValueError(f"--gate-examples must be at least 0 (0 skips the gate), got {cfg.gate_examples}")
     if cfg.search_examples is not None and cfg.search_examples < 1:
@@ -284,8 +286,8 @@ def main(cfg: PipelineConfig) -> dict:
             base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, force=rerun_base, method="lora-moe", epochs=cfg.epochs)
             warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
             # ---- the gate: is there routing structure to learn on this warm-up? (dev, once a seed) --
-            gate_name = f"gate{settings_tag(cfg, ('gate_examples',))}-s{seed}"
-            if cfg.gate_examples and seed not in gates and (method in pending or _finished(cfg, root, gate_name, "gate.json")):
+            if cfg.gate_examples and seed not in gates and (
+                    method in pending or _finished(cfg, root, _gate_name(cfg, seed), "gate.json")):
                 gates[seed] = _gate(cfg, root, seed, warm)
             # ---- stage 2: search routing targets on that checkpoint -----------------------------
             search = _search(cfg, root, agent, seed, warm)
@@ -308,10 +310,11 @@ def main(cfg: PipelineConfig) -> dict:
                          f"settings tag {tag or 'none'}) under {root} or {Path(cfg.results_dir) / 'runs'}; nothing to "
                          "tabulate. Run the pipeline without --table-only, or give the settings the runs were made with")
     budget = {k: v for k, v in asdict(cfg).items()
-              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only", "threads")}
+              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only")}
     notes = [f"{m}: targets from an agent without process values, so target_form file and route_weighting none"
-             for m in cfg.methods if m.startswith("layermoe-") and m.removeprefix("layermoe-") not in VALUE_AGENTS
-             and (cfg.target_form != "file" or cfg.route_weighting != "none")]
+             for m in cfg.methods if m.startswith("layermoe-")
+             and any(_stage3_settings(cfg, m.removeprefix("layermoe-"))[k] != getattr(cfg, k)
+                     for k in ("target_form", "route_weighting"))]
     if notes:
         budget["per-agent settings"] = "; ".join(notes)
     if gates:

@@ -29,7 +29,7 @@ def check_run_name(name: str, flag: str = "--name") -> str:
     ``--name ../../x`` or ``--name /tmp/x`` would write (and lock, and later resume) outside the
     log folder the user asked for.
     """
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
             or name.startswith(".") or any(ord(c) < 32 for c in name)):
         raise ValueError(f"{flag} {name!r} is not a plain run name: it must be one folder name inside --logdir "
                          "(letters, digits, '-', '_', '.'; no '/', no leading '.'); put the folder in --logdir instead")
