@@ -23,7 +23,7 @@ __all__ = ["FinetuneConfig", "SearchConfig", "PipelineConfig", "CompareConfig", 
 #: ``--precision`` values (routing_env.utils.autocast_dtype maps them to a dtype)
 PRECISIONS = ("auto", "fp32", "bf16")
 #: built-in task names (routing_env.data.task_names())
-TASK_NAMES = ("arc-easy", "arc-challenge", "obqa", "race")
+TASK_NAMES = ("arc-easy", "arc-challenge", "obqa", "race", "mix4")
 #: fine-tune methods of stage 1 (routing_env.moe.METHODS); finetune also takes "layermoe" (stage 3)
 METHODS = ("lora", "lora-moe")
 #: the packaged backbone (routing_env.moe.DEFAULT_BACKBONE)

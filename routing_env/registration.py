@@ -11,6 +11,7 @@ ENV_IDS = {
     "layermoe-arc-challenge": "arc-challenge",
     "layermoe-obqa": "obqa",
     "layermoe-race": "race",
+    "layermoe-mix4": "mix4",  # ARC-Easy + ARC-Challenge + OBQA + RACE (question-first), interleaved
 }
 
 for _id, _task in ENV_IDS.items():

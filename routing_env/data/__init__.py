@@ -5,10 +5,12 @@ from __future__ import annotations
 from .encode import LETTERS, MCBatch, encode_letter_prompt, encode_pairs, letter_prompt_text
 from .tasks import (
     DATA_ENV_VAR,
+    MIXTURES,
     SPLITS,
     TASKS,
     DataError,
     MCExample,
+    MixtureSpec,
     TaskSpec,
     load_file,
     load_task,
@@ -24,6 +26,8 @@ __all__ = [
     "describe_split",
     "resolve_task",
     "LETTERS",
+    "MIXTURES",
+    "MixtureSpec",
     "SPLITS",
     "TASKS",
     "DataError",

@@ -82,7 +82,9 @@ def encode_pairs(tokenizer: Any, examples: Sequence[MCExample], max_length: int 
     """Encode every (context + question, choice) pair as a two-segment input.
 
     The first segment is ``context + " " + question`` (just the question when
-    there is no context), the second the choice text.  Only the first segment
+    there is no context; ``question + " " + context`` for an example marked
+    ``question_first``, so that truncation cuts the context), the second the
+    choice text.  Only the first segment
     is truncated, because a cut-off choice can change which answer is right;
     if a choice alone does not fit, that pair falls back to ``longest_first``.
     ``T`` is the longest pair in the batch (at most ``max_length``), so short
@@ -95,7 +97,10 @@ def encode_pairs(tokenizer: Any, examples: Sequence[MCExample], max_length: int 
     seconds: list[str] = []
     slots: list[tuple[int, int]] = []
     for b, ex in enumerate(examples):
-        first = (ex.context + " " if ex.context else "") + ex.question
+        if ex.question_first:
+            first = ex.question + (" " + ex.context if ex.context else "")
+        else:
+            first = (ex.context + " " if ex.context else "") + ex.question
         for c, choice in enumerate(ex.choices):
             firsts.append(first)
             seconds.append(choice)

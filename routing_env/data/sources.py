@@ -2,7 +2,8 @@
 
 :func:`resolve_task` turns what a user typed into a :class:`TaskSource`:
 
-- a name from ``TASKS`` (``arc-easy``, ``obqa``, ...): the benchmark's own splits;
+- a name from ``TASKS`` (``arc-easy``, ``obqa``, ...): the benchmark's own splits; or from ``MIXTURES``
+  (``mix4``): the union of several benchmarks' splits, interleaved (``tasks.MixtureSpec``);
 - a folder holding ``train``, ``dev`` (or ``validation``) and ``test`` files (``.jsonl`` or
   ``.jsonl.gz``);
 - explicit files: ``train_file``, ``dev_file`` and ``test_file`` (``--train-file`` ... on the CLIs);
@@ -22,7 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import SPLITS, TASKS, DataError, Format, MCExample, _open_text, _take, _iter_file, load_task
+from .tasks import (MIXTURES, SPLITS, TASKS, DataError, Format, MCExample, _iter_file, _open_text, _take, load_task,
+                    task_names)
 
 __all__ = ["SINGLE_FILE_FRACTIONS", "TaskSource", "describe_split", "detect_format", "resolve_task", "split_of"]
 
@@ -42,7 +44,7 @@ class TaskSource:
     """A resolved task: ``name`` is its identity; ``files`` are set for the user's own data."""
 
     name: str  # built-in name, or "<readable>-<8 hex of the contents>"
-    builtin: str | None = None  # key of TASKS
+    builtin: str | None = None  # key of TASKS or MIXTURES
     files: tuple[tuple[str, str], ...] = ()  # (split, path); one entry with split "all" for a single file
     spec: str = ""  # what was typed as the task (kept for re-creating the source in another process)
 
@@ -159,7 +161,7 @@ def resolve_task(task: str | TaskSource, train_file: str | None = None, dev_file
         readable = _stem(files[0][1].parent) if files[0][1].parent.name else "custom"
         name = f"{readable}-{_digest(files)}"
         return TaskSource(name, files=tuple((s, str(p)) for s, p in files), spec=str(task or ""))
-    if task in TASKS:
+    if task in TASKS or task in MIXTURES:
         return TaskSource(str(task), builtin=str(task), spec=str(task))
     path = Path(str(task)).expanduser()
     if path.is_dir():
@@ -170,7 +172,7 @@ def resolve_task(task: str | TaskSource, train_file: str | None = None, dev_file
         files = [("all", path)]
         return TaskSource(f"{_stem(path)}-{_digest(files)}", files=(("all", str(path)),), spec=str(task))
     raise DataError(f"unknown task {task!r}: not a task name and no such file or folder. Give "
-                    + _FORMS.format(names=", ".join(TASKS)) + ".")
+                    + _FORMS.format(names=", ".join(task_names())) + ".")
 
 
 def describe_split(source: TaskSource, counts: dict[str, int]) -> str:

@@ -6,6 +6,10 @@ benchmark a question came from.  Data is read from a local directory laid out
 like ``/work/shared/data`` (see its README) when one is configured, and only
 otherwise from the Hugging Face hub.
 
+Besides the four benchmarks there are *mixtures* (:data:`MIXTURES`): ``mix4`` is one task over
+ARC-Easy, ARC-Challenge, OpenBookQA and RACE together (see :class:`MixtureSpec`), for routing
+that may carry which task a question comes from.
+
 Every problem with the data raises :class:`DataError`, whose message names
 both the problem and how to fix it; questions are never dropped silently,
 because a silently shrunken evaluation split makes accuracies incomparable.
@@ -18,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +54,11 @@ class MCExample:
     labels: tuple[str, ...]  # option labels as in the file ("A".. or "1"..)
     answer: int  # index into ``choices`` of the correct option
     context: str = ""  # RACE: the article; "" otherwise
+    # Encoder pairs put the context after the question instead of before it, so that truncating the
+    # first segment (from its end) cuts the article, never the question. Set by mixtures for RACE
+    # (``MixtureSpec.question_first``); the single ``race`` task keeps article-first. Letter prompts
+    # ignore it: they already trim the context from its start and keep the question whole.
+    question_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +87,43 @@ TASKS: dict[str, TaskSpec] = {
     "race": TaskSpec("race", "race", "race", "{split}", "ehovy/race", "all"),
 }
 
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """One task made of several built-in tasks' splits.
+
+    Split ``s`` of the mixture is the union of split ``s`` of every source, each question once, its
+    id prefixed ``"<source>:"`` (ids stay unique across sources), interleaved round-robin in
+    ``sources`` order (the i-th question of each source, then the (i+1)-th, ...; a source that runs
+    out drops out), so the first N questions -- ``--train-limit``, ``--eval-limit``, the gate's first
+    dev questions -- hold an equal share of every source up to N = len(sources) x the smallest
+    source. Deterministic: no seed. Choice counts may differ (ARC has 3- and 5-choice questions);
+    the encoders pad and mask choices per batch as for any task.
+    """
+
+    name: str
+    sources: tuple[str, ...]  # keys of TASKS
+    question_first: tuple[str, ...] = ()  # sources whose context is rendered after the question
+
+
+#: Mixtures of the built-in tasks. In ``mix4`` RACE is rendered question-first: with max_length 128
+#: an article-first pair loses the question (and a MiniLM truncated to the article cannot tell which
+#: question it answers); question-first, truncation cuts the article instead.
+MIXTURES: dict[str, MixtureSpec] = {
+    "mix4": MixtureSpec("mix4", ("arc-easy", "arc-challenge", "obqa", "race"), question_first=("race",)),
+}
+
+#: separator between a mixture question's source and its own id
+MIX_ID_SEP = ":"
+
 # The hub calls the dev split "validation".
 _HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
 
 
 def task_names() -> list[str]:
-    """The built-in task names (``load_task`` also takes folders and files: ``sources.resolve_task``)."""
-    return list(TASKS)
+    """The built-in task names, benchmarks then mixtures (``load_task`` also takes folders and files: ``sources.resolve_task``)."""
+    return [*TASKS, *MIXTURES]
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
@@ -303,12 +342,14 @@ def load_task(
 ) -> list[MCExample]:
     """Load ``split`` of ``task`` as a list of :class:`MCExample`, in file order.
 
-    ``task`` is a name from :data:`TASKS`, or anything :func:`.sources.resolve_task` accepts (a
+    ``task`` is a name from :data:`TASKS` or :data:`MIXTURES`, or anything :func:`.sources.resolve_task` accepts (a
     folder of split files, one file split by question-id hash, a ``TaskSource``).  For a name the
     local data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured; only when
     none is configured is the Hugging Face hub tried.  ``limit`` keeps the first ``limit`` examples.
     """
     _check_limit(limit)
+    if isinstance(task, str) and task in MIXTURES:
+        return _load_mixture(MIXTURES[task], split, data_dir, limit)
     if not isinstance(task, str) or task not in TASKS:
         from .sources import resolve_task  # sources builds on this module
 
@@ -334,3 +375,19 @@ def load_task(
         + ". "
         + _POINT_AT_DATA
     )
+
+
+def _load_mixture(mix: MixtureSpec, split: str, data_dir: str | os.PathLike[str] | None,
+                  limit: int | None) -> list[MCExample]:
+    """Split ``split`` of a mixture, interleaved round-robin (:class:`MixtureSpec`); ``limit`` keeps the first N."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}.")
+    # The first N of the mixture never need more than N of any one source (RACE train is large).
+    parts = [load_task(src, split, data_dir, limit) for src in mix.sources]
+    rows = (
+        replace(part[i], id=f"{src}{MIX_ID_SEP}{part[i].id}", question_first=src in mix.question_first)
+        for i in range(max(len(p) for p in parts))
+        for src, part in zip(mix.sources, parts)
+        if i < len(part)
+    )
+    return _take(rows, limit)

@@ -134,7 +134,8 @@ def test_resolve_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 def test_task_names() -> None:
-    assert task_names() == ["arc-easy", "arc-challenge", "obqa", "race"] == list(TASKS)
+    assert list(TASKS) == ["arc-easy", "arc-challenge", "obqa", "race"]
+    assert task_names() == [*TASKS, "mix4"]  # benchmarks, then mixtures
     assert SPLITS == ("train", "dev", "test")
 
 
@@ -219,7 +220,7 @@ def test_unknown_task() -> None:
     with pytest.raises(DataError) as info:
         load_task("arc-medium")
     msg = str(info.value)
-    assert "arc-easy" in msg and "race" in msg and "folder" in msg and "--train-file" in msg
+    assert "arc-easy" in msg and "race" in msg and "mix4" in msg and "folder" in msg and "--train-file" in msg
 
 
 def test_unknown_split(tmp_path: Path) -> None:
