@@ -1,7 +1,7 @@
 """Agents for the routing MDP and their registry: ``agents.make("mcts", num_simulations=64)``.
 
-Built-in names: ``mcts``, ``exhaustive`` (every path, exact Q*; small trees), ``ppo``, ``router`` (the learned router, greedy), ``random`` and
-``round-robin``. A user's agent is named ``"my_module:MyAgent"`` (an importable module) or
+Built-in names: ``mcts``, ``exhaustive`` (every path, exact Q*; small trees), ``ppo``, ``router`` (the learned router, greedy), ``random``,
+``round-robin`` and ``known-route`` (the generated routing control's tag -> expert route). A user's agent is named ``"my_module:MyAgent"`` (an importable module) or
 ``"path/to/my_agents.py:MyAgent"`` (a file anywhere, relative or absolute), a class or factory;
 it needs ``act(obs, env)`` (see ``agents/base.py`` for the optional methods).
 """
@@ -30,6 +30,7 @@ AGENTS: dict[str, str] = {
     "router": "agents.baselines:RouterAgent",
     "random": "agents.baselines:RandomAgent",
     "round-robin": "agents.baselines:RoundRobinAgent",
+    "known-route": "agents.known_route:KnownRouteAgent",
 }
 
 

@@ -105,7 +105,11 @@ def check_config(cfg: Config) -> TaskSource:
         raise ValueError(f"--targets {cfg.targets}: no such file; make it with train_rl.py on the --init-checkpoint")
     state_file = Path(cfg.init_checkpoint or "") / "training_state.pt"
     if cfg.method == "layermoe" and state_file.is_file():  # an epoch checkpoint: stage 3 continues that run
-        done = torch.load(state_file, weights_only=False, map_location="cpu")["epoch"] + 1
+        state = torch.load(state_file, weights_only=False, map_location="cpu")
+        # Checked here, before the run folder gets its config.json: a refused run must leave nothing
+        # behind that would refuse the corrected command as "made with other settings".
+        check_paired(cfg, state.get("config"), Path(cfg.init_checkpoint))
+        done = state["epoch"] + 1
         if done >= cfg.epochs:  # stage 3 would train 0 steps and report the base model as layermoe
             raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is after epoch {done} of the run, and --epochs is "
                              f"{cfg.epochs}: stage 3 would have nothing left to train; pass an earlier epoch checkpoint "

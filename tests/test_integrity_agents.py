@@ -277,3 +277,26 @@ def test_bench_script_help_prints_usage_and_runs_nothing(script, tmp_path):
     assert proc.stdout.startswith("usage:"), proc.stdout[:500]
     assert "{" not in proc.stdout.split("\n", 1)[0]  # no JSON result printed before the help
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_known_route_agent_routes_each_control_question_by_its_tag(warm_checkpoint, data_dir, tmp_path):
+    """The positive control's known route: tag k -> expert k mod A in every group; elsewhere a clear error."""
+    import gymnasium as gym
+
+    from agents import AgentError
+    from agents.known_route import question_tag
+    from routing_env.data.generated import TAGS, write_routing_control
+
+    folder = write_routing_control(tmp_path / "control", num_tags=4, num_words=8, train_reps=1, eval_reps=1)
+    env = gym.make("layermoe-arc", checkpoint=str(warm_checkpoint), task=str(folder), split="dev",
+                   data_dir=str(data_dir)).unwrapped
+    ids = list(range(8))
+    res = agents.run_agent(agents.make("known-route"), env, ids)
+    tags = [TAGS.index(env.examples[i].question.split()[0]) for i in ids]
+    assert len(set(tags)) > 1  # the check below could fail for a constant route
+    widths = env.action_space.n
+    assert [r.path.tolist() for r in res] == [[t % widths] * env.G for t in tags]
+    assert question_tag("gamma cat") == 2
+    arc = gym.make("layermoe-arc", checkpoint=str(warm_checkpoint), split="dev", data_dir=str(data_dir)).unwrapped
+    with pytest.raises(AgentError, match="routing-control tag"):
+        agents.run_agent(agents.make("known-route"), arc, [0])

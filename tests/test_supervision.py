@@ -171,6 +171,8 @@ def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir
     with pytest.raises(ValueError, match="differing: lr: 0.003 there, 0.001 here"):
         finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
                                       name="bad", **(base | {"lr": 1e-3})))
+    # ... before anything is written: no config.json that would refuse the corrected command later.
+    assert not (tmp_path / "bad" / "config.json").exists()
 
 
 def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferences():
