@@ -270,3 +270,34 @@ def test_routing_sensitivity_summary_null_columns_known_answer():
     assert cells[9:] == ["+6.00", "+8.00 ± 1.40", "-2.00", "+5.00 [0.25]", "+1.00", "10.0 / 12.5 (p 0.5, 80 q)", "-1.50"]
     plain = [c.strip() for c in [ln for ln in md.splitlines() if ln.startswith("| obqa")][0].strip("|").split("|")]
     assert plain[9:] == ["n/a"] * 7  # a row measured without the nulls says so
+
+
+# ---- routing_control: the positive control's agreement and shuffled null ---------------------------
+
+def test_routing_control_tag_agreement_known_answers():
+    rc = _load("routing_control")
+    tags = np.repeat(np.arange(4), 25)  # [100]
+    perm = np.array([2, 0, 3, 1])
+    assert rc.tag_agreement(tags, perm[tags], 4) == 1.0  # experts are exchangeable: any one-to-one map is the route
+    assert rc.tag_agreement(tags, np.zeros(100, int), 4) == 0.25  # one expert for everyone: one tag's share
+    noisy = perm[tags].copy()
+    noisy[::4] = (noisy[::4] + 1) % 4  # every 4th question (a quarter of each tag) sent elsewhere
+    assert rc.tag_agreement(tags, noisy, 4) == 0.75
+    null = rc.agreement_null(tags, perm[tags], 4, draws=50, seed=0)
+    assert null["mean"] < null["p95"] < 0.5  # shuffled tags: near chance, far below the real 1.0
+
+
+def test_routing_control_shuffled_targets_re_pair_routes_and_keep_questions(tmp_path):
+    rc = _load("routing_control")
+    header = json.dumps({"format": "routing-targets", "agent": "exhaustive"})
+    recs = [{"example": i, "id": f"train-0-alpha-w{i}", "targets": np.eye(4)[[i % 4, (i + 1) % 4]].tolist(),
+             "path": [i % 4, (i + 1) % 4], "outcome": -float(i)} for i in range(12)]
+    src = tmp_path / "t.jsonl"
+    src.write_text("\n".join([header] + [json.dumps(r) for r in recs]) + "\n")
+    out = [json.loads(x) for x in rc.shuffled_targets(src, tmp_path / "s.jsonl", seed=0).read_text().splitlines()]
+    assert json.dumps(out[0]) == header and [r["id"] for r in out[1:]] == [r["id"] for r in recs]
+    # Each record keeps its own target, path and outcome together; the set of routes is unchanged.
+    assert all(r["path"] == np.argmax(r["targets"], 1).tolist() for r in out[1:])
+    assert sorted(r["outcome"] for r in out[1:]) == sorted(r["outcome"] for r in recs)
+    moved = sum(r["outcome"] != -float(i) for i, r in enumerate(out[1:]))
+    assert moved >= 6  # re-paired, not copied

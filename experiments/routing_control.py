@@ -1,0 +1,149 @@
+"""The positive control's nulls and route agreement, beside the pipeline's table on the generated task.
+
+    python -m routing_env.data.generated --out runs/routing-control --num-tags 4 --num-words 16
+    python -m routing_env.pipeline --task runs/routing-control --top-k 1 --rank 4 --lr 1e-3 --epochs 8 \
+        --warmup-epochs 1 --gate-examples 0 --methods lora-moe,layermoe-exhaustive,layermoe-random,layermoe-router,layermoe-known-route
+    python experiments/routing_control.py --runs runs/pipeline/routing-control-<hash>-<budget> --seeds 0,1,2
+
+Two questions the pipeline's table cannot answer alone:
+
+* **Is the gain the search's information, or any one-hot routing loss?** The shuffled null: each
+  seed's exhaustive targets re-paired across the training questions (a seeded permutation), so they
+  keep their form (one-hot per group), their histogram and the routing loss's size, and lose what ties
+  a route to its question's answer. Stage 3 on them continues the same lora-moe epoch checkpoint with
+  the exhaustive run's stored settings (``config.json``), only ``--targets`` differs.
+* **Did the search find the route the task was built around?** Agreement of each targets file's
+  per-group route (its argmax) with the tag route (tag k -> one expert per tag, the best one-to-one
+  map per group: experts are exchangeable), against the same statistic with the tags shuffled across
+  questions (``--agreement-draws`` draws: mean and 95th percentile), which is what a route carrying no
+  tag information scores.
+
+Rows are written to ``--output`` as they finish; the stage-3 runs resume (finetune's own resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from routing_env import finetune
+from routing_env.configs import FinetuneConfig
+from routing_env.data.generated import TAGS
+from routing_env.stats import mcnemar_exact, paired_outcomes
+
+__all__ = ["tag_agreement", "agreement_null", "shuffled_targets", "run"]
+
+
+def _tags(ids: list[str]) -> np.ndarray:
+    """``[N]`` tag index of each routing-control question id (``<split>-<rep>-<tag>-<word>``)."""
+    return np.array([TAGS.index(i.split("-")[2]) for i in ids])
+
+
+def tag_agreement(tags: np.ndarray, route: np.ndarray, num_experts: int) -> float:
+    """Share of questions whose ``route [N]`` expert is their tag's under the best one-to-one tag -> expert map."""
+    K = int(tags.max()) + 1
+    counts = np.zeros((K, num_experts))
+    np.add.at(counts, (tags, route), 1)
+    best = max(sum(counts[k, p[k]] for k in range(K)) for p in itertools.permutations(range(num_experts), K))
+    return float(best / len(tags))
+
+
+def agreement_null(tags: np.ndarray, route: np.ndarray, num_experts: int, draws: int, seed: int) -> dict:
+    """The agreement of ``route`` with tags shuffled across questions: ``{"mean", "p95"}``."""
+    rng = np.random.default_rng(seed)
+    vals = [tag_agreement(rng.permutation(tags), route, num_experts) for _ in range(draws)]
+    return {"mean": float(np.mean(vals)), "p95": float(np.quantile(vals, 0.95))}
+
+
+def shuffled_targets(src: Path, dst: Path, seed: int) -> Path:
+    """``src``'s records with their routes (targets, values, path, outcome...) re-paired across questions."""
+    lines = src.read_text().splitlines()
+    header, recs = lines[0], [json.loads(x) for x in lines[1:]]
+    order = np.random.default_rng([seed, 0x5F]).permutation(len(recs))
+    keep = ("example", "id")
+    out = [header] + [json.dumps({**{k: r[k] for k in keep}, **{k: v for k, v in recs[j].items() if k not in keep}})
+                      for r, j in zip(recs, order)]
+    dst.write_text("\n".join(out) + "\n")
+    return dst
+
+
+def _routes(path: Path) -> tuple[list[str], np.ndarray, int]:
+    recs = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    t = np.array([r["targets"] for r in recs])  # [N, G, E]
+    return [r["id"] for r in recs], t.argmax(-1), t.shape[-1]
+
+
+def _paired(a: dict, b: dict) -> dict:
+    """layermoe ``a`` minus lora-moe ``b`` on the test questions both answered."""
+    _, ca, cb = paired_outcomes(a["test"]["questions"], b["test"]["questions"])
+    mc = mcnemar_exact(ca, cb)
+    return {"delta_pts": 100 * (float(np.mean(ca)) - float(np.mean(cb))), "mcnemar_p": mc["p"]}
+
+
+def run(runs: Path, seeds: list[int], output: Path, draws: int = 200) -> dict:
+    out = json.loads(output.read_text()) if output.is_file() else {"seeds": {}}
+    for seed in seeds:
+        exh = next(runs.glob(f"layermoe-exhaustive*-s{seed}"))
+        cfg = json.loads((exh / "config.json").read_text())
+        row: dict = {"agreement": {}}
+        for name in ("exhaustive", "random", "router", "known-route"):
+            f = runs / f"search-{name}-s{seed}" / "targets.jsonl"
+            if not f.is_file():
+                f = next(iter(runs.glob(f"search-{name}*-s{seed}/targets.jsonl")), None)
+            if f is None:
+                continue
+            ids, route, E = _routes(f)
+            tags = _tags(ids)
+            row["agreement"][name] = [{"agreement": tag_agreement(tags, route[:, g], E),
+                                       "null": agreement_null(tags, route[:, g], E, draws, seed)}
+                                      for g in range(route.shape[1])]
+        shuffled = shuffled_targets(Path(cfg["targets"]), runs / f"targets-shuffled-s{seed}.jsonl", seed)
+        name = f"layermoe-shuffled-s{seed}"
+        res = finetune.main(FinetuneConfig(**(cfg | {"targets": str(shuffled), "name": name})))
+        base = json.loads((runs / f"lora-moe-s{seed}" / "results.json").read_text())
+        row["lora-moe"] = base["test"]["accuracy"]
+        for arm, path in (("exhaustive", exh), ("shuffled", runs / name)):
+            r = json.loads((path / "results.json").read_text()) if arm != "shuffled" else res
+            row[arm] = {"accuracy": r["test"]["accuracy"], **_paired(r, base)}
+        out["seeds"][str(seed)] = row
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(out, indent=1) + "\n")
+    output.with_suffix(".md").write_text(render(out))
+    return out
+
+
+def render(out: dict) -> str:
+    lines = ["| seed | lora-moe % | exhaustive % | Δ (pts), McNemar p | shuffled-route null % | Δ (pts), McNemar p | "
+             "tag agreement of the searched route, per group (null mean / p95) |", "| --- " * 7 + "|"]
+    for s, r in sorted(out["seeds"].items()):
+        ag = "; ".join(f"{a['agreement']:.2f} ({a['null']['mean']:.2f} / {a['null']['p95']:.2f})"
+                       for a in r["agreement"].get("exhaustive", []))
+        lines.append(f"| {s} | {100 * r['lora-moe']:.1f} | {100 * r['exhaustive']['accuracy']:.1f} | "
+                     f"{r['exhaustive']['delta_pts']:+.1f}, {r['exhaustive']['mcnemar_p']:.2g} | "
+                     f"{100 * r['shuffled']['accuracy']:.1f} | {r['shuffled']['delta_pts']:+.1f}, "
+                     f"{r['shuffled']['mcnemar_p']:.2g} | {ag} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="the pipeline's task folder of the control (runs/pipeline/<folder>)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--agreement-draws", type=int, default=200, help="tag shuffles of the agreement null")
+    ap.add_argument("--output", default="results/control/routing-control-nulls.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = ap.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    run(Path(a.runs), [int(s) for s in a.seeds.split(",")], Path(a.output), a.agreement_draws)
+    print(Path(a.output).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
