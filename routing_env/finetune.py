@@ -250,6 +250,9 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         rng = np.random.default_rng([cfg.seed, epoch])
         bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not ctx.is_main)
+        # The epoch's training curve for the record (TensorBoard has every step): the task loss from
+        # the per-step host value, the routing loss and agreement summed on the device (no extra sync).
+        task_sum, route_sum, agree_sum, n_steps = 0.0, torch.zeros((), device=device), torch.zeros((), device=device), 0
         for global_exs in bar:
             # The global batch is --batch-size whatever the world size; each rank takes every
             # world-th question of it (a last batch smaller than the world is skipped by all ranks).
@@ -283,6 +286,8 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
                 logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
                 route_loss = routing_loss(probs, tgt, w, logp)
                 loss = loss + cfg.beta * route_loss
+                route_sum += route_loss.detach()
+                agree_sum += group_agreement(probs.detach(), tgt, w).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -300,6 +305,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
             optimizer.step()
             scheduler.step()
             step += 1
+            task_sum, n_steps = task_sum + task_value, n_steps + 1
             if step % cfg.log_every == 0 or step == stage3_start + 1:
                 writer.add_scalar("losses/task", task_value, step)
                 writer.add_scalar("losses/aux", aux_loss.item(), step)
@@ -327,7 +333,10 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
         # The per-question block of dev for the last epoch only (the model the run ends with; earlier
         # epochs' blocks would multiply the committed records' size for no paired comparison).
-        history.append({"epoch": epoch + 1, "step": step, "dev": res.summary(questions=epoch + 1 == cfg.epochs),
+        train_curve = {"task_loss": task_sum / max(n_steps, 1)}
+        if table is not None:
+            train_curve |= {"route_loss": float(route_sum) / max(n_steps, 1), "route_agreement": float(agree_sum) / max(n_steps, 1)}
+        history.append({"epoch": epoch + 1, "step": step, "train": train_curve, "dev": res.summary(questions=epoch + 1 == cfg.epochs),
                         "elapsed_s": time.time() - t_start})
         print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
         save_epoch(model, optimizer, scheduler, ckpt_root / f"epoch_{epoch + 1}", epoch, history, cfg, source.name, device)

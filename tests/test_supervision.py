@@ -154,13 +154,17 @@ def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir
     warm = tmp_path / "moe" / "checkpoints" / "epoch_1"
     model = load_checkpoint(warm)
     _one_hot_targets(model, load_task("arc-easy", "train", data_dir, limit=24), tmp_path / "t.jsonl", expert=3)
-    finals = {}
+    finals, curves = {}, {}
     for beta, forcing in ((0.0, 0.0), (2.0, 0.0), (0.0, 1.0)):
         name = f"b{beta}-tf{forcing}"
         res = finetune.main(finetune.Config(method="layermoe", init_checkpoint=str(warm), targets=str(tmp_path / "t.jsonl"),
                                             beta=beta, teacher_forcing=forcing, name=name, **base))
         assert [h["epoch"] for h in res["history"]] == [1, 2]  # epoch 1 is the lora-moe run's own
+        curves[beta, forcing] = res["history"][-1]["train"]  # stage 3's epoch: its training curve in the record
         finals[beta, forcing] = load_file(tmp_path / name / "final" / "adapter.safetensors")
+    assert all(np.isfinite(c["task_loss"]) and 0 <= c["route_agreement"] <= 1 for c in curves.values())
+    # The routing loss pulls the routers toward the targets (expert 3 everywhere): lower than without it.
+    assert curves[2.0, 0.0]["route_loss"] < curves[0.0, 0.0]["route_loss"]
     reference = load_file(tmp_path / "moe" / "final" / "adapter.safetensors")
     assert reference.keys() == finals[0.0, 0.0].keys()
     assert all(torch.equal(reference[k], finals[0.0, 0.0][k]) for k in reference)
