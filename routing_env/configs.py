@@ -18,7 +18,8 @@ from routing_env.cli import cfg_field
 from routing_env.registration import ENV_IDS  # gymnasium, which the package import loads anyway
 
 __all__ = ["FinetuneConfig", "SearchConfig", "PipelineConfig", "CompareConfig", "PRECISIONS", "TASK_NAMES", "METHODS",
-           "DEFAULT_BACKBONE", "STRATEGY_NAMES", "WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING"]
+           "DEFAULT_BACKBONE", "STRATEGY_NAMES", "WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING",
+           "ROUTE_LOSS_GRADS"]
 
 #: ``--precision`` values (routing_env.utils.autocast_dtype maps them to a dtype)
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -34,6 +35,9 @@ STRATEGY_NAMES = ("aux", "z-loss", "loss-free", "top-p", "sinkhorn", "bip", "lor
 WEIGHTINGS = ("none", "value-gap")
 TARGET_FORMS = ("file", "onehot", "softmax")
 GRANULARITIES = ("group", "token")
+#: which parameters the routing loss trains: the routers and, through their inputs, the adapters below
+#: them (all), or the routers' own weights alone (router)
+ROUTE_LOSS_GRADS = ("all", "router")
 TARGET_BALANCING = ("none", "sinkhorn")
 
 
@@ -84,6 +88,9 @@ class FinetuneConfig:
     target_temperature: float = cfg_field(1.0, "layermoe: temperature of --target-form softmax (values are in log-p units)")
     route_granularity: str = cfg_field("group", "layermoe: KL to the target of the group's router distribution averaged "
                                        "over the example's tokens, or of every token's", choices=list(GRANULARITIES))
+    route_loss_grad: str = cfg_field("all", "layermoe: what the routing loss trains: all (the routers and, through their "
+                                     "inputs, the adapters below them) or router (the routers' weights alone; the "
+                                     "routing control needs it, see the README)", choices=list(ROUTE_LOSS_GRADS))
     teacher_forcing: float = cfg_field(0.0, "layermoe: share of targeted examples whose task-loss forward runs through "
                                        "their searched route, annealed linearly to 0 over stage 3")
     target_balance: str = cfg_field("none", "layermoe: use the targets as searched, or rescale them (sinkhorn) so every "
@@ -175,6 +182,8 @@ class PipelineConfig:
                                  "(agents with values: mcts, exhaustive; the others keep their distributions)")
     target_temperature: float = cfg_field(1.0, "layermoe: temperature of target_form softmax")
     route_granularity: str = cfg_field("group", "layermoe: group (token-averaged router) or token (per-token KL)")
+    route_loss_grad: str = cfg_field("all", "layermoe: all (routers and, through their inputs, the adapters) or router "
+                                     "(the routers' weights alone) get the routing loss's gradient")
     teacher_forcing: float = cfg_field(0.0, "layermoe: share of examples trained through their searched route (annealed)")
     data_dir: str | None = cfg_field(None, "data folder (default: $ROUTING_ENV_DATA, else the hub)")
     device: str = cfg_field("auto", "device of every stage, search included (auto, cpu, cuda[:i])")

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from routing_env.configs import ROUTE_LOSS_GRADS
 from routing_env.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, describe_split, resolve_task
 from routing_env.distributed import DistContext, NullWriter, setup
@@ -96,6 +97,8 @@ def check_config(cfg: Config) -> TaskSource:
     make_strategy(cfg.balance)  # an unknown --balance or a clash, before any work
     if not cfg.lr > 0 or not np.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.route_loss_grad not in ROUTE_LOSS_GRADS:
+        raise ValueError(f"--route-loss-grad {cfg.route_loss_grad!r} is not one of {', '.join(ROUTE_LOSS_GRADS)}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
         raise ValueError("--method layermoe needs --init-checkpoint (the warm-up) and --targets (from train_rl.py)")
     if cfg.method == "layermoe" and not (Path(cfg.init_checkpoint) / "adapter_config.json").is_file():
@@ -246,6 +249,7 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         model.train()
         model.routing.compute_aux = use_aux
         model.routing.collect_route = table is not None
+        model.routing.route_grad_router_only = cfg.route_loss_grad == "router"
         # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
         rng = np.random.default_rng([cfg.seed, epoch])
         bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",

@@ -143,7 +143,7 @@ BUDGET_FIELDS = ("epochs", "backbone", "balance", "num_experts", "top_k", "rank"
 SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight", "warmup_epochs",
                  "search_batch_size")
 STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "target_temperature", "teacher_forcing",
-                 "route_granularity")
+                 "route_granularity", "route_loss_grad")
 
 
 #: Agents whose targets files carry process values, so ``target_form`` onehot / softmax and
@@ -204,12 +204,13 @@ def _stage3_settings(cfg: PipelineConfig, agent: str) -> dict:
     return dict(beta=cfg.beta, route_weighting=cfg.route_weighting if values else "none",
                 target_balance=cfg.target_balance, target_form=cfg.target_form if values else "file",
                 target_temperature=cfg.target_temperature, teacher_forcing=cfg.teacher_forcing,
-                route_granularity=cfg.route_granularity)
+                route_granularity=cfg.route_granularity, route_loss_grad=cfg.route_loss_grad)
 
 
 def check(cfg: PipelineConfig) -> None:
     """Every setting of every stage, checked before the first one runs (a typo in the last method
     must not cost the lora-moe run before it)."""
+    from routing_env.configs import ROUTE_LOSS_GRADS
     from routing_env.supervision import GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS
 
     for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
@@ -224,7 +225,8 @@ def check(cfg: PipelineConfig) -> None:
     for flag, value, valid in (("route-weighting", cfg.route_weighting, WEIGHTINGS),
                                ("target-balance", cfg.target_balance, TARGET_BALANCING),
                                ("target-form", cfg.target_form, TARGET_FORMS),
-                               ("route-granularity", cfg.route_granularity, GRANULARITIES)):
+                               ("route-granularity", cfg.route_granularity, GRANULARITIES),
+                               ("route-loss-grad", cfg.route_loss_grad, ROUTE_LOSS_GRADS)):
         if value not in valid:
             raise ValueError(f"--{flag} {value!r} is not one of {', '.join(valid)}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):

@@ -273,3 +273,38 @@ def test_per_token_granularity_averages_the_tokens_log_probabilities():
     p, lp = ctx.example_group_probs(1), ctx.example_group_probs(1, log=True)
     t, w = torch.full_like(p, 1 / 3).roll(1, -1), torch.ones(1, 2)
     assert routing_loss(p, t, w, lp) > routing_loss(p, t, w) + 1e-4
+
+
+def test_route_loss_grad_router_trains_the_routers_alone_with_the_same_probabilities():
+    """--route-loss-grad router: the routing loss reaches every router's weights and no adapter; the
+    probabilities it sees are the forward's bit for bit (same ops, same shapes); 'all' reaches the adapters."""
+    from routing_env.moe import MoEConfig, build_model
+    from tests.conftest import random_pairs_batch, tiny_bert
+
+    torch.manual_seed(0)
+    model = build_model("lora-moe", backbone_module=tiny_bert(), moe=MoEConfig(num_groups=2, num_experts=3)).eval()
+    with torch.no_grad():  # B starts at 0; nonzero adapters so the hidden states depend on them
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    batch = random_pairs_batch(B=3)
+    grads, probs = {}, {}
+    for mode in ("all", "router"):
+        model.zero_grad(set_to_none=True)
+        model.routing.collect_route = True
+        model.routing.route_grad_router_only = mode == "router"
+        model.routing.reset_records()
+        model(batch)
+        p = model.routing.example_group_probs(3)
+        probs[mode] = p.detach()
+        routing_loss(p, torch.eye(3)[[0, 1, 2]][:, None, :].expand(3, 2, 3), torch.ones(3, 2)).backward()
+        grads[mode] = {n: (q.grad is not None and bool(q.grad.abs().sum() > 0)) for n, q in model.named_parameters()
+                       if q.requires_grad}
+    model.routing.clear()
+    adapters = [n for n in grads["all"] if "lora_" in n]
+    routers = [n for n in grads["all"] if "router" in n]
+    assert adapters and routers
+    assert torch.equal(probs["all"], probs["router"])
+    assert any(grads["all"][n] for n in adapters)  # the default reshapes the adapters below the routers
+    assert not any(grads["router"][n] for n in adapters)
+    assert all(grads["router"][n] for n in routers)

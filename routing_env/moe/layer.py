@@ -157,7 +157,7 @@ class LoRAMoELinear(nn.Module):
         if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
             # Statistics in fp32 under bf16 autocast too: bf16 counts stop being exact integers at 256.
             with torch.autocast(probs.device.type, enabled=False):
-                self._record(logits, probs, chosen, shape)
+                self._record(logits, probs, chosen, shape, self._route_probs(flat, logits, probs))
         if strategy is not None and self.training and torch.is_grad_enabled():
             with torch.no_grad():  # the strategy's state (loss-free bias, ...) learns from this forward
                 strategy.update(self, flat, logits, probs, chosen, ctx.token_weight(probs.shape[0], probs))
@@ -183,8 +183,26 @@ class LoRAMoELinear(nn.Module):
             self.__dict__["_flat_cache"] = (key, flat)
         return flat
 
-    def _record(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size) -> None:
-        """Statistics of this call (``chosen [T, E]``: 1 where a token uses an expert), kept on the device."""
+    def _route_probs(self, flat: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``probs [T, E]`` as the routing loss sees them: the same values; with ``route_grad_router_only``
+        a gradient that reaches the router's weights but not its input.
+
+        Why: a routing loss that can reshape the hidden states fits a sharp target by moving the
+        adapters below the router (the routing control: the router fits the designed route exactly and
+        the task loss stalls at chance). ``lin - lin.detach()`` is 0 in value, so the probabilities,
+        and with them every statistic recorded from them, are bit for bit the forward's.
+        """
+        if not (self.context.collect_route and self.context.route_grad_router_only and torch.is_grad_enabled()):
+            return probs
+        lin = self.router(flat.detach()).float()  # [T, E] the router's own linear map, input detached
+        return (logits.detach() + (lin - lin.detach())).softmax(dim=-1)
+
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size,
+                route_probs: torch.Tensor) -> None:
+        """Statistics of this call (``chosen [T, E]``: 1 where a token uses an expert), kept on the device.
+
+        ``route_probs``: ``probs`` as the routing loss sees them (``_route_probs``).
+        """
         ctx, E = self.context, self.num_experts
         T = probs.shape[0]
         w = ctx.token_weight(T, probs)  # [T] 1 for real tokens
@@ -201,8 +219,8 @@ class LoRAMoELinear(nn.Module):
         if ctx.collect_route:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
-            logp = torch.log(probs.clamp_min(1e-12)).reshape(R, -1, E)
-            ctx.add_route(self.group, (probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1))
+            logp = torch.log(route_probs.clamp_min(1e-12)).reshape(R, -1, E)
+            ctx.add_route(self.group, (route_probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1))
         if ctx.record_rows:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]

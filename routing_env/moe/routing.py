@@ -40,6 +40,9 @@ class RoutingContext:
     record_loads: bool = False  # accumulate expert counts per module into ``loads``
     record_rows: bool = False  # per-row, per-group router probabilities and expert counts
     collect_route: bool = False  # per-row, per-group router probability sums *with gradient* (stage 3)
+    # Those sums' gradient reaches the routers' weights only, not the router inputs (and so not the
+    # adapters below): stage 3's --route-loss-grad router.
+    route_grad_router_only: bool = False
     row_index: torch.Tensor | None = None  # [r] rows of the model's batch that the current pass holds
     num_rows: int | None = None  # rows in the model's batch (chunked encoders run them in parts)
     row_example: torch.Tensor | None = None  # [rows] example of each row (set by MCModel.forward)
@@ -84,6 +87,7 @@ class RoutingContext:
         self.token_mask = None
         self.selection_bias = {}
         self.compute_aux = self.record_loads = self.record_rows = self.collect_route = False
+        self.route_grad_router_only = False
         self.row_index = self.num_rows = self.row_example = self.router_state = None
         self.reset_records()
 
