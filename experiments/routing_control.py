@@ -87,14 +87,12 @@ def _paired(a: dict, b: dict) -> dict:
 def run(runs: Path, seeds: list[int], output: Path, draws: int = 200) -> dict:
     out = json.loads(output.read_text()) if output.is_file() else {"seeds": {}}
     for seed in seeds:
-        exh = next(runs.glob(f"layermoe-exhaustive*-s{seed}"))
+        exh = runs / f"layermoe-exhaustive-s{seed}"  # the pipeline's default stage-3 settings (no tag)
         cfg = json.loads((exh / "config.json").read_text())
         row: dict = {"agreement": {}}
         for name in ("exhaustive", "random", "router", "known-route"):
             f = runs / f"search-{name}-s{seed}" / "targets.jsonl"
             if not f.is_file():
-                f = next(iter(runs.glob(f"search-{name}*-s{seed}/targets.jsonl")), None)
-            if f is None:
                 continue
             ids, route, E = _routes(f)
             tags = _tags(ids)
