@@ -33,6 +33,7 @@ import numpy as np
 from routing_env import finetune
 from routing_env.configs import FinetuneConfig
 from routing_env.data.generated import TAGS
+from routing_env.results import dumps_record
 from routing_env.stats import mcnemar_exact, paired_outcomes
 
 __all__ = ["tag_agreement", "agreement_null", "shuffled_targets", "run"]
@@ -84,7 +85,8 @@ def _paired(a: dict, b: dict) -> dict:
     return {"delta_pts": 100 * (float(np.mean(ca)) - float(np.mean(cb))), "mcnemar_p": mc["p"]}
 
 
-def run(runs: Path, seeds: list[int], output: Path, draws: int = 200) -> dict:
+def run(runs: Path, seeds: list[int], output: Path, draws: int = 200, records: Path | None = None) -> dict:
+    """Agreement and the shuffled null for ``seeds`` of the pipeline folder ``runs``; rows merged into ``output``."""
     out = json.loads(output.read_text()) if output.is_file() else {"seeds": {}}
     for seed in seeds:
         exh = runs / f"layermoe-exhaustive-s{seed}"  # the pipeline's default stage-3 settings (no tag)
@@ -102,6 +104,8 @@ def run(runs: Path, seeds: list[int], output: Path, draws: int = 200) -> dict:
         shuffled = shuffled_targets(Path(cfg["targets"]), runs / f"targets-shuffled-s{seed}.jsonl", seed)
         name = f"layermoe-shuffled-s{seed}"
         res = finetune.main(FinetuneConfig(**(cfg | {"targets": str(shuffled), "name": name})))
+        if records is not None:  # committed beside the pipeline's own records of this task folder
+            (records / f"{name}.json").write_text(dumps_record(res))
         base = json.loads((runs / f"lora-moe-s{seed}" / "results.json").read_text())
         row["lora-moe"] = base["test"]["accuracy"]
         for arm, path in (("exhaustive", exh), ("shuffled", runs / name)):
@@ -127,6 +131,51 @@ def render(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the control table's rows: (label, record name pattern under results/runs/<folder>/, {s} = seed)
+ARMS = (("lora-moe", "lora-moe-s{s}"),
+        ("layermoe-exhaustive (searched routes)", "layermoe-exhaustive-s{s}"),
+        ("null: the same targets re-paired across questions", "layermoe-shuffled-s{s}"),
+        ("layermoe-random (uniform targets)", "layermoe-random-s{s}"),
+        ("layermoe-router (its own near-uniform targets)", "layermoe-router-s{s}"),
+        ("layermoe-known-route (the designed route)", "layermoe-known-route-s{s}"),
+        ("known route, teacher-forced, beta 0", "layermoe-known-route-c2ef6add-s{s}"),
+        ("known route, teacher-forced, beta 1", "layermoe-known-route-830c4d91-s{s}"),
+        ("known route, teacher-forced, --route-loss-grad router", "layermoe-known-route-96e3520a-s{s}"),
+        ("searched routes, teacher-forced, --route-loss-grad router", "layermoe-exhaustive-96e3520a-s{s}"))
+
+
+def table(records: Path, seeds: list[int]) -> str:
+    """The control's Markdown table from committed records: test accuracy, paired Δ over the same
+    seed's lora-moe with its per-seed McNemar p, and the last epoch's router-target agreement."""
+    def load(pattern: str, s: int) -> dict | None:
+        f = records / f"{pattern.format(s=s)}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    lines = ["| arm | seeds | test accuracy % | paired Δ vs lora-moe (pts) | McNemar p per seed | router-target agreement, last epoch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, pattern in ARMS:
+        acc, delta, ps, agree = [], [], [], []
+        for s in seeds:
+            r, base = load(pattern, s), load("lora-moe-s{s}", s)
+            if r is None or base is None:
+                continue
+            acc.append(100 * r["test"]["accuracy"])
+            if pattern != "lora-moe-s{s}":
+                d = _paired(r, base)
+                delta.append(d["delta_pts"])
+                ps.append(f"s{s} {d['mcnemar_p']:.2g}")
+            train = r["history"][-1].get("train", {})
+            if "route_agreement" in train:
+                agree.append(train["route_agreement"])
+        if not acc:
+            continue
+        def ms(x: list[float], sign: str = "") -> str:
+            return f"{np.mean(x):{sign}.1f}" + (f" ± {np.std(x, ddof=1):.1f}" if len(x) > 1 else "")
+        lines.append(f"| {label} | {len(acc)} | {ms(acc)} | {ms(delta, '+') if delta else ''} | {', '.join(ps)} | "
+                     f"{f'{np.mean(agree):.2f}' if agree else 'n/a'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, help="the pipeline's task folder of the control (runs/pipeline/<folder>)")
@@ -134,13 +183,23 @@ def main() -> None:
     ap.add_argument("--agreement-draws", type=int, default=200, help="tag shuffles of the agreement null")
     ap.add_argument("--output", default="results/control/routing-control-nulls.json")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--records", default=None, help="the pipeline's committed records of the control "
+                    "(results/runs/<folder>): the shuffled runs' records go there, and the control table is built from it")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the control table from --records")
     a = ap.parse_args()
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    run(Path(a.runs), [int(s) for s in a.seeds.split(",")], Path(a.output), a.agreement_draws)
-    print(Path(a.output).with_suffix(".md").read_text())
+    seeds = [int(s) for s in a.seeds.split(",")]
+    records = Path(a.records) if a.records else None
+    if not a.table_only:
+        run(Path(a.runs), seeds, Path(a.output), a.agreement_draws, records)
+        print(Path(a.output).with_suffix(".md").read_text())
+    if records is not None:
+        out = Path(a.output).with_name("routing-control.md")
+        out.write_text(table(records, seeds))
+        print(out.read_text())
 
 
 if __name__ == "__main__":
