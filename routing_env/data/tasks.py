@@ -88,7 +88,6 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-
 @dataclass(frozen=True)
 class MixtureSpec:
     """One task made of several built-in tasks' splits.
