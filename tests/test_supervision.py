@@ -300,6 +300,13 @@ def test_route_loss_grad_router_trains_the_routers_alone_with_the_same_probabili
         routing_loss(p, torch.eye(3)[[0, 1, 2]][:, None, :].expand(3, 2, 3), torch.ones(3, 2)).backward()
         grads[mode] = {n: (q.grad is not None and bool(q.grad.abs().sum() > 0)) for n, q in model.named_parameters()
                        if q.requires_grad}
+    # Under bf16 autocast too (the statistics run with autocast off on bf16 hidden states).
+    model.zero_grad(set_to_none=True)
+    model.routing.reset_records()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch)
+    routing_loss(model.routing.example_group_probs(3), torch.full((3, 2, 3), 1 / 3).roll(1, 0), torch.ones(3, 2)).backward()
+    assert all(m.router.weight.grad is not None for m in model.modules() if hasattr(m, "router"))
     model.routing.clear()
     adapters = [n for n in grads["all"] if "lora_" in n]
     routers = [n for n in grads["all"] if "router" in n]

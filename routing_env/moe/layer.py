@@ -194,7 +194,9 @@ class LoRAMoELinear(nn.Module):
         """
         if not (self.context.collect_route and self.context.route_grad_router_only and torch.is_grad_enabled()):
             return probs
-        lin = self.router(flat.detach()).float()  # [T, E] the router's own linear map, input detached
+        # [T, E] the router's own linear map on its detached input (in the router's dtype: this runs
+        # with autocast off, and under bf16 autocast ``flat`` is bf16); only its gradient is used.
+        lin = self.router(flat.detach().to(self.router.weight.dtype)).float()
         return (logits.detach() + (lin - lin.detach())).softmax(dim=-1)
 
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size,
