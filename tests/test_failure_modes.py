@@ -69,7 +69,7 @@ def test_finetune_refuses_an_empty_task_file(tmp_path, data_dir, no_model):
 
 
 @pytest.mark.parametrize("kw, needle", [
-    ({"agent": "mtcs"}, "unknown agent 'mtcs'; valid: exhaustive, mcts"),
+    ({"agent": "mtcs"}, "unknown agent 'mtcs'; valid: exhaustive, known-route, mcts"),
     ({"num_examples": 0}, "--num-examples must be at least 1"),
     ({"agent_kwargs": "{c_puct: 2}"}, "--agent-kwargs is not valid JSON"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),

@@ -56,7 +56,7 @@ def test_plugin_agent_through_train_rl(cfg, tmp_path, monkeypatch):
 
 
 def test_bad_input(cfg, tmp_path):
-    with pytest.raises(ValueError, match="unknown agent 'nope'; valid: exhaustive, mcts"):
+    with pytest.raises(ValueError, match="unknown agent 'nope'; valid: exhaustive, known-route, mcts"):
         train_rl.main(cfg(agent="nope"))
     with pytest.raises(ValueError, match="--agent-kwargs must be a JSON object"):
         train_rl.main(cfg(agent_kwargs="[1]"))
