@@ -21,7 +21,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Agent", "AgentError", "SearchResult", "action_widths", "check_agent", "current_example", "example_rng",
+__all__ = ["Agent", "AgentError", "SearchResult", "action_widths", "check_agent", "current_example", "current_group",
+           "example_rng",
            "rollout", "run_agent", "summarize"]
 
 
@@ -72,6 +73,11 @@ def example_rng(seed: int, example: int, group: int | None = None) -> np.random.
         raise ValueError(f"seed, example and group must be >= 0 to seed a generator, got seed={seed}, "
                          f"example={example}, group={group}")
     return np.random.default_rng(key)
+
+
+def current_group(obs: np.ndarray, env: Any) -> int:
+    """The layer group an observation is at: its leading group one-hot (``[G]`` of the env's observation)."""
+    return int(np.argmax(obs[: getattr(env, "unwrapped", env).G]))
 
 
 def current_example(env: Any) -> int:

@@ -6,18 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import action_widths, current_example, example_rng
+from agents.base import action_widths, current_example, current_group, example_rng
 
 __all__ = ["RouterAgent", "RandomAgent", "RoundRobinAgent"]
 
 
-def _group(obs: np.ndarray, env: Any) -> int:
-    return int(np.argmax(obs[: env.G]))  # the observation starts with the group one-hot
-
-
 def _valid(obs: np.ndarray, env: Any) -> np.ndarray:  # [A] float 0/1
     valid = np.zeros(int(env.action_space.n))
-    valid[: action_widths(env)[_group(obs, env)]] = 1.0
+    valid[: action_widths(env)[current_group(obs, env)]] = 1.0
     return valid
 
 
@@ -49,7 +45,7 @@ class RandomAgent:
         self.seed = seed
 
     def act(self, obs: np.ndarray, env: Any) -> int:
-        rng = example_rng(self.seed, current_example(env), _group(obs, env))
+        rng = example_rng(self.seed, current_example(env), current_group(obs, env))
         return int(rng.choice(np.flatnonzero(_valid(obs, env))))
 
     def policy(self, obs: np.ndarray, env: Any) -> np.ndarray:
@@ -69,7 +65,7 @@ class RoundRobinAgent:
     """
 
     def act(self, obs: np.ndarray, env: Any) -> int:
-        g = _group(obs, env)
+        g = current_group(obs, env)
         return (current_example(env) + g) % action_widths(env)[g]
 
     def config(self) -> dict:

@@ -3,8 +3,8 @@
 Only meaningful on the generated routing control (``routing_env.data.generated``), whose questions
 are ``"<tag> <word>"``: tag ``k`` of ``generated.TAGS`` routes to expert ``k mod A_g`` (``A_g``, the
 group's valid actions). The experts of a LoRA-MoE are exchangeable, so "the" known route is this map
-up to a permutation of experts per group; ``routing_env.control.tag_agreement`` scores routes against
-it that way. Stage 3 with this agent's targets (``layermoe-known-route``) is the control's upper
+up to a permutation of experts per group; ``experiments/routing_control.py`` (``tag_agreement``) scores
+routes against it that way. Stage 3 with this agent's targets (``layermoe-known-route``) is the control's upper
 arm: what the right route is worth when it is given, not searched.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import AgentError, action_widths, current_example
+from agents.base import AgentError, action_widths, current_example, current_group
 from routing_env.data.generated import TAGS
 
 __all__ = ["KnownRouteAgent", "question_tag"]
@@ -34,9 +34,8 @@ class KnownRouteAgent:
 
     def act(self, obs: np.ndarray, env: Any) -> int:
         base = getattr(env, "unwrapped", env)
-        g = int(np.argmax(obs[: base.G]))  # the observation starts with the group one-hot
         tag = question_tag(base.examples[current_example(env)].question)
-        return tag % action_widths(base)[g]
+        return tag % action_widths(base)[current_group(obs, env)]
 
     def policy(self, obs: np.ndarray, env: Any) -> np.ndarray:
         base = getattr(env, "unwrapped", env)

@@ -108,8 +108,7 @@ def run(runs: Path, seeds: list[int], output: Path, draws: int = 200, records: P
             (records / f"{name}.json").write_text(dumps_record(res))
         base = json.loads((runs / f"lora-moe-s{seed}" / "results.json").read_text())
         row["lora-moe"] = base["test"]["accuracy"]
-        for arm, path in (("exhaustive", exh), ("shuffled", runs / name)):
-            r = json.loads((path / "results.json").read_text()) if arm != "shuffled" else res
+        for arm, r in (("exhaustive", json.loads((exh / "results.json").read_text())), ("shuffled", res)):
             row[arm] = {"accuracy": r["test"]["accuracy"], **_paired(r, base)}
         out["seeds"][str(seed)] = row
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -153,10 +152,11 @@ def table(records: Path, seeds: list[int]) -> str:
 
     lines = ["| arm | seeds | test accuracy % | paired Δ vs lora-moe (pts) | McNemar p per seed | router-target agreement, last epoch |",
              "| --- | --- | --- | --- | --- | --- |"]
+    bases = {s: load("lora-moe-s{s}", s) for s in seeds}  # every arm is paired with these
     for label, pattern in ARMS:
         acc, delta, ps, agree = [], [], [], []
         for s in seeds:
-            r, base = load(pattern, s), load("lora-moe-s{s}", s)
+            r, base = load(pattern, s), bases[s]
             if r is None or base is None:
                 continue
             acc.append(100 * r["test"]["accuracy"])
