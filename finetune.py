@@ -11,14 +11,14 @@ a final test evaluation written to ``runs/<name>/results.json``.
 
 from __future__ import annotations
 
-# The loop lives in the package (routing_env.finetune); this script is its command line. Run as a
+# The loop lives in the package (routing_env.training.finetune); this script is its command line. Run as a
 # script, it parses (and answers --help) before importing that module, so no flag waits for torch.
 # Imported, the names stay available from here (``finetune.Config``, ``finetune.main``) for existing code.
 if __name__ == "__main__":
-    from routing_env.cli import run_cli
-    from routing_env.configs import FinetuneConfig
+    from routing_env.common.cli import run_cli
+    from routing_env.common.configs import FinetuneConfig
 
-    run_cli("routing_env.finetune:main", FinetuneConfig, __doc__)
+    run_cli("routing_env.training.finetune:main", FinetuneConfig, __doc__)
 else:
-    from routing_env.finetune import *  # noqa: F403
-    from routing_env.finetune import Config, main  # noqa: F401
+    from routing_env.training.finetune import *  # noqa: F403
+    from routing_env.training.finetune import Config, main  # noqa: F401

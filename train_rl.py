@@ -12,14 +12,14 @@ searched paths with the learned router's own greedy paths on the same examples.
 
 from __future__ import annotations
 
-# The search driver lives in the package (routing_env.search); this script is its command line. Run as a
+# The search driver lives in the package (routing_env.search.run); this script is its command line. Run as a
 # script, it parses (and answers --help) before importing that module, so no flag waits for torch.
 # Imported, the names stay available from here (``train_rl.Config``, ``train_rl.main``) for existing code.
 if __name__ == "__main__":
-    from routing_env.cli import run_cli
-    from routing_env.configs import SearchConfig
+    from routing_env.common.cli import run_cli
+    from routing_env.common.configs import SearchConfig
 
-    run_cli("routing_env.search:main", SearchConfig, __doc__)
+    run_cli("routing_env.search.run:main", SearchConfig, __doc__)
 else:
-    from routing_env.search import *  # noqa: F403
-    from routing_env.search import Config, main  # noqa: F401
+    from routing_env.search.run import *  # noqa: F403
+    from routing_env.search.run import Config, main  # noqa: F401

@@ -78,7 +78,7 @@ def make_vector_env(env: Any, num_envs: int) -> VectorEnv:
     """A same-step-autoreset vector env over ``env``: batched ``RoutingVectorEnv`` for the real env
     (shared model, cache and running loads), else Gymnasium's ``SyncVectorEnv`` over copies."""
     from routing_env.env import RoutingEnv
-    from routing_env.vector import RoutingVectorEnv
+    from routing_env.env.vector import RoutingVectorEnv
 
     if isinstance(env, RoutingEnv):
         return RoutingVectorEnv(num_envs=num_envs, autoreset_mode=AutoresetMode.SAME_STEP, env=env)

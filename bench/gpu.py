@@ -110,9 +110,9 @@ def minilm(device: torch.device, data_dir: str | None, dry: bool) -> dict:
     import agents
     from routing_env.data import load_task
     from routing_env.env import RoutingEnv
-    from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+    from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
     from routing_env.moe import MoEConfig, build_model
-    from routing_env.utils import autocast
+    from routing_env.common.utils import autocast
 
     n_eval, n_train, n_search = (8, 4, 2) if dry else (512, 512, 64)
     dev = load_task("arc-easy", "dev", data_dir, limit=n_eval)

@@ -11,7 +11,7 @@ the fixed-shape mode the GPU runs (``MCModel.one_pass``), this counts:
   ``TorchDispatchMode`` sees them: the proxy for kernel launches;
 * ``profiler_aten_calls``: every ``aten::`` event in ``torch.profiler``, nested ones included;
 * ``sync_ops``: backend ops that synchronise with the host on a GPU, by name
-  (``routing_env.opcount.SYNC_OPS``).
+  (``routing_env.common.opcount.SYNC_OPS``).
 
 and the same for the backbone with one peft LoRA per adapted module (``lora``). Prints JSON;
 ``--out`` also writes it. The goal (issue 13): LoRA-MoE at most 1.5x the ops of peft LoRA, and no
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from routing_env.data import load_task
-from routing_env.evaluation import batch_encoder
+from routing_env.training.evaluation import batch_encoder
 from routing_env.moe import MoEConfig, build_model
-from routing_env.opcount import OpCounter
+from routing_env.common.opcount import OpCounter
 
 
 def count(model, batch) -> dict:

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from routing_env import finetune
-from routing_env.configs import FinetuneConfig
+from routing_env.training import finetune
+from routing_env.common.configs import FinetuneConfig
 from routing_env.data.generated import TAGS
-from routing_env.results import dumps_record
-from routing_env.stats import mcnemar_exact, paired_outcomes
+from routing_env.common.results import dumps_record
+from routing_env.common.stats import mcnemar_exact, paired_outcomes
 
 __all__ = ["tag_agreement", "agreement_null", "shuffled_targets", "run"]
 

@@ -21,7 +21,7 @@ same settings (each row stores them under ``"settings"``; a row without them, or
 
 **Nulls** (``--nulls``): ``oracle - router`` is a selection knowing the answer, and choosing the best of
 many equally small *uninformative* perturbations also "finds" accuracy. With ``--nulls`` every route of
-every question is scored (``routing_env.gate.route_table``; the oracle is then read off that table:
+every question is scored (``routing_env.search.gate.route_table``; the oracle is then read off that table:
 the route of max log p(correct), as the exhaustive agent at balance weight 0) and the row gets:
 
 * ``best_of``: the selection the nulls mirror, "some route makes the correct choice the argmax",
@@ -47,7 +47,7 @@ the route of max log p(correct), as the exhaustive agent at balance weight 0) an
   right the correct label *is* its top choice, so there is no wrong label at an equal gap), whether
   some route makes the correct label the argmax, against the same for the wrong label (not the
   router's top choice) whose log-prob gap to the router's top choice is nearest the correct label's;
-  the two rates and McNemar's exact p (``routing_env.stats.mcnemar_exact``). Routes that carry
+  the two rates and McNemar's exact p (``routing_env.common.stats.mcnemar_exact``). Routes that carry
   answer information flip the correct label more often than an equally distant wrong one;
 * ``cv_fixed_route``: the single route (same for every question) with the best accuracy on one half
   of the questions (seeded permutation; ties by mean log p(correct)) scored on the other half minus the
@@ -73,9 +73,10 @@ import numpy as np
 from tqdm import tqdm
 
 import agents
-from routing_env import gate, pipeline
-from routing_env.compare import LAYERMOE
-from routing_env.stats import mcnemar_exact
+from routing_env import pipeline
+from routing_env.search import gate
+from routing_env.studies.compare import LAYERMOE
+from routing_env.common.stats import mcnemar_exact
 
 #: the tasks of the results table (the pipeline maps each to its registered env id)
 TASKS = ("arc-easy", "arc-challenge", "obqa")
@@ -448,7 +449,7 @@ def main() -> None:
     if args.task and args.task not in pipeline.TASK_ENV:
         ap.error(f"unknown --task {args.task!r}; valid: {', '.join(pipeline.TASK_ENV)}")
     if args.threads is not None:
-        from routing_env.cli import set_threads
+        from routing_env.common.cli import set_threads
 
         set_threads(args.threads)
     out = Path(args.output or ("results/routing_sensitivity_nulls.json" if args.checkpoint

@@ -22,8 +22,8 @@ from __future__ import annotations
 # The command line, before the imports below: --help and flag errors answer without loading torch,
 # then run_cli imports this module (routing_env.pipeline, not __main__) and runs its main.
 if __name__ == "__main__":
-    from routing_env.cli import run_cli
-    from routing_env.configs import PipelineConfig
+    from routing_env.common.cli import run_cli
+    from routing_env.common.configs import PipelineConfig
 
     run_cli("routing_env.pipeline:main", PipelineConfig, __doc__)
     raise SystemExit(0)
@@ -35,15 +35,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import agents
-from routing_env import finetune, gate
-from routing_env import search as train_rl  # stage 2, named after its command
-from routing_env.configs import PipelineConfig  # the settings, torch-free for the command line
+from routing_env.training import finetune
+from routing_env.search import gate
+from routing_env.search import run as train_rl  # stage 2, named after its command
+from routing_env.common.configs import PipelineConfig  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, resolve_task
 from routing_env.registration import ENV_IDS
-from routing_env.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
-from routing_env.results import aggregate, check_replace, dumps_record, run_metrics, run_questions, write_table
-from routing_env.safefiles import atomic_write_text
-from routing_env.utils import make_writer, save_config
+from routing_env.common.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
+from routing_env.common.results import aggregate, check_replace, dumps_record, run_metrics, run_questions, write_table
+from routing_env.common.safefiles import atomic_write_text
+from routing_env.common.utils import make_writer, save_config
 
 __all__ = ["BUDGET_FIELDS", "PipelineConfig", "SEARCH_FIELDS", "STAGE3_FIELDS", "TASK_ENV", "VALUE_AGENTS", "check",
            "main", "settings_tag", "table_name", "task_folder"]
@@ -182,7 +183,7 @@ def _gate_name(cfg: PipelineConfig, seed: int) -> str:
 
 
 def _gate(cfg: PipelineConfig, root: Path, seed: int, checkpoint: Path) -> dict:
-    """The routing-structure gate on the warm-up (dev; ``routing_env.gate``), a stage like the others."""
+    """The routing-structure gate on the warm-up (dev; ``routing_env.search.gate``), a stage like the others."""
     name = _gate_name(cfg, seed)
     g = gate.GateConfig(checkpoint=str(checkpoint), **_env_args(cfg), examples=min(cfg.gate_examples, cfg.eval_limit or cfg.gate_examples), seed=seed,
                         data_dir=cfg.data_dir, device=cfg.device)
@@ -210,8 +211,9 @@ def _stage3_settings(cfg: PipelineConfig, agent: str) -> dict:
 def check(cfg: PipelineConfig) -> None:
     """Every setting of every stage, checked before the first one runs (a typo in the last method
     must not cost the lora-moe run before it)."""
-    from routing_env.configs import ROUTE_LOSS_GRADS
-    from routing_env.supervision import GRANULARITIES, TARGET_BALANCING, TARGET_FORMS, WEIGHTINGS
+    from routing_env.common.configs import ROUTE_LOSS_GRADS
+    from routing_env.search.targets import TARGET_BALANCING, TARGET_FORMS
+    from routing_env.training.supervision import GRANULARITIES, WEIGHTINGS
 
     for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
         if not value:

@@ -1,4 +1,8 @@
-"""Registered env ids: one per task, all the same ``RoutingEnv``."""
+"""Registered env ids: one per task, all the same ``RoutingEnv``.
+
+The entry points are named, not imported: importing the package loads no torch, and the env package
+never imports the training stage (``make_env`` resolves a missing checkpoint to the demo warm-up).
+"""
 
 from __future__ import annotations
 
@@ -17,5 +21,5 @@ ENV_IDS = {
 for _id, _task in ENV_IDS.items():
     if _id not in gym.registry:
         # make_vec builds the batched env (one model for all sub-envs), not num_envs copies of the model.
-        gym.register(id=_id, entry_point="routing_env.env:RoutingEnv",
-                     vector_entry_point="routing_env.vector:RoutingVectorEnv", kwargs={"task": _task})
+        gym.register(id=_id, entry_point="routing_env.training.warmup:make_env",
+                     vector_entry_point="routing_env.training.warmup:make_vector_env", kwargs={"task": _task})

@@ -67,8 +67,7 @@ def random_prompt_batch(B: int = 3, C: int = 4, T: int = 11, seed: int = 0) -> M
 @pytest.fixture(scope="session")
 def warm_checkpoint(tmp_path_factory, data_dir) -> Path:
     """A real, tiny LoRA-MoE warm-up on ARC-Easy (48 questions, 1 epoch), shared by the env tests."""
-    from routing_env import finetune
-
+    from routing_env.training import finetune
     out = tmp_path_factory.mktemp("warmup")
     finetune.main(finetune.Config(task="arc-easy", method="lora-moe", epochs=1, train_limit=48, eval_limit=8,
                                   batch_size=8, data_dir=str(data_dir), logdir=str(out), name="w", lr=3e-3))

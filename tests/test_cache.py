@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from routing_env.cache import TensorLRU
+from routing_env.env.cache import TensorLRU
 
 
 def _entry(n: int):

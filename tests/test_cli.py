@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from routing_env import finetune
-from routing_env.utils import cfg_field, parse_config, run_cli
+from routing_env.training import finetune
+from routing_env.common.utils import cfg_field, parse_config, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
@@ -28,7 +28,7 @@ def _python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 # ---- --help answers before torch loads --------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["finetune.py"], ["train_rl.py"], ["-m", "routing_env.pipeline"],
-                                     ["-m", "routing_env.compare"]])
+                                     ["-m", "routing_env.studies.compare"]])
 def test_help_imports_no_torch(command):
     # Importing torch (and transformers) is what made --help take 25-60 s on a busy machine.
     proc = _python("-X", "importtime", *command, "--help")
@@ -38,29 +38,34 @@ def test_help_imports_no_torch(command):
 
 
 def test_config_modules_import_no_torch():
-    proc = _python("-c", "import sys, routing_env.cli, routing_env.configs; "
+    proc = _python("-c", "import sys, routing_env.common.cli, routing_env.common.configs; "
                          f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_light_choice_lists_equal_their_sources():
-    from routing_env import configs, utils
+    from agents import AGENTS
+    from routing_env.common import configs, utils
     from routing_env.data import task_names
     from routing_env.moe import DEFAULT_BACKBONE, METHODS
     from routing_env.moe.balancing import STRATEGIES
-    from routing_env import supervision
-
+    from routing_env.search import targets
+    from routing_env.training import supervision
     assert configs.TASK_NAMES == tuple(task_names())
     assert configs.METHODS == tuple(METHODS) and configs.DEFAULT_BACKBONE == DEFAULT_BACKBONE
     assert configs.STRATEGY_NAMES == tuple(STRATEGIES)
+    assert configs.AGENT_NAMES == tuple(AGENTS)
     assert configs.PRECISIONS is utils.PRECISIONS
-    for name in ("WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING"):
+    for name in ("WEIGHTINGS", "GRANULARITIES"):
         assert getattr(configs, name) == tuple(getattr(supervision, name)), name
+    for name in ("TARGET_FORMS", "TARGET_BALANCING"):
+        assert getattr(configs, name) == tuple(getattr(targets, name)), name
 
 
 def test_config_classes_keep_their_old_names():
-    proc = _python("-c", "import finetune, train_rl; from routing_env import compare, configs, pipeline, search; "
-                         "import routing_env.finetune as ft; "
+    proc = _python("-c", "import finetune, train_rl; from routing_env import pipeline; from routing_env.common import configs; "
+                         "from routing_env.search import run as search; from routing_env.studies import compare; "
+                         "import routing_env.training.finetune as ft; "
                          "assert finetune.Config is ft.Config is configs.FinetuneConfig and finetune.main is ft.main; "
                          "assert train_rl.Config is search.Config is configs.SearchConfig; "
                          "assert pipeline.PipelineConfig is configs.PipelineConfig; "
@@ -73,7 +78,7 @@ def test_config_classes_keep_their_old_names():
 _THREADS_PROBE = """
 import json, sys
 from dataclasses import dataclass, fields
-from routing_env.cli import cfg_field, run_cli
+from routing_env.common.cli import cfg_field, run_cli
 
 @dataclass
 class C:

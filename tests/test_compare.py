@@ -1,4 +1,4 @@
-"""routing_env.compare: strategies alone and with LayerMoE on top, paired, in one table; resumable."""
+"""routing_env.studies.compare: strategies alone and with LayerMoE on top, paired, in one table; resumable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from routing_env import compare, pipeline
+from routing_env import pipeline
+
+from routing_env.studies import compare
 from routing_env.moe import read_checkpoint_config
 
 

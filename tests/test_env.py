@@ -213,7 +213,7 @@ def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make, checkpo
 
 def test_expanding_nodes_reads_the_device_per_batch_not_per_node(make, monkeypatch):
     """``evaluate_prefixes`` copies results to the host a fixed number of times, however many nodes."""
-    from routing_env.opcount import OpCounter
+    from routing_env.common.opcount import OpCounter
 
     reads = []
     real_cpu = torch.Tensor.cpu

@@ -138,7 +138,7 @@ def test_cv_best_fixed_route_finds_the_route_that_is_always_right():
 
 def test_shuffled_null_accounts_for_best_of_selection_over_uninformative_routes():
     rs = _load("routing_sensitivity")
-    from routing_env.gate import shuffled_null
+    from routing_env.search.gate import shuffled_null
 
     rng = np.random.default_rng(2)
     # (route noise, answer bonus, bounds on real - null): without information about 0 (the null centres
@@ -221,7 +221,7 @@ def test_routing_sensitivity_nulls_end_to_end(distinct_checkpoint, data_dir, mon
     import gymnasium as gym
 
     import agents
-    from routing_env.planning import model_fingerprint
+    from routing_env.moe import model_fingerprint
 
     rs = _load("routing_sensitivity")
     monkeypatch.setattr(rs, "CALIBRATION_MASKS", 2)

@@ -16,13 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from routing_env import finetune
-
-from routing_env import search as train_rl
+from routing_env.training import finetune
+from routing_env.search import run as train_rl
 from routing_env import pipeline
 from routing_env.data import DataError
-from routing_env.safefiles import atomic_write_text, is_complete
-from routing_env.targets import TargetsError, TargetsWriter, load_targets
+from routing_env.common.safefiles import atomic_write_text, is_complete
+from routing_env.search.targets import TargetsError, TargetsWriter, load_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +39,8 @@ def no_model(monkeypatch):
         raise AssertionError("a model was built before the bad input was refused")
     for name in ("build_model", "load_checkpoint"):
         monkeypatch.setattr(finetune, name, boom)
-    monkeypatch.setattr("routing_env.env.load_checkpoint", boom)
-    monkeypatch.setattr("routing_env.env.default_checkpoint", boom)
+    monkeypatch.setattr("routing_env.env.model.load_checkpoint", boom)
+    monkeypatch.setattr("routing_env.training.warmup.default_checkpoint", boom)
 
 
 # ---- bad settings: refused before any model or run folder ------------------------------------------
@@ -139,7 +138,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
     def dies(tmp: Path) -> None:
         tmp.write_text("half")
         raise KeyboardInterrupt
-    from routing_env.safefiles import atomic_write
+    from routing_env.common.safefiles import atomic_write
     with pytest.raises(KeyboardInterrupt):
         atomic_write(path, dies)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from routing_env import finetune
+from routing_env.training import finetune
 from routing_env.data import DataError
-from routing_env.utils import parse_config
+from routing_env.common.utils import parse_config
 
 
 def _cfg(tmp_path, data_dir, **kw) -> finetune.Config:
@@ -72,7 +72,7 @@ def test_cli_booleans_take_no_flags_and_config_files_under_flags(tmp_path, capsy
     cfg = parse_config(finetune.Config, ["--config", str(tmp_path / "c.yaml"), "--epochs", "3"])
     assert (cfg.epochs, cfg.num_experts, cfg.train_limit, cfg.resume, cfg.lr) == (3, [2, 4], None, False, 0.01)
     saved = tmp_path / "run"
-    from routing_env.utils import save_config
+    from routing_env.common.utils import save_config
 
     save_config(saved, cfg)  # what every run writes: read back, the same config
     assert parse_config(finetune.Config, ["--config", str(saved / "config.json")]) == cfg

@@ -8,7 +8,7 @@ import pytest
 
 import agents
 import routing_env  # noqa: F401 -- registers the env ids
-from routing_env.gate import gate, route_table, shuffled_null
+from routing_env.search.gate import gate, route_table, shuffled_null
 from tests.tolerances import LOGP_ATOL
 
 
@@ -53,7 +53,7 @@ def test_gate_on_a_real_checkpoint(distinct_checkpoint, data_dir):
 
 @pytest.mark.slow
 def test_gate_command_writes_its_result_with_its_settings(distinct_checkpoint, data_dir, tmp_path):
-    from routing_env.gate import GateConfig, main
+    from routing_env.search.gate import GateConfig, main
 
     out = tmp_path / "g.json"
     res = main(["--checkpoint", str(distinct_checkpoint), "--examples", "2", "--null-draws", "2",
@@ -69,7 +69,7 @@ def test_gate_command_writes_its_result_with_its_settings(distinct_checkpoint, d
 def test_gate_table_renders_every_result_with_its_warmup_settings(tmp_path):
     import json
 
-    from routing_env.gate import table
+    from routing_env.search.gate import table
 
     res = {"examples": 150, "paths_per_question": 64, "router_accuracy": 0.44, "random_route_accuracy": 0.43,
            "router_minus_random": {"mean": 0.01, "ci95": [-0.012, 0.034]}, "hindsight_gain": 0.047,

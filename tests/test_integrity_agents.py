@@ -24,8 +24,8 @@ import pytest
 import agents
 import routing_env  # noqa: F401  (registers the ids)
 from agents.mcts import MCTSConfig, mcts_search
-from routing_env import search
-from routing_env.synthetic import SyntheticRoutingEnv
+from routing_env.search import run as search
+from routing_env.env.synthetic import SyntheticRoutingEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def no_model(monkeypatch):
     """Any attempt to load (or train, for want of a checkpoint) a model fails the test."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the bad input was refused")
-    monkeypatch.setattr("routing_env.env.load_checkpoint", boom)
-    monkeypatch.setattr("routing_env.env.default_checkpoint", boom)
+    monkeypatch.setattr("routing_env.env.model.load_checkpoint", boom)
+    monkeypatch.setattr("routing_env.training.warmup.default_checkpoint", boom)
 
 
 @pytest.fixture()
@@ -217,7 +217,7 @@ def test_env_refuses_bad_arguments_before_any_model(data_dir, no_model, kw, need
 
 
 def test_vector_and_synthetic_envs_check_their_arguments(data_dir, no_model):
-    from routing_env.vector import RoutingVectorEnv
+    from routing_env.env.vector import RoutingVectorEnv
 
     with pytest.raises(ValueError, match=r"num_envs must be an integer >= 1, got 0"):
         RoutingVectorEnv(num_envs=0, data_dir=data_dir)

@@ -12,8 +12,8 @@ import pytest
 import routing_env  # noqa: F401  (registers the ids)
 from agents.exhaustive import ExhaustiveAgent
 from agents.mcts import MCTSConfig, mcts_search
-from routing_env import compare
-from routing_env.targets import TargetsError, load_targets
+from routing_env.studies import compare
+from routing_env.search.targets import TargetsError, load_targets
 from tests.tolerances import LOGP_ATOL
 
 WIDTHS = [2, 4, 6]  # experts per layer group of MiniLM's 6 layers, 2,2,4,4,6,6 per layer
@@ -22,8 +22,7 @@ WIDTHS = [2, 4, 6]  # experts per layer group of MiniLM's 6 layers, 2,2,4,4,6,6 
 @pytest.fixture(scope="module")
 def mola_checkpoint(tmp_path_factory, data_dir):
     """A real, tiny MoLA warm-up on ARC-Easy (48 questions, 1 epoch)."""
-    from routing_env import finetune
-
+    from routing_env.training import finetune
     out = tmp_path_factory.mktemp("mola")
     finetune.main(finetune.Config(task="arc-easy", method="lora-moe", epochs=1, train_limit=48, eval_limit=8,
                                   batch_size=8, data_dir=str(data_dir), logdir=str(out), name="w", lr=3e-3,
@@ -91,8 +90,8 @@ def test_mcts_only_visits_experts_a_group_has(env):
 
 
 def test_search_and_stage_3_on_a_mola_model(mola_checkpoint, data_dir, tmp_path):
-    from routing_env import finetune, search
-
+    from routing_env.training import finetune
+    from routing_env.search import run as search
     summary = search.main(search.Config(env="layermoe-arc", agent="exhaustive", checkpoint=str(mola_checkpoint),
                                         num_examples=8, batch_size=4, data_dir=str(data_dir), device="cpu",
                                         logdir=str(tmp_path), name="s"))

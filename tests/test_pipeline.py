@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from routing_env import finetune
-from routing_env import search as train_rl
+from routing_env.training import finetune
+from routing_env.search import run as train_rl
 from routing_env import pipeline
 
 

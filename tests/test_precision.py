@@ -6,9 +6,9 @@ import gymnasium as gym
 import pytest
 import torch
 
-from routing_env.evaluation import evaluate
+from routing_env.training.evaluation import evaluate
 from routing_env.moe import MoEConfig, build_model
-from routing_env.utils import autocast, autocast_dtype
+from routing_env.common.utils import autocast, autocast_dtype
 from tests.conftest import random_pairs_batch, tiny_bert
 
 

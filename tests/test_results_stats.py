@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routing_env import stats
-from routing_env.results import NO_RECORDS, aggregate, write_table
+from routing_env.common import stats
+from routing_env.common.results import NO_RECORDS, aggregate, write_table
 
 
 def _outcomes(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
@@ -206,7 +206,7 @@ def test_table_says_when_records_predate_per_question_evidence(tmp_path):
 
 def test_evaluate_keeps_each_questions_logp_prediction_and_id():
     from routing_env.data import MCExample
-    from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+    from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
     from routing_env.moe import MoEConfig, build_model
 
     model = build_model("lora-moe", "minilm", MoEConfig(), seed=0)
@@ -254,7 +254,7 @@ def test_evaluate_keeps_each_questions_logp_prediction_and_id():
     assert all(abs(sum(math.exp(v) for v in r) - 1) < 1e-5 for r in res.logp)
 
     # Still read once at the end: with the sync-free forward a GPU runs, no host read per batch.
-    from routing_env.opcount import OpCounter
+    from routing_env.common.opcount import OpCounter
 
     model.one_pass = True
     syncs = []
@@ -270,7 +270,7 @@ def test_records_are_written_with_one_line_per_list_of_values():
     four log-probabilities, against 150 with one value per line), and the same JSON when read back."""
     import json
 
-    from routing_env.results import dumps_record
+    from routing_env.common.results import dumps_record
 
     n = 1000
     rec = {"test": {"accuracy": 0.5, "questions": {"ids": [f"q{i}" for i in range(n)], "label": [i % 4 for i in range(n)],
@@ -287,7 +287,7 @@ def test_detectable_across_two_seeds_is_finite_and_none_without_spread():
     table (2 seeds) then crashed. Falls back to the approximation; identical differences: no test."""
     import math
 
-    from routing_env.stats import detectable_across_seeds
+    from routing_env.common.stats import detectable_across_seeds
 
     v = detectable_across_seeds(0.0085, 2)
     assert v is not None and math.isfinite(v) and v > 0.0085  # at 2 seeds far above one std

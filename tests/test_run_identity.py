@@ -17,13 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from routing_env import compare, finetune, pipeline
-from routing_env.identity import run_differences, settings_tag
+from routing_env import pipeline
+
+from routing_env.studies import compare
+
+from routing_env.training import finetune
+from routing_env.common.identity import run_differences, settings_tag
 from routing_env.moe import load_checkpoint
-from routing_env.planning import model_fingerprint
-from routing_env.safefiles import RunLock, RunLockedError
-from routing_env.supervision import TargetTable
-from routing_env.targets import RoutingTargets, TargetsError
+from routing_env.moe import model_fingerprint
+from routing_env.common.safefiles import RunLock, RunLockedError
+from routing_env.training.supervision import TargetTable
+from routing_env.search.targets import RoutingTargets, TargetsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,8 +251,7 @@ def test_run_names_stay_inside_the_logdir(tmp_path, data_dir):
         with pytest.raises(ValueError, match="is not a plain run name"):
             finetune.main(_ft(tmp_path / "logs", data_dir, name=name))
     assert not (tmp_path / "logs").exists() and not (tmp_path / "abs").exists()
-    from routing_env import search
-
+    from routing_env.search import run as search
     with pytest.raises(ValueError, match="is not a plain run name"):
         search.main(search.Config(name="../../x", logdir=str(tmp_path / "logs"), data_dir=str(data_dir)))
     assert not (tmp_path / "logs").exists() and not (tmp_path.parent / "x").exists()
@@ -258,7 +261,7 @@ def test_run_names_stay_inside_the_logdir(tmp_path, data_dir):
 
 _CONTENDERS = """
 import multiprocessing as mp, sys
-from routing_env.safefiles import RunLock, RunLockedError
+from routing_env.common.safefiles import RunLock, RunLockedError
 
 def contender(folder, start, attempted, results):
     start.wait()  # every process tries at the same moment

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from routing_env import finetune
+from routing_env.training import finetune
 from routing_env.data import encode_pairs, load_task
 from routing_env.moe import load_checkpoint
-from routing_env.planning import model_fingerprint
-from routing_env.supervision import TargetTable, group_agreement, routing_loss
-from routing_env.targets import TargetsError, TargetsWriter, load_targets
+from routing_env.moe import model_fingerprint
+from routing_env.training.supervision import TargetTable, group_agreement, routing_loss
+from routing_env.search.targets import TargetsError, TargetsWriter, load_targets
 from tests.tolerances import PROB_ATOL
 
 
@@ -180,7 +180,7 @@ def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir
 
 
 def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferences():
-    from routing_env.supervision import balance_targets
+    from routing_env.search.targets import balance_targets
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1, (40, 4))
@@ -197,21 +197,21 @@ def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferenc
 
 
 def test_target_forms_from_process_values():
-    from routing_env.supervision import _target_form
+    from routing_env.search.targets import target_form
 
     rec = {"id": "q", "targets": np.full((2, 3), 1 / 3), "values": np.array([[-1.0, -0.5, np.nan], [-2.0, -2.0 + np.log(2), -3.0]])}
-    assert _target_form(rec, "file", 1.0) is rec["targets"]
-    assert _target_form(rec, "onehot", 1.0).tolist() == [[0, 1, 0], [0, 1, 0]]
-    soft = _target_form(rec, "softmax", 1.0)
+    assert target_form(rec, "file", 1.0) is rec["targets"]
+    assert target_form(rec, "onehot", 1.0).tolist() == [[0, 1, 0], [0, 1, 0]]
+    soft = target_form(rec, "softmax", 1.0)
     assert soft[0, 2] == 0.0 and soft[0, 1] / soft[0, 0] == pytest.approx(np.exp(0.5))  # unestimated: no mass
     assert soft[1, 1] / soft[1, 0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="needs process values.*--target-form file"):
-        _target_form({"id": "r", "targets": rec["targets"], "values": np.full((2, 3), np.nan)}, "softmax", 1.0)
+        target_form({"id": "r", "targets": rec["targets"], "values": np.full((2, 3), np.nan)}, "softmax", 1.0)
 
 
 def test_teacher_forced_route_reaches_every_token_of_the_forced_rows_through_chunks():
     from routing_env.moe import MoEConfig, build_model, moe_layers
-    from routing_env.supervision import forced_route_bias
+    from routing_env.training.supervision import forced_route_bias
     from tests.conftest import random_pairs_batch, tiny_bert
 
     module, kind = tiny_bert()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from routing_env.env import RoutingEnv
-from routing_env.vector import RoutingVectorEnv
+from routing_env.env.vector import RoutingVectorEnv
 from tests.tolerances import LOGP_ATOL
 
 

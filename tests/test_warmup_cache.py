@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from routing_env import finetune
-from routing_env import warmup
-
-
+from routing_env.training import finetune
+from routing_env.training import warmup
 @pytest.mark.slow
 def test_default_checkpoint_is_trained_once_then_reused(tmp_path, monkeypatch, capsys, data_dir):
     monkeypatch.setenv("ROUTING_GYM_CACHE", str(tmp_path))

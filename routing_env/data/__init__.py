@@ -12,12 +12,12 @@ from .tasks import (
     MCExample,
     MixtureSpec,
     TaskSpec,
+    load_builtin,
     load_file,
-    load_task,
     resolve_data_dir,
     task_names,
 )
-from .sources import SINGLE_FILE_FRACTIONS, TaskSource, describe_split, resolve_task
+from .sources import SINGLE_FILE_FRACTIONS, TaskSource, describe_split, load_task, resolve_task
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -37,6 +37,7 @@ __all__ = [
     "encode_letter_prompt",
     "encode_pairs",
     "letter_prompt_text",
+    "load_builtin",
     "load_file",
     "load_task",
     "resolve_data_dir",

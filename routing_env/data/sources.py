@@ -22,11 +22,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .tasks import (MIXTURES, SPLITS, TASKS, DataError, Format, MCExample, _iter_file, _open_text, _take, load_task,
+from .tasks import (MIXTURES, SPLITS, TASKS, DataError, Format, MCExample, _iter_file, _open_text, _take, load_builtin,
                     task_names)
 
-__all__ = ["SINGLE_FILE_FRACTIONS", "TaskSource", "describe_split", "detect_format", "resolve_task", "split_of"]
+__all__ = ["SINGLE_FILE_FRACTIONS", "TaskSource", "describe_split", "detect_format", "load_task", "resolve_task", "split_of"]
 
 #: How one file is split: a question goes to the first split whose cumulative share exceeds the
 #: hash of its id (sha256, as a number in [0, 1)).
@@ -63,7 +64,7 @@ class TaskSource:
              limit: int | None = None) -> list[MCExample]:
         """The questions of ``split`` (train, dev or test), in file order; ``limit`` keeps the first N."""
         if self.builtin:
-            return load_task(self.builtin, split, data_dir, limit)
+            return load_builtin(self.builtin, split, data_dir, limit)
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}.")
         if self.single_file:
@@ -185,3 +186,17 @@ def describe_split(source: TaskSource, counts: dict[str, int]) -> str:
     if source.builtin:
         return f"task {source.name}: {n} questions"
     return f"task {source.name}: {n} questions from {', '.join(p for _, p in source.files)}"
+
+
+def load_task(task: Any, split: str = "train", data_dir: str | os.PathLike[str] | None = None,
+              limit: int | None = None) -> list[MCExample]:
+    """Load ``split`` of ``task`` as a list of :class:`MCExample`, in file order.
+
+    ``task`` is a name from :data:`TASKS` or :data:`MIXTURES`, or anything :func:`resolve_task` accepts (a
+    folder of split files, one file split by question-id hash, a ``TaskSource``).  For a name the
+    local data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured; only when
+    none is configured is the Hugging Face hub tried.  ``limit`` keeps the first ``limit`` examples.
+    """
+    if isinstance(task, str) and (task in TASKS or task in MIXTURES):
+        return load_builtin(task, split, data_dir, limit)
+    return resolve_task(task).load(split, data_dir, limit)

@@ -121,7 +121,7 @@ _HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
 
 
 def task_names() -> list[str]:
-    """The built-in task names, benchmarks then mixtures (``load_task`` also takes folders and files: ``sources.resolve_task``)."""
+    """The built-in task names, benchmarks then mixtures (``sources.load_task`` also takes folders and files)."""
     return [*TASKS, *MIXTURES]
 
 
@@ -333,26 +333,23 @@ def _iter_hub(spec: TaskSpec, split: str) -> Iterator[MCExample]:
 # --------------------------------------------------------------------------- public
 
 
-def load_task(
-    task: Any,
+def load_builtin(
+    task: str,
     split: str = "train",
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
 ) -> list[MCExample]:
-    """Load ``split`` of ``task`` as a list of :class:`MCExample`, in file order.
+    """Load ``split`` of the built-in task or mixture ``task`` (:data:`TASKS`, :data:`MIXTURES`), in file order.
 
-    ``task`` is a name from :data:`TASKS` or :data:`MIXTURES`, or anything :func:`.sources.resolve_task` accepts (a
-    folder of split files, one file split by question-id hash, a ``TaskSource``).  For a name the
-    local data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured; only when
+    The local data dir (``data_dir``, else ``$ROUTING_ENV_DATA``) is used when configured; only when
     none is configured is the Hugging Face hub tried.  ``limit`` keeps the first ``limit`` examples.
+    ``sources.load_task`` takes folders, files and ``TaskSource`` objects as well.
     """
     _check_limit(limit)
-    if isinstance(task, str) and task in MIXTURES:
+    if task in MIXTURES:
         return _load_mixture(MIXTURES[task], split, data_dir, limit)
-    if not isinstance(task, str) or task not in TASKS:
-        from .sources import resolve_task  # sources builds on this module
-
-        return resolve_task(task).load(split, data_dir, limit)
+    if task not in TASKS:
+        raise DataError(f"unknown built-in task {task!r}: valid names are {', '.join(task_names())}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}.")
     spec = TASKS[task]
@@ -382,7 +379,7 @@ def _load_mixture(mix: MixtureSpec, split: str, data_dir: str | os.PathLike[str]
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}.")
     # The first N of the mixture never need more than N of any one source (RACE train is large).
-    parts = [load_task(src, split, data_dir, limit) for src in mix.sources]
+    parts = [load_builtin(src, split, data_dir, limit) for src in mix.sources]
     rows = (
         replace(part[i], id=f"{src}{MIX_ID_SEP}{part[i].id}", question_first=src in mix.question_first)
         for i in range(max(len(p) for p in parts))

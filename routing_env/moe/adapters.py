@@ -8,6 +8,7 @@ nor the multiple-choice head, and one loader can then rebuild and check either k
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from routing_env.moe.balancing import attach_reset_hook, make_strategy
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
-from routing_env.safefiles import COMPLETE, atomic_write, atomic_write_text, mark_complete
+from routing_env.common.safefiles import COMPLETE, atomic_write, atomic_write_text, mark_complete
 
 __all__ = [
     "METHODS",
@@ -36,6 +37,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_config",
     "FORMAT_VERSION",
+    "model_fingerprint",
 ]
 
 METHODS = ("lora", "lora-moe")
@@ -226,3 +228,13 @@ def load_adapter_state(model: MCModel, directory: str | Path) -> MCModel:
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the trainable tensors (adapters, routers, head) in name order: names one warm-up."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

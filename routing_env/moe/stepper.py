@@ -17,7 +17,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from routing_env.moe.backbone import MCModel, transformer_layers
-from routing_env.utils import autocast
+from routing_env.common.utils import autocast
 
 __all__ = ["Rows", "GroupStepper"]
 

@@ -11,7 +11,7 @@ import pytest
 import agents
 from agents.baselines import RoundRobinAgent
 from agents.ppo import SB3VecEnv, make_vector_env
-from routing_env.synthetic import SyntheticRoutingEnv
+from routing_env.env.synthetic import SyntheticRoutingEnv
 
 
 def test_unknown_agent_lists_the_valid_ones():

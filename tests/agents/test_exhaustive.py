@@ -11,9 +11,9 @@ import pytest
 import agents
 import routing_env  # noqa: F401  (registers the ids)
 from agents.exhaustive import exhaustive_q
-from routing_env.supervision import q_targets
+from routing_env.search.targets import q_targets
 from agents.mcts import MCTSConfig, mcts_search
-from routing_env.synthetic import SyntheticRoutingEnv
+from routing_env.env.synthetic import SyntheticRoutingEnv
 from tests.tolerances import LOGP_ATOL
 
 

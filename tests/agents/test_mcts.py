@@ -9,7 +9,7 @@ import agents
 from agents.mcts import LeafEvaluator, MCTSConfig, mcts_search, search_tree
 from agents.mcts.reference import RefTree
 from agents.mcts.tree import expand_and_backup, init_roots, new_tree, root_q, root_visits, select
-from routing_env.synthetic import SyntheticRoutingEnv
+from routing_env.env.synthetic import SyntheticRoutingEnv
 
 
 def _select(t, c):

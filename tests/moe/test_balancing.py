@@ -163,8 +163,7 @@ def test_every_strategy_trains_saves_and_reloads(name, tmp_path):
 
 
 def test_finetune_refuses_an_unknown_strategy_before_any_work():
-    from routing_env import finetune
-
+    from routing_env.training import finetune
     with pytest.raises(ValueError, match="valid: aux, z-loss, loss-free, top-p, sinkhorn"):
         finetune.check_config(finetune.Config(balance="switch"))
 

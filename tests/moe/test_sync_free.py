@@ -9,9 +9,9 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from routing_env.evaluation import evaluate, layer_load_stats
+from routing_env.training.evaluation import evaluate, layer_load_stats
 from routing_env.moe import MoEConfig, build_model, moe_layers
-from routing_env.opcount import OpCounter
+from routing_env.common.opcount import OpCounter
 from tests.conftest import random_pairs_batch, tiny_bert
 
 # rank 2: E * r * 4 = 32 <= d = 32, so every module takes the low-rank form MiniLM's modules take
@@ -125,7 +125,7 @@ def test_gpu_eval_forward_does_not_synchronise(data_dir):
     model = build_model("lora-moe", "minilm", MoEConfig(), seed=0).cuda().eval()
     tokenizer = model.tokenizer_for("minilm")
     examples = load_task("arc-easy", "dev", data_dir, limit=64)
-    from routing_env.evaluation import batch_encoder
+    from routing_env.training.evaluation import batch_encoder
 
     batch = batch_encoder(model, tokenizer, 128)(examples).to("cuda")
     model.routing.record_loads = True

@@ -16,44 +16,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from routing_env.targets import RoutingTargets, check_compatible
+from routing_env.search.targets import (TARGET_BALANCING, TARGET_FORMS, RoutingTargets, balance_targets,
+                                        check_compatible, target_form)
 
-__all__ = ["GRANULARITIES", "WEIGHTINGS", "TARGET_BALANCING", "TARGET_FORMS", "TargetTable", "balance_targets", "q_targets", "routing_loss",
-           "group_agreement", "forced_route_bias"]
+__all__ = ["GRANULARITIES", "WEIGHTINGS", "TargetTable", "routing_loss", "group_agreement", "forced_route_bias"]
 
 #: How each (example, group) term is weighted: equally, or by how much the search said the choice
 #: mattered (the spread of its process values, max Q - min Q, normalised to mean 1 over the file).
 WEIGHTINGS = ("none", "value-gap")
-
-#: Which distribution a group is pulled toward: the file's targets as the agent wrote them (MCTS:
-#: visit counts), a one-hot of the best-valued action, or a softmax of the process values (Q, in
-#: log-p units) at ``target_temperature``. The last two need a file with values (MCTS, exhaustive).
-TARGET_FORMS = ("file", "onehot", "softmax")
-
-#: How the file's targets are adjusted before training: as searched, or (``sinkhorn``) rescaled so
-#: that, per group, every expert receives the same total target mass over the training questions.
-TARGET_BALANCING = ("none", "sinkhorn")
-
-
-def balance_targets(targets: np.ndarray, iters: int = 200, smoothing: float = 1e-3) -> np.ndarray:
-    """Sinkhorn projection of ``targets [N, E]`` (one group's targets over N questions) onto balance.
-
-    Returns ``diag(u) (targets + smoothing) diag(v)`` with every row summing to 1 and every column
-    to ``N / E``. Column scaling is shared by all questions, so which questions prefer expert e over
-    f *more than the others do* is kept (the odds ratio ``t_e / t_f`` of every question is scaled by
-    the same factor), while an expert the searched targets favour across the whole split is scaled
-    down for everyone. Why: a router that cannot tell the questions apart (hindsight routes are
-    barely predictable from the input) drifts toward the expert the targets name most often, so
-    even a mildly skewed target histogram trains an imbalanced model (results/ablations.md: one-hot
-    oracle targets raise dev CV from 0.15 to 0.41). ``smoothing`` keeps one-hot rows rescalable.
-    """
-    t = np.asarray(targets, dtype=float) + smoothing
-    n, e = t.shape
-    col = np.full(e, n / e)
-    for _ in range(iters):
-        t = t / t.sum(1, keepdims=True)  # rows: distributions
-        t = t * (col / t.sum(0))[None, :]  # columns: equal mass
-    return t / t.sum(1, keepdims=True)
 
 
 #: Where the routing loss compares router and target: the group's router distribution averaged over
@@ -82,32 +52,6 @@ def group_agreement(probs: torch.Tensor, targets: torch.Tensor, weights: torch.T
     has = (weights > 0).to(probs.dtype)  # [B, G]
     same = (probs.argmax(-1) == targets.argmax(-1)).to(probs.dtype)
     return (same * has).sum(0) / has.sum(0).clamp_min(1.0)
-
-
-def q_targets(q: np.ndarray, temperature: float) -> np.ndarray:
-    """A target distribution from action values ``q [..., A]``: softmax at ``temperature``, one-hot at 0.
-
-    Q is in log-probability units, so temperature 1 weighs each route by how much more likely it
-    makes the correct answer; ties at temperature 0 go to the lower index. NaN (an action whose value
-    was not estimated, as in MCTS) gets no mass.
-    """
-    q = np.asarray(q, dtype=float)
-    if temperature <= 0:
-        return np.eye(q.shape[-1])[np.nanargmax(q, -1)]
-    z = np.where(np.isnan(q), -np.inf, q - np.nanmax(q, -1, keepdims=True)) / temperature
-    w = np.exp(z)
-    return w / w.sum(-1, keepdims=True)
-
-
-def _target_form(record: dict, form: str, temperature: float) -> np.ndarray:
-    """``[G, E]`` targets of one record in the chosen form (see ``TARGET_FORMS``)."""
-    if form == "file":
-        return record["targets"]
-    q = np.asarray(record["values"], dtype=float)  # [G, E], NaN = not estimated
-    if np.isnan(q).all(1).any():
-        raise ValueError(f"target form {form!r} needs process values for every group; example {record['id']!r} has none "
-                         "(a file from an agent without values: use --target-form file)")
-    return q_targets(q, 0.0 if form == "onehot" else temperature)
 
 
 def forced_route_bias(paths: torch.Tensor, row_example: torch.Tensor,
@@ -145,7 +89,7 @@ class TargetTable:
         self.G, self.E = targets.header["num_groups"], targets.header["num_experts"]
         #: experts per group (MoLA: fewer in lower groups; their targets are 0 beyond)
         self.group_experts = list(targets.header.get("group_experts") or [self.E] * self.G)
-        self.targets = {k: _target_form(r, form, temperature) for k, r in targets.records.items()}
+        self.targets = {k: target_form(r, form, temperature) for k, r in targets.records.items()}
         self.paths = {k: np.asarray(r["path"], dtype=int) for k, r in targets.records.items()}
         if balancing == "sinkhorn" and self.targets:
             keys = list(self.targets)

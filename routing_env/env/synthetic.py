@@ -14,8 +14,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from routing_env.env import check_number
-from routing_env.planning import EnvState
+from routing_env.env.model import check_number
+from routing_env.env.planning import EnvState
 
 __all__ = ["SyntheticRoutingEnv"]
 

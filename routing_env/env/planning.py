@@ -7,14 +7,15 @@ batched forward per group level, so a search over many trees costs one batch per
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["EnvState", "PlanningMixin", "model_fingerprint"]
+from routing_env.moe import model_fingerprint
+
+__all__ = ["EnvState", "PlanningMixin"]
 
 Node = tuple[int, tuple]  # (example index, action prefix in the env's hashable action form)
 
@@ -30,14 +31,6 @@ class EnvState:
     done: bool = False
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the trainable tensors (adapters, routers, head) in name order: names one warm-up."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class PlanningMixin:
@@ -155,7 +148,7 @@ class PlanningMixin:
         ``paths``: ``[N, G]`` actions (``[N, G, E]`` in bias mode). Returns ``outcome [N]`` (log p of
         the correct answer), ``correct [N]``, ``loads [N, G, E]``, ``balance [N]`` (the balance
         reward against the current running loads, which this call does not change), and, for
-        analyses that need every choice (``routing_env.gate``), ``logp`` (``N`` arrays ``[C_i]`` of
+        analyses that need every choice (``routing_env.search.gate``), ``logp`` (``N`` arrays ``[C_i]`` of
         the choices' log-probabilities) and ``answer [N]`` (the correct choice's index in them).
         """
         ids = [int(i) for i in np.asarray(example_ids).reshape(-1)]

@@ -8,7 +8,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 
-from routing_env.env import EnvState, RoutingEnv, check_number
+from routing_env.env.model import EnvState, RoutingEnv, check_number
 
 __all__ = ["RoutingVectorEnv"]
 

@@ -215,7 +215,7 @@ def _read_config_file(path: str, convert: dict[str, _Converter], choices: dict,
 
 def save_config(run_dir: str | Path, cfg: Any) -> Path:
     """Write the resolved config of a run as ``config.json`` (``--config`` reads it back)."""
-    from routing_env.safefiles import atomic_write_text
+    from routing_env.common.safefiles import atomic_write_text
 
     path = Path(run_dir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Balancing strategies on equal terms: each alone and with LayerMoE on top, one table and plot.
 
-    python -m routing_env.compare --task arc-easy --methods all --seeds 0,1,2
-    python -m routing_env.compare --task arc-easy --methods aux,loss-free --seeds 0 --train-limit 500
+    python -m routing_env.studies.compare --task arc-easy --methods all --seeds 0,1,2
+    python -m routing_env.studies.compare --task arc-easy --methods aux,loss-free --seeds 0 --train-limit 500
 
 ``mola`` is MoLA's layout, more experts in higher layers (``MOLA_EXPERTS`` per layer, the same
 24 experts in all as 4 per layer), with the Switch loss; ``mola+S`` puts strategy S on that layout.
@@ -18,12 +18,12 @@ entropy, wall time) goes to ``<results-dir>/<task>-strategies.md`` with JSON and
 from __future__ import annotations
 
 # The command line, before the imports below: --help and flag errors answer without loading torch,
-# then run_cli imports this module (routing_env.compare, not __main__) and runs its main.
+# then run_cli imports this module (routing_env.studies.compare, not __main__) and runs its main.
 if __name__ == "__main__":
-    from routing_env.cli import run_cli
-    from routing_env.configs import CompareConfig
+    from routing_env.common.cli import run_cli
+    from routing_env.common.configs import CompareConfig
 
-    run_cli("routing_env.compare:main", CompareConfig, __doc__)
+    run_cli("routing_env.studies.compare:main", CompareConfig, __doc__)
     raise SystemExit(0)
 
 from pathlib import Path
@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from routing_env import pipeline
 from routing_env.moe.balancing import STRATEGIES, make_strategy
-from routing_env.configs import CompareConfig  # the settings, torch-free for the command line
-from routing_env.identity import provenance, settings_tag
-from routing_env.results import check_replace, write_table
-from routing_env.utils import make_writer, save_config
+from routing_env.common.configs import CompareConfig  # the settings, torch-free for the command line
+from routing_env.common.identity import provenance, settings_tag
+from routing_env.common.results import check_replace, write_table
+from routing_env.common.utils import make_writer, save_config
 
 __all__ = ["CompareConfig", "main", "LAYERMOE", "MOLA_EXPERTS", "strategies", "table_name"]
 

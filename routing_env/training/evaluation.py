@@ -2,7 +2,7 @@
 
 Each evaluation also keeps its per-question evidence (id, label, prediction, log-probabilities over
 the choices): two runs answer the same questions, so a paired comparison can be tested within a
-seed (``routing_env.stats``), not only across seeds.
+seed (``routing_env.common.stats``), not only across seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from routing_env.data import MCBatch, MCExample, encode_letter_prompt, encode_pa
 from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, load_stats
-from routing_env.utils import autocast
+from routing_env.common.utils import autocast
 
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "iterate_batches", "layer_load_stats"]
 
@@ -114,7 +114,7 @@ def evaluate(
     """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards), and
     per question its id, label, prediction (argmax of the logits) and log-probabilities over its choices.
 
-    ``amp_dtype``: run the forwards under autocast to it (``routing_env.utils.autocast_dtype``).
+    ``amp_dtype``: run the forwards under autocast to it (``routing_env.common.utils.autocast_dtype``).
     """
     encode = batch_encoder(model, tokenizer, max_length)
     was_training = model.training

@@ -5,7 +5,7 @@ coefficient of variation of the expert loads (0 = balanced), max/mean load (1 = 
 normalised entropy (1 = balanced). Plain LoRA has no experts, so no balance figures.
 
 Paired rows (layermoe, each seed continuing that seed's lora-moe run) also get a within-seed test
-from the per-question records of both arms' test evaluations (``routing_env.stats``): per seed the
+from the per-question records of both arms' test evaluations (``routing_env.common.stats``): per seed the
 exact McNemar p, a question-bootstrap interval of the paired difference pooled over seeds, and the
 smallest difference the design can detect within a seed and across the seeds. Records made before
 evaluations kept per-question evidence say so (``n/a (no per-question records)``).
@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from routing_env.safefiles import atomic_write_text
-from routing_env.stats import (HAVE_SCIPY, detectable_across_seeds, detectable_within_seed, mcnemar_exact,
+from routing_env.common.safefiles import atomic_write_text
+from routing_env.common.stats import (HAVE_SCIPY, detectable_across_seeds, detectable_within_seed, mcnemar_exact,
                                paired_outcomes, pooled_paired_bootstrap)
 
 __all__ = ["dumps_record", "run_metrics", "run_questions", "aggregate", "check_replace", "write_table"]
@@ -211,7 +211,7 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
     """``<out_dir>/<task>.md`` + ``.json`` and ``<task>_accuracy_vs_balance.png`` (and TensorBoard).
 
     ``budget`` is every setting the table's runs share; ``provenance`` the command, commit and date
-    that made the table (``routing_env.identity.provenance``). Both are written under the table.
+    that made the table (``routing_env.common.identity.provenance``). Both are written under the table.
     """
     import matplotlib
 

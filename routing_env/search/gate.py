@@ -20,7 +20,7 @@ used for this analysis only), on a warm-up checkpoint, with every primary path o
 ``structure`` is true when router - random is at least 2 points with an interval above 0 and the
 hindsight gain exceeds its null's 95th percentile; otherwise the result carries a plain warning.
 
-    python -m routing_env.gate --checkpoint runs/x/checkpoints/epoch_1 --task arc-easy --examples 200
+    python -m routing_env.search.gate --checkpoint runs/x/checkpoints/epoch_1 --task arc-easy --examples 200
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ def run(cfg: GateConfig, output: str | Path | None = None) -> dict:
 
     import routing_env  # noqa: F401 -- registers the env ids
     from routing_env.data import resolve_task
-    from routing_env.safefiles import atomic_write_text
-    from routing_env.utils import pick_device
+    from routing_env.common.safefiles import atomic_write_text
+    from routing_env.common.utils import pick_device
 
     if cfg.examples < 1:
         raise ValueError(f"gate examples must be at least 1, got {cfg.examples}")

@@ -7,7 +7,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from routing_env.cache import TensorLRU
+from routing_env.env.cache import TensorLRU
 from routing_env.data import TaskSource, encode_pairs, resolve_task
 from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
 from routing_env.moe.stepper import GroupStepper, Rows
-from routing_env.planning import EnvState, PlanningMixin
-from routing_env.utils import autocast_dtype
-from routing_env.warmup import default_checkpoint
+from routing_env.env.planning import EnvState, PlanningMixin
+from routing_env.common.utils import autocast_dtype
 
 __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES", "check_number"]
 
@@ -138,8 +137,10 @@ class RoutingEnv(PlanningMixin, gym.Env):
     reward_mode="outcome", balance_weight=0.1, num_groups=None, group_sizes=None, max_examples=None,
     data_dir=None, device="cpu", obs_proj_dim=16, projection_seed=0, cache_mb=1024, precision="auto")``. Each registered
     id sets ``task``; pass ``task=`` to route your own data instead: a folder of train/dev/test
-    files, one file (split by question-id hash) or a ``TaskSource`` (``routing_env.data.resolve_task``). Without a
-    ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo size) first.
+    files, one file (split by question-id hash) or a ``TaskSource`` (``routing_env.data.resolve_task``). Through
+    ``gymnasium.make`` without a ``checkpoint`` the cached warm-up checkpoint of the task is used, or trained (demo
+    size) first (``routing_env.training.warmup.make_env``); ``RoutingEnv`` itself needs ``checkpoint`` (a folder, or
+    a callable from the task's ``TaskSource`` to one, called after the arguments and data are checked) or ``model``.
     ``num_groups`` / ``group_sizes`` regroup the layers for routing (default: the checkpoint's groups);
     ``num_experts``, when given, must match the checkpoint's. ``precision``: ``auto`` runs the model
     under bf16 autocast on a CUDA GPU and in fp32 elsewhere; ``fp32`` / ``bf16`` force one.
@@ -157,7 +158,7 @@ class RoutingEnv(PlanningMixin, gym.Env):
     def __init__(
         self,
         task: str | TaskSource = "arc-easy",
-        checkpoint: str | Path | None = None,
+        checkpoint: str | Path | Callable[[TaskSource], str | Path] | None = None,
         split: str = "train",
         action_mode: str = "primary",
         reward_mode: str = "outcome",
@@ -190,7 +191,12 @@ class RoutingEnv(PlanningMixin, gym.Env):
         self.examples = self.source.load(split, data_dir, limit=max_examples)
         self.action_mode, self.reward_mode, self.balance_weight = action_mode, reward_mode, float(balance_weight)
         if model is None:
-            model = load_checkpoint(checkpoint or default_checkpoint(self.source, data_dir=data_dir))
+            if checkpoint is None:
+                raise ValueError("RoutingEnv needs checkpoint= (a LoRA-MoE checkpoint folder from finetune.py) or model=; "
+                                 "gymnasium.make('layermoe-arc') without a checkpoint uses the cached demo warm-up")
+            # A callable resolves the checkpoint only now, after every argument and the data were checked
+            # (the registered ids pass one that trains the demo warm-up when none is cached).
+            model = load_checkpoint(checkpoint(self.source) if callable(checkpoint) else checkpoint)
         self.model = model.to(self.device).eval()
         if num_groups is not None or group_sizes is not None:
             self._regroup(num_groups, group_sizes)

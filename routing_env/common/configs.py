@@ -2,7 +2,7 @@
 
 Imports nothing heavy (no torch, transformers or model code): a script parses its flags and answers
 ``--help`` from here, then imports the module that does the work. The modules keep their names for
-them (``routing_env.finetune.Config`` is ``FinetuneConfig``, ``routing_env.search.Config`` is
+them (``routing_env.training.finetune.Config`` is ``FinetuneConfig``, ``routing_env.search.run.Config`` is
 ``SearchConfig``; ``pipeline.PipelineConfig``, ``compare.CompareConfig``).
 
 The choices that live in heavy modules (task names, methods, strategies, target options) are listed
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agents import AGENTS  # agents/__init__ imports numpy only; the agents themselves load on use
-from routing_env.cli import cfg_field
+from routing_env.common.cli import cfg_field
 from routing_env.registration import ENV_IDS  # gymnasium, which the package import loads anyway
 
-__all__ = ["FinetuneConfig", "SearchConfig", "PipelineConfig", "CompareConfig", "PRECISIONS", "TASK_NAMES", "METHODS",
+__all__ = ["AGENT_NAMES", "FinetuneConfig", "SearchConfig", "PipelineConfig", "CompareConfig", "PRECISIONS", "TASK_NAMES", "METHODS",
            "DEFAULT_BACKBONE", "STRATEGY_NAMES", "WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING",
            "ROUTE_LOSS_GRADS"]
 
-#: ``--precision`` values (routing_env.utils.autocast_dtype maps them to a dtype)
+#: the registered agents (agents.AGENTS), for --help: the agents package sits above this one
+AGENT_NAMES = ("mcts", "exhaustive", "ppo", "router", "random", "round-robin", "known-route")
+#: ``--precision`` values (routing_env.common.utils.autocast_dtype maps them to a dtype)
 PRECISIONS = ("auto", "fp32", "bf16")
 #: built-in task names (routing_env.data.task_names())
 TASK_NAMES = ("arc-easy", "arc-challenge", "obqa", "race", "mix4")
@@ -31,7 +32,7 @@ METHODS = ("lora", "lora-moe")
 DEFAULT_BACKBONE = "minilm"
 #: routing / balancing strategies, in their registry's order (routing_env.moe.balancing.STRATEGIES)
 STRATEGY_NAMES = ("aux", "z-loss", "loss-free", "top-p", "sinkhorn", "bip", "loramoe", "dynmole", "mar", "rmoe")
-#: stage-3 target options (routing_env.supervision: WEIGHTINGS, TARGET_FORMS, GRANULARITIES, TARGET_BALANCING)
+#: stage-3 target options (routing_env.training.supervision: WEIGHTINGS, TARGET_FORMS, GRANULARITIES, TARGET_BALANCING)
 WEIGHTINGS = ("none", "value-gap")
 TARGET_FORMS = ("file", "onehot", "softmax")
 GRANULARITIES = ("group", "token")
@@ -120,7 +121,7 @@ class SearchConfig:
     train_file: str | None = cfg_field(None, "your own training split (with --dev-file, --test-file; overrides --task)")
     dev_file: str | None = cfg_field(None, "your own dev split")
     test_file: str | None = cfg_field(None, "your own test split")
-    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(AGENTS))}, or your own as path/to/file.py:Class or "
+    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(AGENT_NAMES))}, or your own as path/to/file.py:Class or "
                            "module:Class (the module's folder on PYTHONPATH)")
     agent_kwargs: str = cfg_field("{}", "JSON object of extra agent constructor arguments, e.g. '{\"c_puct\": 2.0}'")
     checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
@@ -157,7 +158,7 @@ class PipelineConfig:
     warmup_epochs: int = cfg_field(1, "layermoe: epochs of the lora-moe warm-up before the search")
     backbone: str = cfg_field(DEFAULT_BACKBONE, "backbone of every method")
     balance: str = cfg_field("aux", "routing / balancing strategy of the lora-moe runs (layermoe inherits it): aux, "
-                             "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.compare runs them all)")
+                             "z-loss, loss-free, top-p, sinkhorn or a '+' combination (routing_env.studies.compare runs them all)")
     num_experts: list[int] = cfg_field([4], "experts per layer of the lora-moe runs: one number, or one per layer "
                                        "(MoLA, e.g. 2,2,4,4,6,6; every layer group needs one count); another value gets "
                                        "its own task folder, as every budget setting does")
@@ -171,7 +172,7 @@ class PipelineConfig:
                                             "rest get the task loss only)")
     num_simulations: int = cfg_field(32, "MCTS simulations per layer group")
     search_batch_size: int = cfg_field(16, "questions searched together (a larger batch fills a GPU; float rounding only)")
-    gate_examples: int = cfg_field(200, "dev questions of the routing-structure gate (routing_env.gate) run on each "
+    gate_examples: int = cfg_field(200, "dev questions of the routing-structure gate (routing_env.search.gate) run on each "
                                    "seed's warm-up before its search; 0 skips it")
     agent_kwargs: str = cfg_field("{}", "JSON object of agent settings for every search, e.g. '{\"temperature\": 0.5}'")
     balance_weight: float = cfg_field(0.1, "weight of the env's per-group balance reward in the search")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from routing_env.moe import load_adapter_state, save_checkpoint
-from routing_env.safefiles import atomic_write, atomic_write_text, mark_complete
+from routing_env.common.safefiles import atomic_write, atomic_write_text, mark_complete
 
 __all__ = ["PAIRED_FIELDS", "check_paired", "load_training_state", "last_checkpoint", "save_epoch", "NonFiniteLoss",
            "stop_nonfinite"]

@@ -25,23 +25,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from routing_env.configs import ROUTE_LOSS_GRADS
-from routing_env.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
+from routing_env.common.configs import ROUTE_LOSS_GRADS
+from routing_env.common.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, describe_split, resolve_task
-from routing_env.distributed import DistContext, NullWriter, setup
-from routing_env.evaluation import batch_encoder, evaluate, iterate_batches
+from routing_env.common.distributed import DistContext, NullWriter, setup
+from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
 from routing_env.moe.balancing import make_strategy
-from routing_env.moe import MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
-from routing_env.planning import model_fingerprint
-from routing_env.plots import load_heatmap
-from routing_env.results import dumps_record
-from routing_env.identity import check_same_run, provenance
-from routing_env.safefiles import RunLock, atomic_write_text, check_run_name
-from routing_env.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
-from routing_env.targets import TargetsError, load_targets
-from routing_env.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
+from routing_env.moe import MoEConfig, build_model, load_checkpoint, model_fingerprint, moe_layers, save_checkpoint
+from routing_env.common.plots import load_heatmap
+from routing_env.common.results import dumps_record
+from routing_env.common.identity import check_same_run, provenance
+from routing_env.common.safefiles import RunLock, atomic_write_text, check_run_name
+from routing_env.training.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
+from routing_env.search.targets import TargetsError, load_targets
+from routing_env.training.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
-from routing_env.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything
+from routing_env.common.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything
 
 __all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
 

@@ -1,5 +1,5 @@
 """The one place for helpers every script shares: seeding, device choice, TensorBoard writers (and, from
-``routing_env.cli``, the config command line)."""
+``routing_env.common.cli``, the config command line)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# The command line lives in routing_env.cli and the --precision choices in routing_env.configs,
+# The command line lives in routing_env.common.cli and the --precision choices in routing_env.common.configs,
 # which import no torch (so --help answers at once); their names stay importable from here.
-from routing_env.cli import cfg_field, parse_config, run_cli, save_config
-from routing_env.configs import PRECISIONS
+from routing_env.common.cli import cfg_field, parse_config, run_cli, save_config
+from routing_env.common.configs import PRECISIONS
 
 __all__ = ["seed_everything", "pick_device", "PRECISIONS", "autocast_dtype", "autocast", "make_writer", "parse_config",
            "save_config", "cfg_field", "log_hparams", "run_cli"]

@@ -33,7 +33,7 @@ class DistContext:
 
     def device(self, name: str) -> torch.device:
         """``auto`` / ``cuda`` -> this process's own GPU (``cuda:<local rank>``); anything else as given."""
-        from routing_env.utils import pick_device
+        from routing_env.common.utils import pick_device
 
         dev = pick_device(name)
         if self.world > 1 and dev.type == "cuda" and dev.index is None:
