@@ -27,7 +27,8 @@ SETTINGS = ["--task", "arc-easy", "--methods", "lora-moe,layermoe-exhaustive", "
             "--warmup-epochs", "1", "--train-limit", "48", "--eval-limit", "16", "--search-examples", "16",
             "--gate-examples", "0", "--device", "cpu", "--threads", "1"]
 #: keys of the targets file's records that say when / where / how fast, not what was computed
-VOLATILE = {"date", "commit", "command", "seconds", "time", "elapsed", "created", "provenance", "host"}
+VOLATILE = {"date", "commit", "command", "seconds", "time", "elapsed", "created", "provenance", "host",
+            "checkpoint"}  # the warm-up's folder: a path, not a result (its adapters are hashed themselves)
 
 
 def _clean(obj):
@@ -74,16 +75,14 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
-def run() -> dict[str, str]:
-    # One fixed folder (runs/ is not committed): paths are written into the targets file and the
-    # training state, so a fresh temporary folder per run would differ in them.
-    out = ROOT / "runs" / "behaviour-check"
-    shutil.rmtree(out, ignore_errors=True)
+def run(workdir: Path) -> dict[str, str]:
+    """Run the fixed pipeline in ``workdir`` (emptied first) and hash what it made."""
+    shutil.rmtree(workdir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "routing_env.pipeline", *SETTINGS, "--logdir", "runs/behaviour-check/runs",
-           "--results-dir", "runs/behaviour-check/results"]
+    cmd = [sys.executable, "-m", "routing_env.pipeline", *SETTINGS, "--logdir", str(workdir / "runs"),
+           "--results-dir", str(workdir / "results")]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    return digests(out / "runs")
+    return digests(workdir / "runs")
 
 
 def main() -> int:
@@ -91,8 +90,10 @@ def main() -> int:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", metavar="JSON", help="record the digests here")
     g.add_argument("--check", metavar="JSON", help="compare with the digests recorded here")
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "behaviour-check"),
+                    help="scratch folder of the run (emptied first; default runs/behaviour-check)")
     args = ap.parse_args()
-    got = run()
+    got = run(Path(args.workdir))
     if not any(k.endswith("targets.jsonl") for k in got) or not any(k.endswith(".safetensors") for k in got):
         print(f"expected a targets file and adapters, got {sorted(got)}", file=sys.stderr)
         return 1

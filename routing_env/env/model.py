@@ -406,16 +406,9 @@ class RoutingEnv(PlanningMixin, gym.Env):
         hidden = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in hiddens])  # [R, T, d]
         mask = torch.cat([F.pad(m, (0, T - m.shape[1])) for m in masks])  # [R, T]
         bias = torch.cat([self._selection_bias(k, h.shape[0], group) for k, h in zip(keys, hiddens)])  # [R, E_g]
-        ctx = self.model.routing
-        ctx.reset_records()
-        ctx.record_rows = True
-        try:
-            out = self.stepper.run_group(hidden, mask, group, bias)
-            counts = ctx.row_counts[group].cpu().numpy()  # [R, E_g]
-            counts = np.pad(counts, ((0, 0), (0, self.E - counts.shape[1])))  # [R, E]: a MoLA group's missing experts at 0
-        finally:
-            ctx.record_rows = False
-            ctx.reset_records()
+        out, counts = self.stepper.run_group_counts(hidden, mask, group, bias)
+        counts = counts.cpu().numpy()  # [R, E_g]
+        counts = np.pad(counts, ((0, 0), (0, self.E - counts.shape[1])))  # [R, E]: a MoLA group's missing experts at 0
         results, start = [], 0
         for h in hiddens:
             n, t = h.shape[0], h.shape[1]

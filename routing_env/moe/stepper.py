@@ -93,6 +93,21 @@ class GroupStepper:
         return self._join(hidden.float(), ctx.router_state)  # cached between steps: fp32 whatever the autocast
 
     @torch.no_grad()
+    def run_group_counts(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
+                         selection_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``run_group`` and the expert assignments it made: ``(hidden, counts [R, E_g])`` per row."""
+        ctx = self.model.routing
+        ctx.reset_records()
+        ctx.record_rows = True
+        try:
+            out = self.run_group(hidden, attention_mask, group, selection_bias)
+            counts = ctx.row_counts[group]
+        finally:
+            ctx.record_rows = False
+            ctx.reset_records()
+        return out, counts
+
+    @torch.no_grad()
     def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list) -> torch.Tensor:
         """``[E]`` mean router probabilities of ``modules`` (a group's entry routers, in forward order)
         over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
