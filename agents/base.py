@@ -54,6 +54,11 @@ class SearchResult:
     balance: float  # sum of the path's balance rewards
     extra: dict = field(default_factory=dict)
 
+    @property
+    def total(self) -> float:
+        """The path's return: ``outcome + balance`` (the env's ``RewardTerms.total`` of the whole episode)."""
+        return self.outcome + self.balance
+
 
 def action_widths(env: Any) -> list[int]:
     """``[G]`` valid actions per group, ``[0, widths[g])``: fewer than ``action_space.n`` in a MoLA
@@ -112,7 +117,7 @@ def rollout(agent: Any, env: Any, example_ids: Sequence[int]) -> list[SearchResu
     policy = getattr(agent, "policy", None)
     for i in example_ids:
         obs, _ = env.reset(options={"example": int(i)})
-        targets, path, balance, done = np.zeros((env.G, A)), [], 0.0, False
+        targets, path, done = np.zeros((env.G, A)), [], False
         info: dict = {}
         while not done:
             g = len(path)
@@ -123,10 +128,10 @@ def rollout(agent: Any, env: Any, example_ids: Sequence[int]) -> list[SearchResu
                 targets[g, int(action)] = 1.0
             obs, _, done, _, info = env.step(action)
             path.append(int(action))
-            balance += info["balance_reward"]
+        episode = info["return_terms"]  # the whole episode's reward terms, whatever the env's reward_mode
         results.append(SearchResult(example=int(i), targets=targets, values=np.full((env.G, A), np.nan),
-                                    path=np.array(path), outcome=float(info["outcome"]), correct=bool(info["correct"]),
-                                    loads=info["group_loads"], balance=balance))
+                                    path=np.array(path), outcome=float(episode["outcome"]), correct=bool(info["correct"]),
+                                    loads=info["group_loads"], balance=episode["balance"]))
     return results
 
 
@@ -155,7 +160,7 @@ def summarize(results: Sequence[SearchResult], group_experts: Sequence[int] | No
         "examples": len(results),
         "outcome_mean": float(np.mean([r.outcome for r in results])),
         "accuracy": float(np.mean([r.correct for r in results])),
-        "return_mean": float(np.mean([r.outcome + r.balance for r in results])),
+        "return_mean": float(np.mean([r.total for r in results])),
         "load_share": [s.loads for s in stats],
         "cv": [s.cv for s in stats],
         "cv_mean": float(np.mean([s.cv for s in stats])),

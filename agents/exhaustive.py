@@ -121,9 +121,9 @@ class ExhaustiveAgent:
         # is what differs between them (the prefix's rewards are shared).
         tails = _prefixes(action_widths(env)[len(s.prefix):], rest)
         res = env.evaluate_paths([s.example] * len(tails), [list(s.prefix) + list(t) for t in tails])
-        for t, o, b in zip(tails, res["outcome"], res["balance"]):
-            if o + b > best_return:
-                best, best_return = t[0], o + b
+        for t, ret in zip(tails, res["reward"]):  # each path's return, outcome + balance
+            if ret > best_return:
+                best, best_return = t[0], ret
         return int(best)
 
     def config(self) -> dict:

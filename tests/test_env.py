@@ -250,6 +250,50 @@ def test_mcts_on_the_real_env_matches_its_own_records(make):
     assert env.load_stats.sum() == pytest.approx(sum(r.loads.sum() for r in res))  # batch fed the running loads
 
 
+@pytest.mark.parametrize("backend", ["model", "synthetic"])
+def test_both_backends_share_the_mdp_core_and_its_reward_breakdown(make, backend):
+    """``RoutingEnv`` and ``SyntheticRoutingEnv`` run one MDP (``RoutingMDP``): episode, rewards and
+    planning are its code, and every reward is its breakdown's total, ``outcome + balance``."""
+    from routing_env.env import RoutingMDP, SyntheticRoutingEnv
+
+    for mode in ("outcome", "process"):
+        if backend == "model":
+            env = make(reward_mode=mode, balance_weight=0.3)
+        else:
+            env = SyntheticRoutingEnv(num_examples=8, balance_weight=0.3, reward_mode=mode)
+        assert isinstance(env, RoutingMDP)
+        for name in ("reset", "step", "balance_reward", "get_state", "set_state", "evaluate_prefixes",
+                     "evaluate_paths", "finish_episode", "_observation", "_action_key"):
+            assert getattr(type(env), name) is getattr(RoutingMDP, name), name
+        env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0  # imbalanced history
+        path = [1, 0, 2][: env.G] + [0] * (env.G - 3)
+        planned = env.evaluate_paths([2, 2], [path, [0] * env.G])
+        assert np.array_equal(planned["reward"], planned["outcome"] + planned["balance"])
+        nodes = env.evaluate_prefixes([2] * (env.G + 1), [path[:g] for g in range(env.G + 1)])
+        assert np.array_equal(nodes["reward"][:-1], nodes["balance"][:-1])
+        assert nodes["reward"][-1] == nodes["outcome"][-1] + nodes["balance"][-1]
+
+        env.reset(options={"example": 2})
+        rewards, balances = [], []
+        for a in path:
+            _, reward, done, _, info = env.step(a)
+            terms = info["reward_terms"]
+            assert reward == terms["total"] == terms.get("outcome", 0.0) + terms["balance"]
+            rewards.append(reward)
+            balances.append(info["balance_reward"])
+        assert done and info["path"] == path and "id" in info and "group_loads" in info
+        episode = info["return_terms"]  # the whole episode's terms, as evaluate_paths scored the path
+        assert episode["outcome"] == info["outcome"] == planned["outcome"][0]
+        assert episode["balance"] == sum(balances)
+        assert episode["total"] == episode["outcome"] + episode["balance"]
+        # Tolerance: a step reads its group's loads in float32, evaluate_paths in float64.
+        assert episode["balance"] == pytest.approx(planned["balance"][0], abs=1e-6)
+        assert episode["total"] == pytest.approx(planned["reward"][0], abs=1e-6)
+        assert sum(rewards) == pytest.approx(episode["total"], abs=1e-12)
+        if mode == "outcome":
+            assert rewards[:-1] == [0.0] * (env.G - 1) and rewards[-1] == episode["total"]
+
+
 def test_process_and_outcome_rewards_sum_to_the_same_return(make):
     totals = {}
     for mode in ("outcome", "process"):

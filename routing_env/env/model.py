@@ -1,82 +1,33 @@
-"""``RoutingEnv``: the LayerMoE routing MDP as a Gymnasium environment (one episode = one example)."""
+"""``RoutingEnv``: the LayerMoE routing MDP over a LoRA-MoE checkpoint (one episode = one example).
+
+The MDP itself (episode state, rewards, observation layout, planning interface) is ``RoutingMDP``
+(``mdp``); this backend supplies its transitions, priors and scores by running the model group by
+group, with hidden states at group boundaries cached by action prefix. Its helpers: ``checks``
+(arguments), ``groups`` (layer groups, entry routers), ``batching`` (rows, batched group forwards).
+"""
 
 from __future__ import annotations
 
-import itertools
-import math
-import numbers
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
-from gymnasium import spaces
 
-from routing_env.env.cache import TensorLRU
-from routing_env.data import TaskSource, encode_pairs, resolve_task
-from routing_env.moe import MCModel, load_checkpoint, moe_layers, split_layer_groups
-from routing_env.moe.stepper import GroupStepper, Rows
-from routing_env.env.planning import EnvState, PlanningMixin
 from routing_env.common.utils import autocast_dtype
+from routing_env.data import TaskSource, resolve_task
+from routing_env.env.batching import EncodedExample, example_rows, read_nodes, run_batch
+from routing_env.env.cache import TensorLRU
+from routing_env.env.checks import check_device, check_env_args, check_number
+from routing_env.env.groups import entry_routers, group_expert_counts, regroup_layers
+from routing_env.env.mdp import ACTION_MODES, REWARD_MODES, EnvState, RoutingMDP, check_modes
+from routing_env.moe import MCModel, load_checkpoint, model_fingerprint
+from routing_env.moe.stepper import GroupStepper
 
 __all__ = ["RoutingEnv", "EnvState", "ACTION_MODES", "REWARD_MODES", "check_number"]
 
-ACTION_MODES = ("primary", "combo", "bias")
-REWARD_MODES = ("outcome", "process")
-BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
 
-
-def check_number(owner: str, name: str, value: Any, *, integer: bool = False, low: float | None = None,
-                 high: float | None = None, optional: bool = False) -> None:
-    """Refuse a bad numeric argument up front: a ``ValueError`` naming it, its value and the valid range.
-
-    Without this, ``cache_mb=-5`` is accepted, ``balance_weight=nan`` turns every reward into NaN, and
-    ``max_examples=0`` or ``obs_proj_dim=-1`` fail deep inside numpy after a model has loaded (or a
-    demo warm-up has trained). A number is a real, finite, non-bool value; an integer an integral one.
-    """
-    if optional and value is None:
-        return
-    if integer:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    if not ok:
-        kind = "an integer" if integer else "a finite number"
-        if low is not None and high is not None:
-            bounds = f" in [{low:g}, {high:g}]"
-        else:
-            bounds = f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else ""
-        raise ValueError(f"{owner}: {name} must be {kind}{bounds}{' (or None)' if optional else ''}, got {value!r}")
-
-
-@dataclass
-class _Example:
-    rows: Rows  # the example's choices, length-sorted as MCModel.forward orders them
-    order: torch.Tensor  # [C] row r holds choice order[r]
-    answer_row: int
-    id: str
-
-    def nbytes(self) -> int:
-        r = self.rows
-        return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids, self.order)
-                   if t is not None)
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"RoutingEnv: device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"RoutingEnv: device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
-    return dev
-
-
-class RoutingEnv(PlanningMixin, gym.Env):
+class RoutingEnv(RoutingMDP):
     """
     ## Description
 
@@ -121,6 +72,8 @@ class RoutingEnv(PlanningMixin, gym.Env):
     ``p`` this step's expert-load shares in the group and ``s`` the group's running shares: choosing
     over-used experts costs, under-used ones pay. ``reward_mode="outcome"`` pays everything at the
     last step; ``"process"`` pays the balance term at each step and the outcome at the end.
+    ``info["reward_terms"]`` is the step's reward term by term (``balance``, ``outcome`` where paid,
+    their ``total``); the last step's ``info["return_terms"]`` the episode's, in either mode.
 
     ## Starting State
 
@@ -153,43 +106,24 @@ class RoutingEnv(PlanningMixin, gym.Env):
     ``auto``, ``fp32``, ``bf16``.
     """
 
-    metadata = {"render_modes": []}
-
-    def __init__(
-        self,
-        task: str | TaskSource = "arc-easy",
-        checkpoint: str | Path | Callable[[TaskSource], str | Path] | None = None,
-        split: str = "train",
-        action_mode: str = "primary",
-        reward_mode: str = "outcome",
-        balance_weight: float = 0.1,
-        num_groups: int | None = None,
-        group_sizes: list[int] | None = None,
-        max_examples: int | None = None,
-        data_dir: str | Path | None = None,
-        device: str = "cpu",
-        obs_proj_dim: int = 16,
-        projection_seed: int = 0,
-        cache_mb: float = 1024.0,
-        num_experts: int | None = None,
-        model: MCModel | None = None,
-        precision: str = "auto",
-    ) -> None:
-        if action_mode not in ACTION_MODES:
-            raise ValueError(f"unknown action_mode {action_mode!r}; valid: {', '.join(ACTION_MODES)}")
-        if reward_mode not in REWARD_MODES:
-            raise ValueError(f"unknown reward_mode {reward_mode!r}; valid: {', '.join(REWARD_MODES)}")
+    def __init__(self, task: str | TaskSource = "arc-easy",
+                 checkpoint: str | Path | Callable[[TaskSource], str | Path] | None = None, split: str = "train",
+                 action_mode: str = "primary", reward_mode: str = "outcome", balance_weight: float = 0.1,
+                 num_groups: int | None = None, group_sizes: list[int] | None = None, max_examples: int | None = None,
+                 data_dir: str | Path | None = None, device: str = "cpu", obs_proj_dim: int = 16,
+                 projection_seed: int = 0, cache_mb: float = 1024.0, num_experts: int | None = None,
+                 model: MCModel | None = None, precision: str = "auto") -> None:
+        check_modes(action_mode, reward_mode)
         # Every argument, then the data, before any model is built or trained (without a checkpoint
         # the env trains a demo warm-up first: a typo must not cost that).
-        self._check_args(balance_weight=balance_weight, num_groups=num_groups, group_sizes=group_sizes,
-                         max_examples=max_examples, obs_proj_dim=obs_proj_dim, projection_seed=projection_seed,
-                         cache_mb=cache_mb, num_experts=num_experts)
-        self.device = _device(device)
+        check_env_args(balance_weight=balance_weight, num_groups=num_groups, group_sizes=group_sizes,
+                       max_examples=max_examples, obs_proj_dim=obs_proj_dim, projection_seed=projection_seed,
+                       cache_mb=cache_mb, num_experts=num_experts)
+        self.device = check_device(device)
         autocast = autocast_dtype(precision, self.device)
         self.source = resolve_task(task)
         self.task, self.split = self.source.name, split
         self.examples = self.source.load(split, data_dir, limit=max_examples)
-        self.action_mode, self.reward_mode, self.balance_weight = action_mode, reward_mode, float(balance_weight)
         if model is None:
             if checkpoint is None:
                 raise ValueError("RoutingEnv needs checkpoint= (a LoRA-MoE checkpoint folder from finetune.py) or model=; "
@@ -199,169 +133,33 @@ class RoutingEnv(PlanningMixin, gym.Env):
             model = load_checkpoint(checkpoint(self.source) if callable(checkpoint) else checkpoint)
         self.model = model.to(self.device).eval()
         if num_groups is not None or group_sizes is not None:
-            self._regroup(num_groups, group_sizes)
+            regroup_layers(self.model, num_groups, group_sizes)
         self.stepper = GroupStepper(self.model, autocast)
-        self.G = self.stepper.num_groups
-        #: experts of each group's layers; a MoLA model (``--num-experts 2,2,4,4,6,6``) has more in higher groups
-        self.group_experts, self.k = self._group_experts()
-        self.E = max(self.group_experts)  # the width of actions, priors, loads and observations
-        if num_experts is not None and {num_experts} != set(self.group_experts):
-            has = self.E if len(set(self.group_experts)) == 1 else f"{self.group_experts} per group"
-            raise ValueError(f"the env expects {num_experts} experts per layer, the checkpoint has {has}; "
-                             f"pass a checkpoint trained with --num-experts {num_experts} or drop num_experts")
-        if len(set(self.group_experts)) > 1 and action_mode != "primary":
-            raise ValueError(f"action_mode={action_mode!r} needs the same expert count in every group; this model has "
-                             f"{self.group_experts} per group (MoLA): use action_mode='primary'")
-        self.combos = list(itertools.combinations(range(self.E), self.k))
+        counts, k = group_expert_counts(self.model, self.stepper.num_groups, num_experts, action_mode)
+        self._init_mdp(counts, k, action_mode, reward_mode, float(balance_weight), obs_proj_dim)
         self.tokenizer = self.model.tokenizer_for(self.model.backbone_name)
         # Visited examples' token rows: bounded too (RACE has ~88k questions), by an eighth of
         # cache_mb; the embeddings entering group 0 live in the prefix cache under the empty prefix.
-        self._encoded = TensorLRU(int(cache_mb * 2**20) // 8, sizeof=_Example.nbytes)
-        self._entry = self._entry_routers()
+        self._encoded = TensorLRU(int(cache_mb * 2**20) // 8, sizeof=EncodedExample.nbytes)
+        self._entry = entry_routers(self)
         d = self.model.backbone.config.hidden_size
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
         self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d (+ H)], loads [E])
-        # Rows per batched group forward (see ``_run_batch``): length-sorted chunks pay on a CPU; a
+        # Rows per batched group forward (see ``run_batch``): length-sorted chunks pay on a CPU; a
         # GPU wants one pass per group level.
         self.batch_rows = 32 if self.device.type == "cpu" else 4096
 
-        if action_mode == "primary":
-            self.action_space = spaces.Discrete(self.E)
-        elif action_mode == "combo":
-            self.action_space = spaces.Discrete(len(self.combos))
-        else:
-            self.action_space = spaces.Box(-1.0, 1.0, (self.E,), np.float32)
-        n_obs = self.G + 2 * self.E + obs_proj_dim
-        low = np.concatenate([np.zeros(self.G + 2 * self.E), -np.ones(obs_proj_dim)]).astype(np.float32)
-        self.observation_space = spaces.Box(low, np.ones(n_obs, np.float32), dtype=np.float32)
-        self.load_stats = np.zeros((self.G, self.E))  # [G, E] running counts; explicit, saved in get_state
-        self._example, self._prefix, self._done = 0, (), True
-        self._episode_loads = np.zeros((self.G, self.E))
-        self._episode_balance = 0.0  # balance rewards of this episode so far (paid at the end in outcome mode)
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (``model_fingerprint``), written into routing-target files."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
-    # ---- set-up helpers --------------------------------------------------------------------------
-    @staticmethod
-    def _check_args(balance_weight: Any, num_groups: Any, group_sizes: Any, max_examples: Any, obs_proj_dim: Any,
-                    projection_seed: Any, cache_mb: Any, num_experts: Any) -> None:
-        """The numeric arguments' valid ranges (``check_number``); those that need the model (num_groups
-        at most the layer count, group_sizes summing to it) are checked again once it has loaded."""
-        check_number("RoutingEnv", "balance_weight", balance_weight)  # any sign; 0 turns the balance term off
-        check_number("RoutingEnv", "num_groups", num_groups, integer=True, low=1, optional=True)
-        if group_sizes is not None and not (isinstance(group_sizes, (list, tuple)) and group_sizes and all(
-                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in group_sizes)):
-            raise ValueError(f"RoutingEnv: group_sizes must be a list of integers >= 1 (or None), got {group_sizes!r}")
-        check_number("RoutingEnv", "max_examples", max_examples, integer=True, low=1, optional=True)
-        check_number("RoutingEnv", "obs_proj_dim", obs_proj_dim, integer=True, low=0)  # 0: no hidden-state features
-        check_number("RoutingEnv", "projection_seed", projection_seed, integer=True, low=0)  # numpy seeds are >= 0
-        check_number("RoutingEnv", "cache_mb", cache_mb, low=0)  # 0 keeps only the newest entry (slow, still right)
-        check_number("RoutingEnv", "num_experts", num_experts, integer=True, low=1, optional=True)
-
-    def _regroup(self, num_groups: int | None, group_sizes: list[int] | None) -> None:
-        groups = split_layer_groups(self.model.num_layers, num_groups, group_sizes)
-        group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}
-        for m in moe_layers(self.model):
-            m.group = group_of[m.layer]
-        self.model.moe_config.num_groups, self.model.moe_config.group_sizes = len(groups), [len(g) for g in groups]
-
-    def _group_experts(self) -> tuple[list[int], int]:
-        """``([E_g] per group, k)``: a group action forces one expert in all of its layers, so they need one count."""
-        layers = moe_layers(self.model)
-        if not layers:
-            raise ValueError("the model has no LoRA-MoE layers; the env needs a checkpoint trained with --method lora-moe")
-        ks = {m.top_k for m in layers}
-        if len(ks) != 1:
-            raise ValueError(f"the env needs the same top-k in every layer; this model has {sorted(ks)}")
-        counts = []
-        for g in range(self.stepper.num_groups):
-            here = sorted({m.num_experts for m in layers if m.group == g})
-            if len(here) != 1:
-                raise ValueError(f"the env needs one expert count per layer group; group {g} has layers with {here} "
-                                 "experts: regroup (group_sizes) so that each group's layers have the same count")
-            counts.append(here[0])
-        return counts, ks.pop()
-
-    def num_actions(self, g: int) -> int:
-        """Valid actions at group ``g``: ``[0, num_actions(g))`` (fewer than ``action_space.n`` in a MoLA model's lower groups)."""
-        return self.group_experts[g] if self.action_mode == "primary" else int(self.action_space.n)
-
-    def action_masks(self) -> np.ndarray:
-        """``[A]`` bool: the actions valid at the current step (sb3-contrib's ``MaskablePPO`` convention)."""
-        mask = np.zeros(self.action_space.n, bool)
-        mask[: self.num_actions(min(len(self._prefix), self.G - 1))] = True
-        return mask
-
-    def _entry_routers(self) -> list[list]:
-        """Per group, the MoE modules that read exactly the hidden state entering the group.
-
-        Found once by tracing a forward: their routers give the observation's router probabilities
-        from cached boundary states alone, without running the group (for BERT: query, key, value).
-        """
-        ex = self._example_rows(0)
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod.name, a[0])) for m in moe_layers(self.model)]
-        h = self.stepper.embed(ex.rows)
-        entry = []
-        try:
-            for g in range(self.G):
-                seen.clear()
-                nxt = self.stepper.run_group(h, ex.rows.attention_mask, g, None)
-                x = self.stepper.split(h)[0]
-                entry.append([m for m in moe_layers(self.model) if m.group == g and m.name in seen and torch.equal(seen[m.name], x)])
-                h = nxt
-        finally:
-            for hk in hooks:
-                hk.remove()
-        if not all(entry):
-            raise ValueError("could not find, for every group, a router that reads the group's input hidden state")
-        return entry
-
-    def _example_rows(self, i: int) -> _Example:
-        cached = self._encoded.get(i)
-        if cached is None:
-            ex = self.examples[i]
-            b = encode_pairs(self.tokenizer, [ex])
-            C = len(ex.choices)
-            ids, mask = b.input_ids[0, :C], b.attention_mask[0, :C]
-            types = b.token_type_ids[0, :C] if b.token_type_ids is not None else None
-            # Rows in the length order MCModel.forward uses, so the env's scores are bit-identical to it.
-            order = torch.argsort(mask.sum(1), stable=True)
-            T = int(mask.sum(1).max())
-            rows = Rows(ids[order, :T].to(self.device), mask[order, :T].to(self.device),
-                        None if types is None else types[order, :T].to(self.device))
-            cached = _Example(rows, order, int((order == ex.answer).nonzero()), ex.id)
-            self._encoded.put(i, cached)
-        return cached
-
-    # ---- actions and cached transitions ----------------------------------------------------------
-    def _action_key(self, action: Any, group: int | None = None) -> int | tuple:
-        """Validate an action (at ``group``, when given) and return its hashable form (the cache key's path element)."""
-        if self.action_mode == "bias":
-            a = np.asarray(action, dtype=np.float32)
-            if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):
-                raise ValueError(f"bias action must be {self.E} finite floats in [-1, 1], got {action!r}")
-            return tuple(float(x) for x in a)
-        a = np.asarray(action)
-        if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a) < self.action_space.n:
-            raise ValueError(f"{self.action_mode} action must be an integer in [0, {self.action_space.n}), got {action!r}")
-        if group is not None and group < self.G and int(a) >= self.num_actions(group):
-            raise ValueError(f"group {group} has {self.num_actions(group)} experts (per group: {self.group_experts}): "
-                             f"its action must be an integer in [0, {self.num_actions(group)}), got {int(a)} "
-                             "(env.action_masks() gives the valid actions)")
-        return int(a)
-
-    def _selection_bias(self, key: int | tuple, rows: int, group: int) -> torch.Tensor:  # [rows, E_g]
-        E = self.group_experts[group]
-        bias = torch.zeros(E)
-        if self.action_mode == "primary":
-            bias[key] = float("inf")
-        elif self.action_mode == "combo":
-            bias.fill_(float("-inf"))
-            bias[list(self.combos[key])] = 0.0
-        else:
-            bias = torch.tensor(key, dtype=torch.float32) * BIAS_SCALE
-        return bias.expand(rows, E).to(self.device)
+    # ---- cached transitions ----------------------------------------------------------------------
+    _example_rows, _run_batch, _read_nodes = example_rows, run_batch, read_nodes  # batching's, as methods
 
     def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:
         """Hidden states entering group ``len(prefix)`` after routing ``prefix``, and the last group's loads."""
@@ -378,45 +176,21 @@ class RoutingEnv(PlanningMixin, gym.Env):
         self.cache.put((i, prefix), out)
         return out
 
-    def _run_batch(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
-                   keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
-        """Run ``group`` for several examples' rows -> ``(hidden, loads [E])`` per example.
+    def _loads(self, i: int, prefix: tuple) -> np.ndarray:
+        return self._boundary(i, prefix)[1]
 
-        Examples are sorted by length and batched in chunks of about ``batch_rows`` rows, each padded
-        only to its own longest example: one batch padded to the longest of all would spend most of
-        its FLOPs on padding (ARC lengths vary 3x), which on a compute-bound CPU costs more than the
-        batching saves.
-        """
-        order = sorted(range(len(hiddens)), key=lambda n: hiddens[n].shape[1])
-        results: list = [None] * len(hiddens)
-        chunk: list[int] = []
-        for pos, n in enumerate(order):
-            chunk.append(n)
-            rows = sum(hiddens[m].shape[0] for m in chunk)
-            if rows >= self.batch_rows or pos == len(order) - 1:
-                for m, res in zip(chunk, self._run_padded([hiddens[m] for m in chunk], [masks[m] for m in chunk],
-                                                          group, [keys[m] for m in chunk])):
-                    results[m] = res
-                chunk = []
-        return results
+    def prefetch(self, nodes: list[tuple[int, tuple]]) -> None:
+        """Compute every uncached boundary on the way to ``nodes``: one batched forward per group level."""
+        for g in range(self.G):
+            todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in nodes if len(p) > g and (i, p[: g + 1]) not in self.cache))
+            if not todo:
+                continue
+            parents = [self._boundary(i, p[:-1])[0] for i, p in todo]
+            masks = [self._example_rows(i).rows.attention_mask for i, _ in todo]
+            for key, out in zip(todo, self._run_batch(parents, masks, g, [p[-1] for _, p in todo])):
+                self.cache.put(key, out)
 
-    def _run_padded(self, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
-                    keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
-        T = max(h.shape[1] for h in hiddens)
-        hidden = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in hiddens])  # [R, T, d]
-        mask = torch.cat([F.pad(m, (0, T - m.shape[1])) for m in masks])  # [R, T]
-        bias = torch.cat([self._selection_bias(k, h.shape[0], group) for k, h in zip(keys, hiddens)])  # [R, E_g]
-        out, counts = self.stepper.run_group_counts(hidden, mask, group, bias)
-        counts = counts.cpu().numpy()  # [R, E_g]
-        counts = np.pad(counts, ((0, 0), (0, self.E - counts.shape[1])))  # [R, E]: a MoLA group's missing experts at 0
-        results, start = [], 0
-        for h in hiddens:
-            n, t = h.shape[0], h.shape[1]
-            results.append((out[start : start + n, :t], counts[start : start + n].sum(0)))
-            start += n
-        return results
-
-    # ---- observation and rewards -----------------------------------------------------------------
+    # ---- priors, features and scores -------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
         """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
         return self._router_probs_t(i, prefix).cpu().numpy()
@@ -425,34 +199,15 @@ class RoutingEnv(PlanningMixin, gym.Env):
         h, _ = self._boundary(i, prefix)
         return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)])
 
-    def _load_share(self, g: int) -> np.ndarray:
-        """``[E]`` running load shares of group ``g`` (uniform before any load; 0 beyond a MoLA group's experts)."""
-        total, E = self.load_stats[g].sum(), self.group_experts[g]
-        return self.load_stats[g] / total if total > 0 else np.pad(np.full(E, 1.0 / E), (0, self.E - E))
-
-    def _observation(self) -> np.ndarray:
-        g = len(self._prefix)
-        h = self.stepper.split(self._boundary(self._example, self._prefix)[0])[0]
-        obs = np.zeros(self.observation_space.shape, np.float32)
-        mask = self._example_rows(self._example).rows.attention_mask.unsqueeze(-1).to(h.dtype)
+    def _features(self, i: int, prefix: tuple) -> np.ndarray:
+        """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``."""
+        h = self.stepper.split(self._boundary(i, prefix)[0])[0]
+        mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * mask).sum((0, 1)) / mask.sum()  # [d]
-        obs[self.G + 2 * self.E :] = torch.tanh(self.projection @ pooled).cpu().numpy()
-        if g < self.G:
-            obs[g] = 1.0
-            probs = self.router_probs(self._example, self._prefix)
-            obs[self.G : self.G + len(probs)] = probs
-            obs[self.G + self.E : self.G + 2 * self.E] = self._load_share(g)
-        return np.clip(obs, self.observation_space.low, self.observation_space.high)
+        return torch.tanh(self.projection @ pooled).cpu().numpy()
 
-    def balance_reward(self, g: int, counts: np.ndarray) -> float:
-        """``-w E sum_e p_e (s_e - 1/E)``: what routing ``counts [E]`` in group ``g`` costs for balance (E: the group's)."""
-        E = self.group_experts[g]
-        p = counts[:E] / max(counts.sum(), 1.0)
-        return float(-self.balance_weight * E * np.dot(p, self._load_share(g)[:E] - 1.0 / E))
-
-    def outcome(self, i: int, prefix: tuple) -> tuple[float, bool]:
-        """``(log p(correct), correct)`` of a complete path."""
-        return self._score(i, self._choice_logp_t(i, prefix).cpu().numpy())
+    def _path_scores(self, i: int, path: tuple) -> np.ndarray:
+        return self._choice_logp_t(i, path).cpu().numpy()
 
     def _choice_logp_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [C] float64 log p per choice, on the device
         h, _ = self._boundary(i, prefix)
@@ -463,40 +218,6 @@ class RoutingEnv(PlanningMixin, gym.Env):
         row = self._example_rows(i).answer_row
         return float(logp[row]), int(logp.argmax()) == row
 
-    # ---- Gymnasium API ---------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        options = options or {}
-        if "example" in options:
-            i = int(options["example"])
-            if not 0 <= i < len(self.examples):
-                raise ValueError(f"options['example']={i} is out of range; this split has {len(self.examples)} examples")
-        else:
-            i = int(self.np_random.integers(len(self.examples)))
-        self._example, self._prefix, self._done = i, (), False
-        self._episode_loads = np.zeros((self.G, self.E))
-        self._episode_balance = 0.0
-        return self._observation(), {"example": i, "id": self.examples[i].id}
-
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        if self._done:
-            raise ValueError("step() called after the episode ended; call reset() first")
-        g = len(self._prefix)
-        key = self._action_key(action, g)
-        self._prefix = self._prefix + (key,)
-        _, counts = self._boundary(self._example, self._prefix)
-        self._episode_loads[g] = counts
-        r_bal = self.balance_reward(g, counts)
-        terminated = len(self._prefix) == self.G
-        info: dict[str, Any] = {"example": self._example, "id": self.examples[self._example].id,
-                                "path": list(self._prefix), "group_loads": self._episode_loads.copy(),
-                                "balance_reward": r_bal}
-        self._episode_balance += r_bal
-        reward = r_bal if self.reward_mode == "process" else 0.0
-        if terminated:
-            logp, correct = self.outcome(self._example, self._prefix)
-            reward += logp + (self._episode_balance if self.reward_mode == "outcome" else 0.0)
-            info.update(outcome=logp, correct=correct)
-            self.load_stats += self._episode_loads
-            self._done = True
-        return self._observation(), float(reward), terminated, False, info
+    def _path_details(self, ids: list[int], logps: dict[int, np.ndarray]) -> dict:
+        answer = np.array([self._example_rows(i).answer_row for i in ids], dtype=int)
+        return {"logp": [logps[n] for n in range(len(ids))], "answer": answer}

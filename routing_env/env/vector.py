@@ -8,7 +8,9 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 
-from routing_env.env.model import EnvState, RoutingEnv, check_number
+from routing_env.env.checks import check_number
+from routing_env.env.mdp import EnvState
+from routing_env.env.model import RoutingEnv
 
 __all__ = ["RoutingVectorEnv"]
 

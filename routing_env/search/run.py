@@ -17,7 +17,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -116,12 +116,39 @@ def main(cfg: Config) -> dict:
 def search(cfg: Config, factory: object, source: TaskSource | None, name: str, run_dir: Path,
            ctx: DistContext = DistContext()) -> dict:
     """Stage 2: search every example, writing its targets as it goes (``main`` holds ``run_dir``)."""
-    # ---- set-up ----------------------------------------------------------------------------------
+    run = set_up(cfg, factory, source, run_dir, ctx)
+    finished, todo = resume(cfg, run, ctx)
+    fit_agent(cfg, run, todo, run_dir, ctx)
+    results = search_examples(cfg, run, finished, todo, ctx)
+    if not ctx.is_main:  # rank 0 compares with the router and writes the summary
+        run.writer.close()
+        return ctx.broadcast(None)
+    return ctx.broadcast(write_summary(cfg, run, results, name, run_dir))
+
+
+@dataclass
+class SearchRun:
+    """What the set-up hands the search: the env and agent, where results go, the examples."""
+
+    env: gym.Env
+    agent: object
+    writer: object  # TensorBoard (a NullWriter off rank 0)
+    targets: TargetsWriter | None  # rank 0 only
+    out_path: Path
+    example_ids: list[int]
+    widths: list[int]  # experts per group (MoLA: not all E)
+    t_start: float
+
+
+def set_up(cfg: Config, factory: object, source: TaskSource | None, run_dir: Path, ctx: DistContext) -> SearchRun:
+    """The agent, the env on the warm-up checkpoint, TensorBoard and the targets file (its header names the run).
+
+    The agent is built before the env: one that cannot be built (or is no agent) is refused before any model loads.
+    """
     seed_everything(cfg.seed)
     t_start = time.time()
     if cfg.overwrite and ctx.is_main:  # a trained agent saved by an earlier run (PPO) would otherwise be reused
         (run_dir / "agent.zip").unlink(missing_ok=True)
-    # Built before the env: an agent that cannot be built (or is no agent) is refused before any model loads.
     agent = agents.make(cfg.agent, **agent_kwargs(cfg, factory, run_dir))
     if ctx.is_main:
         save_config(run_dir, cfg)  # the resolved settings; `train_rl.py --config <run>/config.json` reruns them
@@ -133,11 +160,16 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
     if env.action_mode != "primary":
         raise ValueError("routing targets are per-expert distributions: train_rl.py needs action_mode='primary'")
     agent_config = agent.config() if callable(getattr(agent, "config", None)) else {}
-    n = min(cfg.num_examples, len(env.examples))
-    example_ids = list(range(n))
+    example_ids = list(range(min(cfg.num_examples, len(env.examples))))
     out_path = Path(cfg.output) if cfg.output else run_dir / "targets.jsonl"
     widths = list(getattr(env, "group_experts", [env.E] * env.G))  # experts per group (MoLA: not all E)
-    header = {
+    header = targets_header(cfg, env, agent_config, widths)
+    targets = TargetsWriter(out_path, header, overwrite=cfg.overwrite) if ctx.is_main else None
+    return SearchRun(env, agent, writer, targets, out_path, example_ids, widths, t_start)
+
+
+def targets_header(cfg: Config, env: gym.Env, agent_config: dict, widths: list[int]) -> dict:
+    return {
         "env_id": cfg.env, "task": env.task, "split": cfg.split, "fingerprint": env.fingerprint,
         "num_groups": env.G, "num_experts": env.E, "num_actions": int(env.action_space.n), "top_k": env.k,
         # Only a MoLA model's files carry per-group counts, so files written before them still resume.
@@ -145,27 +177,42 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
         "action_mode": env.action_mode, "agent": cfg.agent, "agent_config": agent_config,
         "balance_weight": cfg.balance_weight, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else "default-warmup",
     }
-    targets = TargetsWriter(out_path, header, overwrite=cfg.overwrite) if ctx.is_main else None
-    index = {env.examples[i].id: i for i in example_ids}
-    done = ctx.broadcast({k: r for k, r in targets.done.items() if k in index} if targets else None)  # rank 0 read it
-    finished = [as_result(r) for r in done.values()]
-    for res in finished:  # resumed examples count towards the running loads, as when they were searched
-        env.finish_episode(res.loads)
-    todo = [i for i in example_ids if env.examples[i].id not in done]
-    ctx.print(f"{cfg.agent} on {cfg.env} (task {env.task}): {n} examples, {len(finished)} already in {out_path}, {len(todo)} to search")
 
-    # ---- agent training (PPO and other learning agents) ------------------------------------------
+
+def resume(cfg: Config, run: SearchRun, ctx: DistContext) -> tuple[list[SearchResult], list[int]]:
+    """The examples already in the targets file (rank 0 reads it) and those left to search; the finished
+    ones count towards the running loads, as when they were searched."""
+    env = run.env
+    index = {env.examples[i].id: i for i in run.example_ids}
+    done = ctx.broadcast({k: r for k, r in run.targets.done.items() if k in index} if run.targets else None)
+    finished = [as_result(r) for r in done.values()]
+    for res in finished:
+        env.finish_episode(res.loads)
+    todo = [i for i in run.example_ids if env.examples[i].id not in done]
+    ctx.print(f"{cfg.agent} on {cfg.env} (task {env.task}): {len(run.example_ids)} examples, {len(finished)} already in "
+              f"{run.out_path}, {len(todo)} to search")
+    return finished, todo
+
+
+def fit_agent(cfg: Config, run: SearchRun, todo: list[int], run_dir: Path, ctx: DistContext) -> None:
+    """Train a learning agent (PPO) before it searches, when there is anything left to search."""
+    agent = run.agent
     if todo and callable(getattr(agent, "fit", None)) and ctx.world > 1:
         raise ValueError(f"agent {cfg.agent!r} trains before it searches (fit); run it as one process, not under torchrun")
     if todo and callable(getattr(agent, "fit", None)):
         t0 = time.time()
         takes_logdir = "tensorboard_log" in inspect.signature(agent.fit).parameters
-        agent.fit(env, tensorboard_log=str(run_dir / "agent")) if takes_logdir else agent.fit(env)
-        writer.add_scalar("charts/fit_seconds", time.time() - t0, 0)
+        agent.fit(run.env, tensorboard_log=str(run_dir / "agent")) if takes_logdir else agent.fit(run.env)
+        run.writer.add_scalar("charts/fit_seconds", time.time() - t0, 0)
 
-    # ---- search, a batch of examples at a time ---------------------------------------------------
+
+def search_examples(cfg: Config, run: SearchRun, finished: list[SearchResult], todo: list[int],
+                    ctx: DistContext) -> list[SearchResult]:
+    """Search ``todo`` a batch at a time, writing each batch's targets; every result, finished ones first."""
+    env = run.env
     results: list[SearchResult] = list(finished)
-    bar = tqdm(total=n, initial=len(finished), desc=f"search ({cfg.agent})", unit="ex", disable=not ctx.is_main)
+    bar = tqdm(total=len(run.example_ids), initial=len(finished), desc=f"search ({cfg.agent})", unit="ex",
+               disable=not ctx.is_main)
     chunks = [todo[s : s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
     for step_start in range(0, len(chunks), ctx.world):
         # One batch per rank per step (the batches a single process would search, so the same
@@ -173,7 +220,7 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
         step_chunks = chunks[step_start : step_start + ctx.world]
         mine = step_chunks[ctx.rank] if ctx.rank < len(step_chunks) else []
         t0 = time.time()
-        own = agents.run_agent(agent, env, mine) if mine else []
+        own = agents.run_agent(run.agent, env, mine) if mine else []
         seconds = time.time() - t0
         parts = ctx.gather([record(r, env) for r in own])  # [world] lists of records, rank order = batch order
         if ctx.world > 1:
@@ -183,45 +230,51 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
                         env.finish_episode(np.asarray(rec["loads"]))
         recs = [rec for part in parts for rec in part]
         batch = [as_result(rec) for rec in recs] if ctx.world > 1 else own
-        chunk = [i for c in step_chunks for i in c]
-        if targets is not None:
-            targets.write(recs)
-        for k, r in enumerate(batch):
-            writer.add_scalar("charts/episodic_return", r.outcome + r.balance, len(results) + k)
+        if run.targets is not None:
+            run.targets.write(recs)
         results += batch
-        step = len(results)
-        writer.add_scalar("charts/SPS", len(batch) * env.G / max(seconds, 1e-9), step)  # env steps (groups) per second
-        writer.add_scalar("charts/outcome_mean", float(np.mean([r.outcome for r in results])), step)
-        writer.add_scalar("charts/accuracy", float(np.mean([r.correct for r in results])), step)
-        sims = sum(r.extra.get("simulations", 0) for r in batch)
-        if sims:
-            writer.add_scalar("search/simulations_per_example", sims / len(batch), step)
-            # One simulation advances every tree of the batch, so this is per batched simulation.
-            writer.add_scalar("search/time_per_simulation_ms", 1e3 * seconds * len(batch) / sims, step)
-            writer.add_scalar("search/depth", float(np.mean([r.extra["depth"] for r in batch])), step)
-            writer.add_scalar("search/visit_share_of_chosen", float(np.mean([r.targets.max(1).mean() for r in batch])), step)
-        summary = agents.summarize(results, widths)
-        for g in range(env.G):
-            writer.add_scalar(f"routing/cv_group_{g}", summary["cv"][g], step)
-            for e in range(widths[g]):
-                writer.add_scalar(f"routing/load_share_g{g}_e{e}", summary["load_share"][g][e], step)
-        writer.add_scalar("routing/cv_mean", summary["cv_mean"], step)
-        bar.update(len(chunk))
+        log_batch(run, results, batch, seconds)
+        bar.update(sum(len(c) for c in step_chunks))
     bar.close()
+    return results
 
-    # ---- summary: searched paths vs the learned router's own greedy paths ------------------------
-    if not ctx.is_main:  # rank 0 compares with the router and writes the summary
-        writer.close()
-        return ctx.broadcast(None)
+
+def log_batch(run: SearchRun, results: list[SearchResult], batch: list[SearchResult], seconds: float) -> None:
+    """TensorBoard after a batch (the last of ``results``): each example's return, speed, outcome, the
+    search's statistics and the running load balance."""
+    writer, step = run.writer, len(results)
+    for k, r in enumerate(batch):
+        writer.add_scalar("charts/episodic_return", r.total, step - len(batch) + k)
+    writer.add_scalar("charts/SPS", len(batch) * run.env.G / max(seconds, 1e-9), step)  # env steps (groups) per second
+    writer.add_scalar("charts/outcome_mean", float(np.mean([r.outcome for r in results])), step)
+    writer.add_scalar("charts/accuracy", float(np.mean([r.correct for r in results])), step)
+    sims = sum(r.extra.get("simulations", 0) for r in batch)
+    if sims:
+        writer.add_scalar("search/simulations_per_example", sims / len(batch), step)
+        # One simulation advances every tree of the batch, so this is per batched simulation.
+        writer.add_scalar("search/time_per_simulation_ms", 1e3 * seconds * len(batch) / sims, step)
+        writer.add_scalar("search/depth", float(np.mean([r.extra["depth"] for r in batch])), step)
+        writer.add_scalar("search/visit_share_of_chosen", float(np.mean([r.targets.max(1).mean() for r in batch])), step)
+    summary = agents.summarize(results, run.widths)
+    for g in range(run.env.G):
+        writer.add_scalar(f"routing/cv_group_{g}", summary["cv"][g], step)
+        for e in range(run.widths[g]):
+            writer.add_scalar(f"routing/load_share_g{g}_e{e}", summary["load_share"][g][e], step)
+    writer.add_scalar("routing/cv_mean", summary["cv_mean"], step)
+
+
+def write_summary(cfg: Config, run: SearchRun, results: list[SearchResult], name: str, run_dir: Path) -> dict:
+    """Rank 0: the searched paths vs the learned router's own greedy paths, summary.json and load heatmaps."""
+    env, widths = run.env, run.widths
     summary = {"agent": agents.summarize(results, widths)}
     if cfg.compare_router:
         saved = env.load_stats.copy()
         env.load_stats[:] = 0.0  # the router's paths, scored from the same starting loads as the search
-        summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, example_ids), widths)
+        summary["router"] = agents.summarize(agents.run_agent(agents.make("router"), env, run.example_ids), widths)
         env.load_stats = saved
     # The search saw each question's answer: its numbers say how good routes exist, not how well a
     # router would do on questions it has not seen. Said in the file and on the console, next to them.
-    summary.update(config=asdict(cfg), targets=str(out_path), name=name, wall_time_s=time.time() - t_start,
+    summary.update(config=asdict(cfg), targets=str(run.out_path), name=name, wall_time_s=time.time() - run.t_start,
                    hindsight=True, note=hindsight_note(cfg.split, cfg.compare_router))
     rows = {k: v for k, v in summary.items() if k in ("agent", "router")}
     pngs = []
@@ -231,17 +284,17 @@ def search(cfg: Config, factory: object, source: TaskSource | None, name: str, r
         pngs.append(run_dir / f"loads_{who}.png")
         fig = load_heatmap(s["load_share"], [f"group {g}" for g in range(env.G)], f"{who}: expert-load shares of chosen paths",
                            pngs[-1])
-        writer.add_figure(f"routing/loads_{who}", fig, len(results))
+        run.writer.add_figure(f"routing/loads_{who}", fig, len(results))
         print(f"{who:>7}: outcome (log p correct) {s['outcome_mean']:.4f}  accuracy {s['accuracy']:.3f}  "
               f"load CV {s['cv_mean']:.3f} (per group {', '.join(f'{c:.3f}' for c in s['cv'])})")
     print(summary["note"])
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    writer.close()
-    print(f"targets:       {out_path}\n"
+    run.writer.close()
+    print(f"targets:       {run.out_path}\n"
           f"summary:       {run_dir / 'summary.json'}\n"
           f"TensorBoard:   {run_dir}  (tensorboard --logdir {run_dir})\n"
           f"load heatmaps: {', '.join(map(str, pngs))}")
-    return ctx.broadcast(summary)
+    return summary
 
 
 def hindsight_note(split: str, compared: bool = True) -> str:
