@@ -111,7 +111,7 @@ def minilm(device: torch.device, data_dir: str | None, dry: bool) -> dict:
     from routing_env.data import load_task
     from routing_env.env import RoutingEnv
     from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
-    from routing_env.moe import MoEConfig, build_model
+    from routing_env.moe import MoEConfig, RoutingPlan, build_model
     from routing_env.common.utils import autocast
 
     n_eval, n_train, n_search = (8, 4, 2) if dry else (512, 512, 64)
@@ -136,22 +136,19 @@ def minilm(device: torch.device, data_dir: str | None, dry: bool) -> dict:
         encode = batch_encoder(model, tok, 128)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         model.train()
-        model.routing.compute_aux = True
         batches = [encode(b).to(device) for b in iterate_batches(train, 16)]
         for rep in range(2):
             sync()
             t0 = time.perf_counter()
             for batch in batches:
-                model.routing.reset_records()
-                with autocast(device, amp):
+                with model.routed(RoutingPlan(compute_aux=True)) as rec, autocast(device, amp):
                     loss = torch.nn.functional.cross_entropy(model(batch).float(), batch.labels)
-                    loss = loss + 0.01 * torch.stack(model.routing.aux_losses).mean()
+                    loss = loss + 0.01 * torch.stack(rec.aux_losses).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             sync()
             dt = time.perf_counter() - t0
-        model.routing.compute_aux = False
         row["train_sequences_per_s"] = sum(int(b.choice_mask.sum()) for b in batches) / dt
         row["arc_easy_epoch_s"] = dt * 2251 / len(train)
         env = RoutingEnv(model=model.eval(), device=str(device), max_examples=n_search, data_dir=data_dir,

@@ -31,7 +31,7 @@ import torch
 
 from routing_env.data import load_task
 from routing_env.training.evaluation import batch_encoder
-from routing_env.moe import MoEConfig, build_model
+from routing_env.moe import MoEConfig, RoutingPlan, build_model
 from routing_env.common.opcount import OpCounter
 
 
@@ -61,9 +61,9 @@ def main() -> None:
     for method in ("lora", "lora-moe"):
         model = build_model(method, args.backbone, MoEConfig(), seed=0).eval()
         model.one_pass = True  # the fixed-shape forward a GPU runs
-        model.routing.record_loads = True  # as ``evaluate`` does: expert loads recorded in the same forward
         batch = batch_encoder(model, model.tokenizer_for(args.backbone), 128)(examples)
-        rows[method] = count(model, batch)
+        with model.routed(RoutingPlan(record_loads=True)):  # as ``evaluate`` does: loads recorded in the same forward
+            rows[method] = count(model, batch)
     ratio = {k: rows["lora-moe"][k] / rows["lora"][k] for k in ("backend_ops", "profiler_aten_calls")}
     out = {"questions": args.questions, "sequences": int(batch.choice_mask.numel()), "methods": rows,
            "ratio_lora_moe_over_lora": ratio, "goal": "ratio <= 1.5 and no sync_ops in lora-moe",

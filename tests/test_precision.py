@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routing_env.training.evaluation import evaluate
-from routing_env.moe import MoEConfig, build_model
+from routing_env.moe import MoEConfig, RoutingPlan, build_model
 from routing_env.common.utils import autocast, autocast_dtype
 from tests.conftest import random_pairs_batch, tiny_bert
 
@@ -37,18 +37,16 @@ def test_bf16_forward_is_close_and_counts_stay_exact(one_pass):
     model.one_pass = one_pass
     batch = random_pairs_batch(B=4)
     real = batch.choice_mask
-    ctx = model.routing
     with torch.no_grad():
         fp32 = model(batch)
-        ctx.record_loads = True
-        with autocast("cpu", torch.bfloat16):
+        with model.routed(RoutingPlan(record_loads=True)) as rec, autocast("cpu", torch.bfloat16):
             bf16 = model(batch)
     assert bf16.dtype == torch.float32 and torch.equal(torch.isinf(bf16), ~real)
     # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per op, a few ops deep here (logits ~0.1).
     torch.testing.assert_close(bf16[real], fp32[real], rtol=0.05, atol=0.01)
     assert not torch.equal(bf16[real], fp32[real])  # it did run in bf16
     tokens = int((batch.attention_mask * real[..., None]).sum())
-    for counts in ctx.loads.values():  # counted in fp32/fp64 even under autocast: exact integers
+    for counts in rec.loads.values():  # counted in fp32/fp64 even under autocast: exact integers
         assert counts.dtype == torch.float64 and float(counts.sum()) == tokens * 2
 
 

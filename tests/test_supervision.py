@@ -11,7 +11,7 @@ import torch
 from routing_env.training import finetune
 from routing_env.data import encode_pairs, load_task
 from routing_env.moe import load_checkpoint
-from routing_env.moe import model_fingerprint
+from routing_env.moe import RoutingPlan, model_fingerprint
 from routing_env.training.supervision import TargetTable, group_agreement, routing_loss
 from routing_env.search.targets import TargetsError, TargetsWriter, load_targets
 from tests.tolerances import PROB_ATOL
@@ -19,13 +19,9 @@ from tests.tolerances import PROB_ATOL
 
 def _group_probs(model, examples) -> torch.Tensor:  # [B, G, E]
     tok = model.tokenizer_for(model.backbone_name)
-    model.routing.collect_route = True
-    model.routing.reset_records()
-    try:
+    with model.routed(RoutingPlan(collect_route=True)) as rec:
         model(encode_pairs(tok, examples))
-        return model.routing.example_group_probs(len(examples))
-    finally:
-        model.routing.collect_route = False
+    return rec.example_group_probs(len(examples))
 
 
 def _header(model, G: int, E: int) -> dict:
@@ -116,21 +112,19 @@ def test_group_probs_on_both_backbone_kinds(kind):
     model = build_model("lora-moe", backbone_module=(module, k), moe=MoEConfig(num_groups=2, num_experts=3)).eval()
     model.chunk_rows = 4  # several chunks per batch on the encoder
     batch = random_pairs_batch(B=3) if kind == "encoder" else random_prompt_batch(B=3)
-    model.routing.collect_route = True
-    model.routing.reset_records()
-    model(batch)
-    p = model.routing.example_group_probs(3)
+    with model.routed(RoutingPlan(collect_route=True)) as rec:
+        model(batch)
+    p = rec.example_group_probs(3)
     assert p.shape == (3, 2, 3) and torch.allclose(p.sum(-1), torch.ones(3, 2), atol=1e-5)
     routing_loss(p, torch.full_like(p, 1 / 3).roll(1, 0), torch.ones(3, 2)).backward()
     assert all(m.router.weight.grad is not None for m in model.modules() if hasattr(m, "router"))
     for b in range(3):
         one = MCBatch(**{f: (v[b : b + 1] if isinstance(v, torch.Tensor) else v[b : b + 1] if isinstance(v, list) else v)
                          for f, v in vars(batch).items()})
-        model.routing.reset_records()
-        model(one)
+        with model.routed(RoutingPlan(collect_route=True)) as rec:
+            model(one)
         # One row group vs the chunked batch: other shapes, so a float32 tolerance.
-        torch.testing.assert_close(model.routing.example_group_probs(1)[0], p[b].detach(), atol=PROB_ATOL, rtol=0)
-    model.routing.collect_route = False
+        torch.testing.assert_close(rec.example_group_probs(1)[0], p[b].detach(), atol=PROB_ATOL, rtol=0)
 
 
 def _one_hot_targets(model, exs, path: Path, expert: int) -> None:
@@ -223,10 +217,9 @@ def test_teacher_forced_route_reaches_every_token_of_the_forced_rows_through_chu
     def hook(mod, args, out):
         x = args[0]
         chosen = mod.route(x.reshape(-1, x.shape[-1]))[1].reshape(x.shape[0], x.shape[1], -1)
-        bias, ctx.selection_bias = ctx.selection_bias, {}
-        free = mod.route(x.reshape(-1, x.shape[-1]))[1].reshape(x.shape[0], x.shape[1], -1)
-        ctx.selection_bias = bias
-        seen.append((mod.group, ctx.row_index.clone(), ctx.token_mask.clone(), chosen, free))
+        with ctx.routed(RoutingPlan()):  # a nested plan: the learned router alone, same pass
+            free = mod.route(x.reshape(-1, x.shape[-1]))[1].reshape(x.shape[0], x.shape[1], -1)
+        seen.append((mod.group, ctx.state.row_index.clone(), ctx.state.token_mask.clone(), chosen, free))
 
     for m in moe_layers(model):
         m.register_forward_hook(hook)
@@ -234,8 +227,7 @@ def test_teacher_forced_route_reaches_every_token_of_the_forced_rows_through_chu
     paths = torch.tensor([[3, 3], [-1, -1], [0, 3]])  # example 1 free; example 2 forced to 0, then 3
     B, C = batch.choice_mask.shape
     row_example = torch.arange(B * C)[batch.choice_mask.reshape(-1)] // C  # [R]
-    ctx.selection_bias = forced_route_bias(paths, row_example, 4)
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(selection_bias=forced_route_bias(paths, row_example, 4))):
         model(batch)
     assert len({tuple(r.tolist()) for _, r, *_ in seen}) > 1  # really chunked
     for g, rows, mask, chosen, free in seen:
@@ -259,18 +251,17 @@ def test_per_token_granularity_averages_the_tokens_log_probabilities():
         if mod.group == 0:
             x = args[0]
             logp = torch.log(mod.route(x.reshape(-1, x.shape[-1]))[0]).reshape(x.shape[0], x.shape[1], -1)
-            logs.append(logp[ctx.token_mask])  # [tokens, E]
+            logs.append(logp[ctx.state.token_mask])  # [tokens, E]
 
     for m in moe_layers(model):
         m.register_forward_hook(hook)
     batch = random_pairs_batch(B=1, C=3)
-    ctx.collect_route = True
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(collect_route=True)) as rec:
         model(batch)
     expected = torch.cat(logs).mean(0)  # every (module, real token) pair weighs the same
-    torch.testing.assert_close(ctx.example_group_probs(1, log=True)[0, 0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec.example_group_probs(1, log=True)[0, 0], expected, rtol=1e-5, atol=1e-6)
     # Jensen: the per-token loss is never below the group-averaged one, and is above it here.
-    p, lp = ctx.example_group_probs(1), ctx.example_group_probs(1, log=True)
+    p, lp = rec.example_group_probs(1), rec.example_group_probs(1, log=True)
     t, w = torch.full_like(p, 1 / 3).roll(1, -1), torch.ones(1, 2)
     assert routing_loss(p, t, w, lp) > routing_loss(p, t, w) + 1e-4
 
@@ -291,23 +282,20 @@ def test_route_loss_grad_router_trains_the_routers_alone_with_the_same_probabili
     grads, probs = {}, {}
     for mode in ("all", "router"):
         model.zero_grad(set_to_none=True)
-        model.routing.collect_route = True
-        model.routing.route_grad_router_only = mode == "router"
-        model.routing.reset_records()
-        model(batch)
-        p = model.routing.example_group_probs(3)
+        with model.routed(RoutingPlan(collect_route=True, route_grad_router_only=mode == "router")) as rec:
+            model(batch)
+        p = rec.example_group_probs(3)
         probs[mode] = p.detach()
         routing_loss(p, torch.eye(3)[[0, 1, 2]][:, None, :].expand(3, 2, 3), torch.ones(3, 2)).backward()
         grads[mode] = {n: (q.grad is not None and bool(q.grad.abs().sum() > 0)) for n, q in model.named_parameters()
                        if q.requires_grad}
     # Under bf16 autocast too (the statistics run with autocast off on bf16 hidden states).
     model.zero_grad(set_to_none=True)
-    model.routing.reset_records()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    plan = RoutingPlan(collect_route=True, route_grad_router_only=True)
+    with model.routed(plan) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
         model(batch)
-    routing_loss(model.routing.example_group_probs(3), torch.full((3, 2, 3), 1 / 3).roll(1, 0), torch.ones(3, 2)).backward()
+    routing_loss(rec.example_group_probs(3), torch.full((3, 2, 3), 1 / 3).roll(1, 0), torch.ones(3, 2)).backward()
     assert all(m.router.weight.grad is not None for m in model.modules() if hasattr(m, "router"))
-    model.routing.clear()
     adapters = [n for n in grads["all"] if "lora_" in n]
     routers = [n for n in grads["all"] if "router" in n]
     assert adapters and routers

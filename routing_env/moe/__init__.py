@@ -16,7 +16,8 @@ from routing_env.moe.adapters import (
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, load_backbone, resolve_backbone, transformer_layers
 from routing_env.moe.config import ALL_LINEAR, MoEConfig, split_layer_groups
 from routing_env.moe.layer import LoRAMoELinear
-from routing_env.moe.routing import LayerStats, RoutingContext, combo_bias, load_stats, primary_bias
+from routing_env.moe.routing import (LayerStats, RoutingContext, RoutingPlan, RoutingRecorder, combo_bias, load_stats,
+                                     primary_bias)
 
 __all__ = [
     "ALL_LINEAR",
@@ -27,6 +28,8 @@ __all__ = [
     "MCModel",
     "MoEConfig",
     "RoutingContext",
+    "RoutingPlan",
+    "RoutingRecorder",
     "apply_lora",
     "build_model",
     "combo_bias",

@@ -8,6 +8,8 @@ prompt listing the lettered choices and scores the next-token logits of the answ
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
@@ -15,7 +17,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from routing_env.data import MCBatch
-from routing_env.moe.routing import RoutingContext
+from routing_env.moe.routing import RoutingContext, RoutingPlan, RoutingRecorder
 
 __all__ = ["MCModel", "DEFAULT_BACKBONE", "resolve_backbone", "load_backbone", "transformer_layers", "layer_of"]
 
@@ -97,7 +99,7 @@ class MCModel(nn.Module):
             raise ValueError(f"unknown backbone kind {kind!r}; valid: 'encoder', 'causal'")
         self.backbone, self.kind, self.backbone_name = backbone, kind, backbone_name
         self.num_layers = len(transformer_layers(backbone))
-        self.routing = RoutingContext()
+        self.routing = RoutingContext()  # the layers' routing mechanism; install plans with ``routed``
         self.chunk_rows = 32  # rows per encoder pass; see ``_encode_rows``
         # One fixed-shape pass over every (question, choice) slot, padded ones included: no host
         # sync and no data-dependent shape (what a GPU and torch.compile want). None: on any device
@@ -112,9 +114,21 @@ class MCModel(nn.Module):
         else:
             self.head = None
 
+    def routed(self, plan: RoutingPlan) -> AbstractContextManager[RoutingRecorder]:
+        """``with model.routed(plan) as rec:`` the block's forwards follow ``plan``; ``rec`` holds what they
+        recorded (loads, row probabilities, route sums, losses). See ``routing_env.moe.routing``."""
+        return self.routing.routed(plan)
+
     def forward(self, batch: MCBatch) -> torch.Tensor:
         if self.kind == "encoder" and self._one_pass(batch.input_ids.device):
-            return self._forward_slots(batch)
+            scores = self._forward_slots(batch)
+        else:
+            scores = self._forward_rows(batch)
+        self.routing.end_pass()
+        return scores
+
+    def _forward_rows(self, batch: MCBatch) -> torch.Tensor:
+        """Scores ``[B, C]``: the encoder's real rows in length-sorted chunks, or the causal LM's prompts."""
         if self.kind == "encoder":
             B, C, T = batch.input_ids.shape
             # Only real choices are encoded: one 5-choice question would otherwise make every
@@ -123,13 +137,12 @@ class MCModel(nn.Module):
             ids = batch.input_ids.reshape(B * C, T)[real]  # [R, T]
             mask = batch.attention_mask.reshape(B * C, T)[real]
             types = batch.token_type_ids.reshape(B * C, T)[real] if batch.token_type_ids is not None else None
-            self.routing.row_example = self.row_examples(batch)  # [R]
-            row_scores = self._encode_rows(ids, mask, types)  # [R]
+            row_example = self.row_examples(batch)  # [R]
+            row_scores = self._encode_rows(ids, mask, types, row_example)  # [R]
             scores = row_scores.new_zeros(B * C).masked_scatter(real, row_scores).reshape(B, C)
         else:
             ids, mask = batch.input_ids, batch.attention_mask
-            self.routing.token_mask = mask.bool()
-            self.routing.row_example, self.routing.row_index, self.routing.num_rows = self.row_examples(batch), None, None
+            self.routing.begin_pass(token_mask=mask.bool(), row_example=self.row_examples(batch))
             # Left padding: count positions from each row's first real token, as in unpadded inference.
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
@@ -156,10 +169,8 @@ class MCModel(nn.Module):
         """
         B, C, T = batch.input_ids.shape
         mask = batch.attention_mask.reshape(B * C, T)  # [R, T], R = B * C
-        ctx = self.routing
-        ctx.token_mask = mask.bool() & batch.choice_mask.reshape(B * C, 1)
-        ctx.row_example = self.row_examples(batch)  # [R]
-        ctx.row_index = ctx.num_rows = None
+        self.routing.begin_pass(token_mask=mask.bool() & batch.choice_mask.reshape(B * C, 1),
+                                row_example=self.row_examples(batch))  # row_example [R]
         types = batch.token_type_ids.reshape(B * C, T) if batch.token_type_ids is not None else None
         # The 4D mask built here, not inside the backbone: transformers would first ask whether any
         # token is padding (``mask.all()``, a host sync) to skip the mask; built once, it is passed through.
@@ -171,7 +182,8 @@ class MCModel(nn.Module):
         scores = self.score_hidden(hidden, mask).reshape(B, C)
         return scores.masked_fill(~batch.choice_mask, float("-inf"))
 
-    def _encode_rows(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+    def _encode_rows(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
+                     row_example: torch.Tensor) -> torch.Tensor:
         """Scores of ``R`` (question, choice) rows, encoded in length-sorted chunks.
 
         Each chunk is cut to its own longest row; on ARC this removes most padding (a batch is
@@ -181,17 +193,14 @@ class MCModel(nn.Module):
         lengths = mask.sum(1)  # [R]
         order = torch.argsort(lengths, stable=True)
         scores = torch.empty(ids.shape[0], device=ids.device)
-        self.routing.num_rows = ids.shape[0]
         for start in range(0, len(order), self.chunk_rows):
             rows = order[start : start + self.chunk_rows]
             t = int(lengths[rows].max())
             m = mask[rows, :t]
-            self.routing.token_mask = m.bool()
-            self.routing.row_index = rows
+            self.routing.begin_pass(token_mask=m.bool(), row_example=row_example, row_index=rows, num_rows=ids.shape[0])
             hidden = self.backbone(input_ids=ids[rows, :t], attention_mask=m,
                                    token_type_ids=None if types is None else types[rows, :t]).last_hidden_state
             scores = scores.index_put((rows,), self.score_hidden(hidden, m))
-        self.routing.row_index = self.routing.num_rows = None
         return scores
 
     def score_hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

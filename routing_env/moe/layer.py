@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from routing_env.moe.balancing.aux import SwitchAux
-from routing_env.moe.kernels import lora_moe
+from routing_env.moe.kernels import lora_moe, use_lowrank
 from routing_env.moe.routing import RoutingContext
 
 __all__ = ["LoRAMoELinear"]
@@ -88,7 +88,7 @@ class LoRAMoELinear(nn.Module):
         logits = self.scores(x)
         strategy = self.context.strategy
         probs = logits.softmax(dim=-1)
-        if strategy is None or not strategy.selects or self.group in self.context.selection_bias:
+        if strategy is None or not strategy.selects or self.group in self.context.plan.selection_bias:
             # Top-k (an env override forces experts into it, whatever the strategy).
             expert_idx = self._select(logits)  # [T, k]
             return logits, probs, probs.new_zeros(probs.shape).scatter_(1, expert_idx, 1.0), expert_idx
@@ -117,11 +117,11 @@ class LoRAMoELinear(nn.Module):
     def _select(self, logits: torch.Tensor) -> torch.Tensor:
         """``[T, k]`` the experts each token uses: top-k of the logits plus the group's selection bias."""
         select = logits
-        bias = self.context.selection_bias.get(self.group)
+        bias = self.context.plan.selection_bias.get(self.group)
         if bias is not None:
-            ctx = self.context
-            if ctx.row_index is not None and bias.shape[0] == ctx.num_rows:
-                bias = bias[ctx.row_index.to(bias.device)]  # a chunked pass holds only these rows of the batch
+            state = self.context.state
+            if state.row_index is not None and bias.shape[0] == state.num_rows:
+                bias = bias[state.row_index.to(bias.device)]  # a chunked pass holds only these rows of the batch
             T, R = logits.shape[0], bias.shape[0]
             if T % R:
                 raise ValueError(f"{self.name}: {T} tokens do not split into the override's {R} rows")
@@ -137,7 +137,7 @@ class LoRAMoELinear(nn.Module):
         logits, probs, chosen, expert_idx = self._route(flat)  # chosen [T, E]: 1 where a token uses an expert
         strategy = self.context.strategy
         E, r, d_in = self.lora_A.shape
-        if E * r * 4 <= d_in:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
+        if use_lowrank(E, r, d_in):  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
             dense = probs * chosen
             if self._renormalise():
                 dense = dense / dense.sum(dim=-1, keepdim=True)  # [T, E] gates renormalised over the chosen, 0 elsewhere
@@ -154,7 +154,7 @@ class LoRAMoELinear(nn.Module):
                              self.scale)
             out = out + delta.to(out.dtype)
         ctx = self.context
-        if ctx.compute_aux or ctx.record_loads or ctx.record_rows or ctx.collect_route:
+        if ctx.plan.records:
             # Statistics in fp32 under bf16 autocast too: bf16 counts stop being exact integers at 256.
             with torch.autocast(probs.device.type, enabled=False):
                 self._record(logits, probs, chosen, shape, self._route_probs(flat, logits, probs))
@@ -192,7 +192,8 @@ class LoRAMoELinear(nn.Module):
         the task loss stalls at chance). ``lin - lin.detach()`` is 0 in value, so the probabilities,
         and with them every statistic recorded from them, are bit for bit the forward's.
         """
-        if not (self.context.collect_route and self.context.route_grad_router_only and torch.is_grad_enabled()):
+        plan = self.context.plan
+        if not (plan.collect_route and plan.route_grad_router_only and torch.is_grad_enabled()):
             return probs
         # [T, E] the router's own linear map on its detached input (in the router's dtype: this runs
         # with autocast off, and under bf16 autocast ``flat`` is bf16); only its gradient is used.
@@ -206,33 +207,35 @@ class LoRAMoELinear(nn.Module):
         ``route_probs``: ``probs`` as the routing loss sees them (``_route_probs``).
         """
         ctx, E = self.context, self.num_experts
+        plan, rec, state = ctx.plan, ctx.recorder, ctx.state
         T = probs.shape[0]
-        w = ctx.token_weight(T, probs)  # [T] 1 for real tokens
-        if ctx.compute_aux:  # the strategy's terms; by default the Switch loss alone
+        w = state.token_weight(T, probs)  # [T] 1 for real tokens
+        if plan.compute_aux:  # the strategy's terms; by default the Switch loss alone
             terms = ctx.strategy.losses(self, logits, probs, chosen, w) if ctx.strategy is not None else \
                 [("aux", _SWITCH.loss(self, logits, probs, chosen, w))]
             for kind, value in terms:
-                (ctx.aux_losses if kind == "aux" else ctx.balance_losses).append(value)
-        if ctx.record_loads:
+                (rec.aux_losses if kind == "aux" else rec.balance_losses).append(value)
+        if plan.record_loads:
             # Accumulated in float64 on the model's device; read once per evaluation (no host sync here).
             counts = w @ chosen.detach()  # [E]
-            prev = ctx.loads.get(self.name)
-            ctx.loads[self.name] = counts.double() if prev is None else prev.add_(counts)
-        if ctx.collect_route:
+            prev = rec.loads.get(self.name)
+            rec.loads[self.name] = counts.double() if prev is None else prev.add_(counts)
+        if plan.collect_route:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
             logp = torch.log(route_probs.clamp_min(1e-12)).reshape(R, -1, E)
-            ctx.add_route(self.group, (route_probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1))
-        if ctx.record_rows:
+            rec.add_route(self.group, (route_probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1),
+                          state.row_index, state.num_rows)
+        if plan.record_rows:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]
             n_row = wr.sum(1).clamp_min(1.0)  # [R, 1]
             p_row = (probs.detach().reshape(R, -1, E) * wr).sum(1) / n_row  # [R, E]
             c_row = (chosen.detach().reshape(R, -1, E) * wr).sum(1)  # [R, E]
             g = self.group
-            if g in ctx.row_probs:
-                ctx.row_probs[g] = ctx.row_probs[g] + p_row
-                ctx.row_counts[g] = ctx.row_counts[g] + c_row
-                ctx.row_modules[g] += 1
+            if g in rec.row_probs:
+                rec.row_probs[g] = rec.row_probs[g] + p_row
+                rec.row_counts[g] = rec.row_counts[g] + c_row
+                rec.row_modules[g] += 1
             else:
-                ctx.row_probs[g], ctx.row_counts[g], ctx.row_modules[g] = p_row, c_row, 1
+                rec.row_probs[g], rec.row_counts[g], rec.row_modules[g] = p_row, c_row, 1

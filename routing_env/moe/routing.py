@@ -1,9 +1,23 @@
-"""Routing state shared by all LoRA-MoE layers of one model: overrides in, statistics out.
+"""Routing of a model's LoRA-MoE layers, passed in as values: a plan in, a recorder out.
 
-Every ``LoRAMoELinear`` of a model holds the same ``RoutingContext``. Callers set what the next forward
-should do (token mask, per-row overrides per layer group, what to record) and read what it did
-(expert loads per layer, per-row router probabilities per group, auxiliary losses), all from the one
-forward pass; no second pass is needed for statistics.
+Every ``LoRAMoELinear`` of a model holds the model's one ``RoutingContext`` (``model.routing``), the
+mechanism, not a place for callers to write to. A caller says what the next forwards should do with a
+frozen ``RoutingPlan`` (selection bias per layer group, what to record, the route-gradient mode) and
+installs it for a ``with`` block, which hands back a ``RoutingRecorder`` with what those forwards did
+(expert loads per module, per-row router probabilities and counts per group, route sums, auxiliary
+and balance losses), all from the same forwards; no second pass is needed for statistics::
+
+    with model.routed(RoutingPlan(compute_aux=True, collect_route=True)) as rec:
+        logits = model(batch)
+    loss = task_loss + torch.stack(rec.aux_losses).mean()
+
+The block always restores what was installed before it (nothing, outside any block): plan, recorder
+and the per-forward state, whether the forward returned or raised. Outside any block a forward routes
+with the empty plan (the learned router, nothing recorded).
+
+The per-forward bookkeeping ``MCModel.forward`` and the group stepper set for the layers (the batch's
+token mask, each row's example, a chunk's rows, a recurrent router's state) lives in ``PassState``,
+set through ``RoutingContext.begin_pass`` / ``end_pass`` inside ``routing_env.moe`` only.
 
 Overrides are expressed as one *selection bias* per layer group, ``[R, E]`` for the ``R`` sequences in
 the batch, added to the router logits for top-k *selection only*; gates stay the router's
@@ -17,13 +31,17 @@ probabilities renormalised over the chosen experts. The three action modes are s
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
+    "RoutingPlan",
+    "RoutingRecorder",
+    "PassState",
     "RoutingContext",
     "primary_bias",
     "combo_bias",
@@ -32,27 +50,35 @@ __all__ = [
 ]
 
 
-@dataclass
-class RoutingContext:
-    token_mask: torch.Tensor | None = None  # [R, S] bool: real tokens (padding is routed but not counted)
-    selection_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E_g]
-    compute_aux: bool = False  # collect the Switch balance loss of each layer into ``aux_losses``
+@dataclass(frozen=True, eq=False)
+class RoutingPlan:
+    """What the forwards of one ``with model.routed(plan)`` block do (a value: build a new one to change it)."""
+
+    selection_bias: Mapping[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E_g]
+    compute_aux: bool = False  # collect each module's balance terms (Switch loss, or the strategy's)
     record_loads: bool = False  # accumulate expert counts per module into ``loads``
     record_rows: bool = False  # per-row, per-group router probabilities and expert counts
     collect_route: bool = False  # per-row, per-group router probability sums *with gradient* (stage 3)
     # Those sums' gradient reaches the routers' weights only, not the router inputs (and so not the
     # adapters below): stage 3's --route-loss-grad router.
     route_grad_router_only: bool = False
-    row_index: torch.Tensor | None = None  # [r] rows of the model's batch that the current pass holds
-    num_rows: int | None = None  # rows in the model's batch (chunked encoders run them in parts)
-    row_example: torch.Tensor | None = None  # [rows] example of each row (set by MCModel.forward)
+
+    @property
+    def records(self) -> bool:
+        """Whether a forward under this plan records anything."""
+        return self.compute_aux or self.record_loads or self.record_rows or self.collect_route
+
+
+#: The plan of a forward outside any ``routed`` block: the learned router, nothing recorded.
+NO_PLAN = RoutingPlan()
+
+
+@dataclass(eq=False)
+class RoutingRecorder:
+    """What the forwards of one ``routed`` block did, kept on the device (read them after the block)."""
+
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # Switch loss per module (x --aux-loss-coef)
     balance_losses: list[torch.Tensor] = field(default_factory=list)  # other strategies' weighted terms per module
-    strategy: Any = None  # the model's balancing strategy (None: top-k + the Switch loss, the default)
-    # [T, H] routing state a recurrent strategy (rmoe) passes from module to module within one pass;
-    # None at the start of every pass (a pre-hook on the input embeddings resets it), or set by the
-    # env's stepper to the state cached at a group boundary.
-    router_state: torch.Tensor | None = None
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
     row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
     row_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] assignments
@@ -60,42 +86,15 @@ class RoutingContext:
     route_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of probs (grad)
     route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
     route_logsum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of log probs (grad)
+    row_example: torch.Tensor | None = None  # [rows] example of each row of the last MCModel forward
 
-    def token_weight(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
-        """``[T]`` 1.0 for the real tokens of the current pass (``token_mask``), 0.0 for padding.
-
-        Computed once per mask and shared by every layer of the pass (one conversion, not one per module).
-        """
-        mask = self.token_mask
-        if mask is None or mask.numel() != num_tokens:
-            return like.new_ones(num_tokens)
-        cached = self.__dict__.get("_weight")
-        if cached is None or cached[0] is not mask or cached[1].device != like.device or cached[1].dtype != like.dtype:
-            cached = (mask, mask.reshape(-1).to(like.device, like.dtype))
-            self.__dict__["_weight"] = cached
-        return cached[1]
-
-    def reset_records(self) -> None:
-        """Forget what earlier forwards recorded (keeps the settings)."""
-        self.aux_losses, self.balance_losses = [], []
-        self.loads = {}
-        self.row_probs, self.row_counts, self.row_modules = {}, {}, {}
-        self.route_sum, self.route_count, self.route_logsum = {}, {}, {}
-
-    def clear(self) -> None:
-        """Back to plain learned routing with nothing recorded."""
-        self.token_mask = None
-        self.selection_bias = {}
-        self.compute_aux = self.record_loads = self.record_rows = self.collect_route = False
-        self.route_grad_router_only = False
-        self.row_index = self.num_rows = self.row_example = self.router_state = None
-        self.reset_records()
-
-    def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor, logprob_sum: torch.Tensor) -> None:
+    def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor, logprob_sum: torch.Tensor,
+                  row_index: torch.Tensor | None, num_rows: int | None) -> None:
         """Accumulate a module's per-row router probability sums ``[r, E]``, token counts ``[r]`` and
-        log-probability sums ``[r, E]`` (for the per-token routing loss)."""
-        rows = self.row_index if self.row_index is not None else torch.arange(prob_sum.shape[0], device=prob_sum.device)
-        n = self.num_rows if self.num_rows is not None else prob_sum.shape[0]
+        log-probability sums ``[r, E]`` (for the per-token routing loss) into the batch's rows
+        ``row_index`` of ``num_rows`` (None: the pass holds every row)."""
+        rows = row_index if row_index is not None else torch.arange(prob_sum.shape[0], device=prob_sum.device)
+        n = num_rows if num_rows is not None else prob_sum.shape[0]
         if group not in self.route_sum:
             self.route_sum[group] = prob_sum.new_zeros(n, prob_sum.shape[1])
             self.route_logsum[group] = prob_sum.new_zeros(n, prob_sum.shape[1])
@@ -115,7 +114,7 @@ class RoutingContext:
         """
         groups = sorted(self.route_sum)
         if not groups or self.row_example is None:
-            raise RuntimeError("no routing was collected: set collect_route before the forward of an MCModel")
+            raise RuntimeError("no routing was collected: run an MCModel forward under a plan with collect_route")
         out = []
         for g in groups:
             ex = self.row_example.to(self.route_sum[g].device)
@@ -129,6 +128,111 @@ class RoutingContext:
     def group_mean_probs(self, group: int) -> torch.Tensor:
         """``[R, E]`` router probabilities of the group, averaged over its modules and real tokens."""
         return self.row_probs[group] / self.row_modules[group]
+
+
+@dataclass(eq=False)
+class PassState:
+    """Bookkeeping of the pass in progress, set by ``MCModel.forward`` and the group stepper alone."""
+
+    token_mask: torch.Tensor | None = None  # [R, S] bool: real tokens (padding is routed but not counted)
+    row_index: torch.Tensor | None = None  # [r] rows of the model's batch that the current pass holds
+    num_rows: int | None = None  # rows in the model's batch (chunked encoders run them in parts)
+    row_example: torch.Tensor | None = None  # [rows] example of each row
+    # [T, H] routing state a recurrent strategy (rmoe) passes from module to module within one pass;
+    # None at the start of every pass (a pre-hook on the input embeddings resets it), or set by the
+    # env's stepper to the state cached at a group boundary.
+    router_state: torch.Tensor | None = None
+    _weight: tuple | None = field(default=None, repr=False)  # (mask, its [T] weights): one conversion per mask
+
+    def token_weight(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """``[T]`` 1.0 for the real tokens of the current pass (``token_mask``), 0.0 for padding.
+
+        Computed once per mask and shared by every layer of the pass (one conversion, not one per module).
+        """
+        mask = self.token_mask
+        if mask is None or mask.numel() != num_tokens:
+            return like.new_ones(num_tokens)
+        cached = self._weight
+        if cached is None or cached[0] is not mask or cached[1].device != like.device or cached[1].dtype != like.dtype:
+            cached = (mask, mask.reshape(-1).to(like.device, like.dtype))
+            self._weight = cached
+        return cached[1]
+
+    def clear(self) -> None:
+        self.token_mask = self.row_index = self.num_rows = self.row_example = self.router_state = None
+        self._weight = None
+
+    def snapshot(self) -> dict:
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict) -> None:
+        """Back to a ``snapshot`` (in place: the rmoe reset hook holds this object)."""
+        vars(self).update(snapshot)
+
+
+class RoutingContext:
+    """The routing mechanism one model's LoRA-MoE layers share: the installed plan, the recorder, the
+    pass in progress and the balancing strategy (``strategy``; None: top-k and the Switch loss)."""
+
+    def __init__(self, strategy: Any = None) -> None:
+        self.strategy = strategy
+        self._plan: RoutingPlan = NO_PLAN
+        self._recorder: RoutingRecorder | None = None
+        self._state = PassState()
+
+    @property
+    def plan(self) -> RoutingPlan:
+        """The plan the layers follow now (``NO_PLAN`` outside any ``routed`` block)."""
+        return self._plan
+
+    @property
+    def recorder(self) -> RoutingRecorder | None:
+        """Where the layers record now (None outside any ``routed`` block)."""
+        return self._recorder
+
+    @property
+    def state(self) -> PassState:
+        """The pass in progress (the layers read it; ``begin_pass`` sets it)."""
+        return self._state
+
+    @contextmanager
+    def routed(self, plan: RoutingPlan) -> Iterator[RoutingRecorder]:
+        """Install ``plan`` and a fresh recorder for the block's forwards; yield the recorder.
+
+        On leaving, by return or by exception, everything is as it was before the block: the previous
+        plan and recorder (outside any block: none) and the pass state (outside a forward: empty), so
+        nothing carries over to the next forward, not even from a forward that raised half-way. A
+        nested block (inside a forward hook, say) thus leaves the pass it runs in as it found it.
+        """
+        if not isinstance(plan, RoutingPlan):
+            raise TypeError(f"routed() takes a RoutingPlan, got {type(plan).__name__}")
+        outer, state = (self._plan, self._recorder), self._state.snapshot()
+        recorder = RoutingRecorder()
+        self._plan, self._recorder = plan, recorder
+        try:
+            yield recorder
+        finally:
+            self._plan, self._recorder = outer
+            self._state.restore(state)
+
+    def begin_pass(self, *, token_mask: torch.Tensor | None, row_example: torch.Tensor | None = None,
+                   row_index: torch.Tensor | None = None, num_rows: int | None = None,
+                   router_state: torch.Tensor | None = None) -> PassState:
+        """Set the state of the pass that follows (``routing_env.moe`` internals: MCModel, stepper)."""
+        s = self._state
+        s.token_mask, s.row_example, s.row_index, s.num_rows = token_mask, row_example, row_index, num_rows
+        s.router_state = router_state
+        if row_example is not None and self._recorder is not None:
+            self._recorder.row_example = row_example
+        return s
+
+    def end_pass(self) -> None:
+        """Forget the pass's state (what ``begin_pass`` set and the layers advanced)."""
+        self._state.clear()
+
+    # Read by the layers and strategies: the pass's token weights.
+    def token_weight(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        return self._state.token_weight(num_tokens, like)
 
 
 def primary_bias(primary: torch.Tensor, num_experts: int) -> torch.Tensor:

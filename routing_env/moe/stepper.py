@@ -17,6 +17,7 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from routing_env.moe.backbone import MCModel, transformer_layers
+from routing_env.moe.routing import RoutingPlan, RoutingRecorder
 from routing_env.common.utils import autocast
 
 __all__ = ["Rows", "GroupStepper"]
@@ -74,47 +75,49 @@ class GroupStepper:
     def run_group(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
                   selection_bias: torch.Tensor | None) -> torch.Tensor:
         """Hidden states ``[R, T, d (+ H)]`` after layer group ``group``; ``selection_bias [R, E]`` overrides its routing."""
-        ctx = self.model.routing
-        hidden, ctx.router_state = self.split(hidden)
-        ctx.token_mask = attention_mask.bool()
-        ctx.selection_bias = {} if selection_bias is None else {group: selection_bias}
-        # Off the CPU the mask is always built: transformers' test for skipping it (``mask.all()``) is a
-        # host sync. On the CPU it may skip it, as ``MCModel``'s chunked forward does (bit-identical).
-        mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
-                                         attention_mask=attention_mask,
-                                         allow_is_bidirectional_skip=hidden.device.type == "cpu")
-        try:
-            with autocast(hidden.device, self.amp_dtype):
-                for layer in self.groups[group]:
-                    hidden = self.layers[layer](hidden, mask)
-                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        finally:
-            ctx.selection_bias = {}
-        return self._join(hidden.float(), ctx.router_state)  # cached between steps: fp32 whatever the autocast
+        return self._run(hidden, attention_mask, group, self._plan(group, selection_bias))[0]
 
     @torch.no_grad()
     def run_group_counts(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
                          selection_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``run_group`` and the expert assignments it made: ``(hidden, counts [R, E_g])`` per row."""
+        out, rec = self._run(hidden, attention_mask, group, self._plan(group, selection_bias, record_rows=True))
+        return out, rec.row_counts[group]
+
+    @staticmethod
+    def _plan(group: int, selection_bias: torch.Tensor | None, record_rows: bool = False) -> RoutingPlan:
+        return RoutingPlan(selection_bias={} if selection_bias is None else {group: selection_bias}, record_rows=record_rows)
+
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, group: int,
+             plan: RoutingPlan) -> tuple[torch.Tensor, RoutingRecorder]:
+        """``run_group`` under ``plan``: the hidden states after the group and what the plan recorded."""
         ctx = self.model.routing
-        ctx.reset_records()
-        ctx.record_rows = True
-        try:
-            out = self.run_group(hidden, attention_mask, group, selection_bias)
-            counts = ctx.row_counts[group]
-        finally:
-            ctx.record_rows = False
-            ctx.reset_records()
-        return out, counts
+        hidden, state = self.split(hidden)
+        # Off the CPU the mask is always built: transformers' test for skipping it (``mask.all()``) is a
+        # host sync. On the CPU it may skip it, as ``MCModel``'s chunked forward does (bit-identical).
+        mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask,
+                                         allow_is_bidirectional_skip=hidden.device.type == "cpu")
+        with ctx.routed(plan) as rec:
+            ctx.begin_pass(token_mask=attention_mask.bool(), router_state=state)
+            with autocast(hidden.device, self.amp_dtype):
+                for layer in self.groups[group]:
+                    hidden = self.layers[layer](hidden, mask)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            state = ctx.state.router_state
+        return self._join(hidden.float(), state), rec  # cached between steps: fp32 whatever the autocast
 
     @torch.no_grad()
     def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list) -> torch.Tensor:
         """``[E]`` mean router probabilities of ``modules`` (a group's entry routers, in forward order)
         over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
-        hidden, self.model.routing.router_state = self.split(boundary)
+        ctx = self.model.routing
+        hidden, state = self.split(boundary)
         flat = hidden.reshape(-1, hidden.shape[-1])  # [R*T, d]
         w = attention_mask.reshape(-1, 1).float()  # [R*T, 1]
-        probs = [(m.scores(flat).softmax(-1) * w).sum(0) / w.sum() for m in modules]
+        with ctx.routed(RoutingPlan()):
+            ctx.begin_pass(token_mask=attention_mask.bool(), router_state=state)
+            probs = [(m.scores(flat).softmax(-1) * w).sum(0) / w.sum() for m in modules]
         return torch.stack(probs).mean(0)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from routing_env.data import MCBatch, MCExample, encode_letter_prompt, encode_pairs
 from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
-from routing_env.moe.routing import LayerStats, load_stats
+from routing_env.moe.routing import LayerStats, RoutingPlan, RoutingRecorder, load_stats
 from routing_env.common.utils import autocast
 
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "iterate_batches", "layer_load_stats"]
@@ -85,15 +85,15 @@ def iterate_batches(
         yield [examples[j] for j in order[i : i + batch_size]]
 
 
-def layer_load_stats(model: MCModel) -> dict[int, LayerStats]:
-    """Per transformer layer, balance metrics of the expert counts the last recorded forwards left.
+def layer_load_stats(model: MCModel, recorder: RoutingRecorder) -> dict[int, LayerStats]:
+    """Per transformer layer, balance metrics of the expert counts ``recorder`` holds (``record_loads``).
 
     A layer's modules share one routing decision structure (same experts), so their counts are summed.
     """
     per_layer: dict[int, torch.Tensor] = {}
     for m in model.modules():
-        if isinstance(m, LoRAMoELinear) and m.name in model.routing.loads:
-            c = model.routing.loads[m.name]
+        if isinstance(m, LoRAMoELinear) and m.name in recorder.loads:
+            c = recorder.loads[m.name]
             per_layer[m.layer] = c if m.layer not in per_layer else per_layer[m.layer] + c
     return {layer: load_stats(c) for layer, c in sorted(per_layer.items())}
 
@@ -119,23 +119,20 @@ def evaluate(
     encode = batch_encoder(model, tokenizer, max_length)
     was_training = model.training
     model.eval()
-    ctx = model.routing
-    ctx.reset_records()
-    ctx.record_loads, ctx.compute_aux = True, False
     # Sums, predictions and log-probabilities stay on the device and are read once at the end: no host
     # sync per batch.
     losses, preds, logps = [], [], []
     try:
-        for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
-            batch = encode(exs).to(device)
-            with autocast(device, amp_dtype):
-                logits = model(batch).float()  # [B, C]
-            losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
-            preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
-            logps.append(F.log_softmax(logits, dim=1))  # [B, C_batch]; padded choices stay -inf
-        stats = layer_load_stats(model)
+        with model.routed(RoutingPlan(record_loads=True)) as rec:  # expert loads of every batch, summed
+            for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
+                batch = encode(exs).to(device)
+                with autocast(device, amp_dtype):
+                    logits = model(batch).float()  # [B, C]
+                losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
+                preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
+                logps.append(F.log_softmax(logits, dim=1))  # [B, C_batch]; padded choices stay -inf
+        stats = layer_load_stats(model, rec)
     finally:
-        ctx.record_loads = False
         model.train(was_training)
     n = len(examples)
     if not preds:

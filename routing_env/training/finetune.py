@@ -15,8 +15,9 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,11 +28,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from routing_env.common.configs import ROUTE_LOSS_GRADS
 from routing_env.common.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
-from routing_env.data import TaskSource, describe_split, resolve_task
+from routing_env.data import MCBatch, TaskSource, describe_split, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
 from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
 from routing_env.moe.balancing import make_strategy
-from routing_env.moe import MoEConfig, build_model, load_checkpoint, model_fingerprint, moe_layers, save_checkpoint
+from routing_env.moe import (MoEConfig, RoutingPlan, RoutingRecorder, build_model, load_checkpoint, model_fingerprint,
+                             moe_layers, save_checkpoint)
 from routing_env.common.plots import load_heatmap
 from routing_env.common.results import dumps_record
 from routing_env.common.identity import check_same_run, provenance
@@ -140,9 +142,101 @@ def main(cfg: Config) -> dict:
         return train(cfg, source, name, run_dir, ctx)
 
 
+@dataclass
+class Run:
+    """Everything one training run holds: what ``set_up`` and ``build`` make, what the loop advances."""
+
+    cfg: Config
+    ctx: DistContext
+    source: TaskSource
+    name: str
+    run_dir: Path
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype (None: fp32)
+    writer: Any
+    t_start: float
+    data: dict[str, list] = field(default_factory=dict)  # "train", "dev", "test" examples
+    model: Any = None  # the MCModel
+    net: Any = None  # the model, or its DDP wrapper (what the training forward calls)
+    tokenizer: Any = None
+    encode: Any = None  # examples -> MCBatch
+    params: list = field(default_factory=list)  # the trainable parameters
+    optimizer: Any = None
+    scheduler: Any = None
+    table: TargetTable | None = None  # layermoe's routing targets (None: no routing loss)
+    covered: int = 0  # training questions with a target
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    start_epoch: int = 0
+    step: int = 0  # optimiser steps taken
+    stage3_start: int = 0  # the step this process started training at (teacher forcing anneals from it)
+    use_aux: bool = False  # collect the balance terms (the Switch loss on, or a strategy with its own)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class EpochCurve:
+    """An epoch's training curve for the record (TensorBoard has every step): the task loss from the
+    per-step host value, the routing loss and agreement summed on the device (no extra sync)."""
+
+    device: torch.device
+    task: float = 0.0
+    steps: int = 0
+    route: torch.Tensor | None = None
+    agree: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.route, self.agree = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+
+    def summary(self, stage3: bool) -> dict:
+        out = {"task_loss": self.task / max(self.steps, 1)}
+        if stage3:
+            n = max(self.steps, 1)
+            out |= {"route_loss": float(self.route) / n, "route_agreement": float(self.agree) / n}
+        return out
+
+
+@dataclass
+class StepLosses:
+    """One training step's loss terms (``route``: stage 3's routing loss and what it compared)."""
+
+    task: torch.Tensor
+    aux: torch.Tensor
+    total: torch.Tensor
+    route: torch.Tensor | None = None
+    probs: torch.Tensor | None = None  # [B, G, E] the routers' example distributions
+    targets: torch.Tensor | None = None  # [B, G, E]
+    weights: torch.Tensor | None = None  # [B, G]
+
+
 def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext = DistContext()) -> dict:
-    """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``)."""
-    # ---- set-up ----------------------------------------------------------------------------------
+    """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``): set-up, model, resume, then
+    per epoch one pass over the training set and (rank 0) a dev evaluation and checkpoint; a test last."""
+    run = set_up(cfg, source, name, run_dir, ctx)
+    build_model_and_targets(run)
+    build_optimiser(run)
+    resume(run)
+    start_training(run)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        curve = train_epoch(run, epoch)
+        if not ctx.is_main:  # rank 0 evaluates and checkpoints; the others wait
+            ctx.barrier()
+            continue
+        evaluate_and_checkpoint(run, epoch, curve)
+        ctx.barrier()
+    if not ctx.is_main:  # rank 0 tests and writes; every rank returns its results
+        return ctx.broadcast(None)
+    return test_and_report(run)
+
+
+# ---- set-up --------------------------------------------------------------------------------------
+
+def set_up(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext) -> Run:
+    """Seed, device, config file, writer and the data splits."""
     ckpt_root = run_dir / "checkpoints"
     if ctx.is_main and not cfg.resume and ckpt_root.is_dir():  # starting again: no stale epoch may be resumed later
         shutil.rmtree(ckpt_root)
@@ -154,61 +248,76 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         save_config(run_dir, cfg)  # the resolved settings; `finetune.py --config <run>/config.json` reruns them
     writer = make_writer(run_dir) if ctx.is_main else NullWriter()
     log_hparams(writer, cfg)
-    t_start = time.time()
+    run = Run(cfg, ctx, source, name, run_dir, device, amp, writer, time.time())
+    run.data = {split: source.load(split, cfg.data_dir, limit=limit) for split, limit in
+                (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit))}
+    ctx.print(describe_split(source, {split: len(exs) for split, exs in run.data.items()}))
+    return run
 
-    # ---- data ------------------------------------------------------------------------------------
-    train, dev, test = (source.load(split, cfg.data_dir, limit=limit) for split, limit in
-                        (("train", cfg.train_limit), ("dev", cfg.eval_limit), ("test", cfg.eval_limit)))
-    ctx.print(describe_split(source, {"train": len(train), "dev": len(dev), "test": len(test)}))
 
-    # ---- model -----------------------------------------------------------------------------------
-    table = None
+def build_model_and_targets(run: Run) -> None:
+    """Fresh adapters, or for ``layermoe`` the warm-up checkpoint and its routing targets."""
+    cfg = run.cfg
     if cfg.method == "layermoe":
-        model = load_checkpoint(cfg.init_checkpoint).to(device)
-        if not moe_layers(model):
-            raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
-        layers = moe_layers(model)
-        # The targets must come from a search on exactly this model (same tensors, groups, experts).
-        group_experts = [max(m.num_experts for m in layers if m.group == g) for g in range(model.moe_config.num_groups)]
-        E = max(group_experts)
-        table = TargetTable(load_targets(cfg.targets), {
-            "task": source.name, "fingerprint": model_fingerprint(model), "num_groups": model.moe_config.num_groups,
-            "num_experts": E, "num_actions": E,
-            **({"group_experts": group_experts} if len(set(group_experts)) > 1 else {})}, cfg.route_weighting,
-            cfg.target_balance, cfg.target_form, cfg.target_temperature)
-        split = table.header.get("split", "train")
-        if split != "train":  # stage 3 trains on training questions: none would have a target
-            raise TargetsError(f"{cfg.targets}:1: the targets were searched on the {split!r} split, stage 3 trains on "
-                               "'train'; search the training split (train_rl.py --split train)")
-        covered = sum(e.id in table.targets for e in train)
-        if covered == 0:
-            raise TargetsError(f"{cfg.targets}: none of the {len(train)} training questions has a target (the file's "
-                               f"{len(table)} ids are other questions); search this task's training split on "
-                               f"{cfg.init_checkpoint}")
-        ctx.print(f"layermoe: routing targets for {covered} of {len(train)} training questions from {cfg.targets}")
-        hist = table.histogram()
-        ctx.print("layermoe: mean target per expert, by group: " + "; ".join(
-            f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
+        run.model = load_checkpoint(cfg.init_checkpoint).to(run.device)
+        load_target_table(run)
     else:
-        model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(device)
+        run.model = build_model(cfg.method, cfg.backbone, moe_config(cfg), seed=cfg.seed).to(run.device)
     if cfg.backbone_dropout is not None:
-        set_backbone_dropout(model, cfg.backbone_dropout)
-    tokenizer = model.tokenizer_for(model.backbone_name)
-    encode = batch_encoder(model, tokenizer, cfg.max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    history: list[dict] = []
-    start_epoch = 0
+        set_backbone_dropout(run.model, cfg.backbone_dropout)
+    run.tokenizer = run.model.tokenizer_for(run.model.backbone_name)
+    run.encode = batch_encoder(run.model, run.tokenizer, cfg.max_length)
 
-    # ---- resume: adapters, optimiser, schedule and RNG from the last finished epoch ----------------
-    # Of this run (--resume), else, for layermoe, of the lora-moe run whose epoch checkpoint it
-    # continues: the paired design, in which stage 3 is that run's remaining epochs plus the routing
-    # loss, so with beta 0 it *is* that run.
-    done = last_checkpoint(model, ckpt_root) if cfg.resume else None
-    paired = table is not None and done is None and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
+
+def load_target_table(run: Run) -> None:
+    """The routing targets, checked against exactly this model (same tensors, groups, experts) and the train split."""
+    cfg, model, train_set = run.cfg, run.model, run.data["train"]
+    if not moe_layers(model):
+        raise ValueError(f"--init-checkpoint {cfg.init_checkpoint} is not a lora-moe checkpoint; layermoe continues one")
+    layers = moe_layers(model)
+    group_experts = [max(m.num_experts for m in layers if m.group == g) for g in range(model.moe_config.num_groups)]
+    E = max(group_experts)
+    table = TargetTable(load_targets(cfg.targets), {
+        "task": run.source.name, "fingerprint": model_fingerprint(model), "num_groups": model.moe_config.num_groups,
+        "num_experts": E, "num_actions": E,
+        **({"group_experts": group_experts} if len(set(group_experts)) > 1 else {})}, cfg.route_weighting,
+        cfg.target_balance, cfg.target_form, cfg.target_temperature)
+    split = table.header.get("split", "train")
+    if split != "train":  # stage 3 trains on training questions: none would have a target
+        raise TargetsError(f"{cfg.targets}:1: the targets were searched on the {split!r} split, stage 3 trains on "
+                           "'train'; search the training split (train_rl.py --split train)")
+    covered = sum(e.id in table.targets for e in train_set)
+    if covered == 0:
+        raise TargetsError(f"{cfg.targets}: none of the {len(train_set)} training questions has a target (the file's "
+                           f"{len(table)} ids are other questions); search this task's training split on "
+                           f"{cfg.init_checkpoint}")
+    run.ctx.print(f"layermoe: routing targets for {covered} of {len(train_set)} training questions from {cfg.targets}")
+    hist = table.histogram()
+    run.ctx.print("layermoe: mean target per expert, by group: " + "; ".join(
+        f"g{g} [{', '.join(f'{x:.2f}' for x in row)}]" for g, row in enumerate(hist)))
+    run.table, run.covered = table, covered
+
+
+def build_optimiser(run: Run) -> None:
+    """AdamW over the trainable parameters and the linear warm-up schedule over every epoch's steps."""
+    cfg = run.cfg
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.steps_per_epoch = -(-len(run.data["train"]) // cfg.batch_size)
+    run.total_steps = run.steps_per_epoch * cfg.epochs
+    run.scheduler = get_linear_schedule_with_warmup(run.optimizer, int(cfg.warmup_ratio * run.total_steps), run.total_steps)
+
+
+def resume(run: Run) -> None:
+    """Adapters, optimiser, schedule and RNG from the last finished epoch.
+
+    Of this run (--resume), else, for layermoe, of the lora-moe run whose epoch checkpoint it
+    continues: the paired design, in which stage 3 is that run's remaining epochs plus the routing
+    loss, so with beta 0 it *is* that run.
+    """
+    cfg, ctx = run.cfg, run.ctx
+    done = last_checkpoint(run.model, run.ckpt_root) if cfg.resume else None
+    paired = run.table is not None and done is None and (Path(cfg.init_checkpoint) / "training_state.pt").is_file()
     if done or paired:
         last, state = done or (Path(cfg.init_checkpoint), load_training_state(Path(cfg.init_checkpoint)))
         if paired:
@@ -216,163 +325,198 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
         elif state.get("config") is not None:  # this run's own checkpoint: made with these settings?
             check_same_run(cfg, state["config"], last, "give these settings another --name, or pass --resume false "
                            "to discard that run and start again")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and device.type == "cuda":  # dropout on the GPU draws from here
+        if state.get("cuda_rng") is not None and run.device.type == "cuda":  # dropout on the GPU draws from here
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+        run.history, run.start_epoch = state["history"], state["epoch"] + 1
         ctx.print(f"{'continuing the run of' if paired else 'resuming'} {last} after epoch {state['epoch'] + 1}"
-              f"{' with the routing loss (paired design)' if paired else ''}")
-    elif table is not None:
+                  f"{' with the routing loss (paired design)' if paired else ''}")
+    elif run.table is not None:
         ctx.print(f"layermoe: {cfg.init_checkpoint} has no training_state.pt, so stage 3 starts a fresh optimiser and "
-              "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
+                  "schedule (not paired with a lora-moe run; pass an epoch checkpoint of one to pair them)")
 
-    # ---- train -----------------------------------------------------------------------------------
+
+def start_training(run: Run) -> None:
+    """Which loss terms the forwards collect, the first step, and the DDP wrapper under ``torchrun``."""
+    cfg, model = run.cfg, run.model
     strategy = model.routing.strategy if cfg.method in ("lora-moe", "layermoe") else None
     # Loss terms are collected when the Switch loss is on (the default strategy) or a strategy has its own.
-    use_aux = cfg.method in ("lora-moe", "layermoe") and (cfg.aux_loss_coef > 0 or strategy is not None)
-    step = start_epoch * steps_per_epoch
-    stage3_start = step  # teacher forcing anneals over the steps this run trains
-    net = model
+    run.use_aux = cfg.method in ("lora-moe", "layermoe") and (cfg.aux_loss_coef > 0 or strategy is not None)
+    run.step = run.stage3_start = run.start_epoch * run.steps_per_epoch  # teacher forcing anneals over this run's steps
+    run.net = model
+    if run.ctx.world > 1:
+        run.net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+def train_epoch(run: Run, epoch: int) -> EpochCurve:
+    """One pass over the shuffled training set, one optimiser step per batch."""
+    cfg, ctx = run.cfg, run.ctx
     if ctx.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    for epoch in range(start_epoch, cfg.epochs):
-        if ctx.world > 1:
-            # Same initial adapters on every rank (seeded; DDP also broadcasts rank 0's), but each rank
-            # its own dropout stream, reseeded from (seed, rank, epoch) at every epoch: the checkpoint
-            # holds rank 0's RNG only, so a resumed run must not depend on the other ranks' state.
-            torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + epoch)
-        # Teacher forcing's own stream (the paired runs' RNG untouched), per epoch so a resume draws the same.
-        forcing_rng = np.random.default_rng([cfg.seed, 0x7F, epoch])
-        model.train()
-        model.routing.compute_aux = use_aux
-        model.routing.collect_route = table is not None
-        model.routing.route_grad_router_only = cfg.route_loss_grad == "router"
-        # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-        rng = np.random.default_rng([cfg.seed, epoch])
-        bar = tqdm(iterate_batches(train, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not ctx.is_main)
-        # The epoch's training curve for the record (TensorBoard has every step): the task loss from
-        # the per-step host value, the routing loss and agreement summed on the device (no extra sync).
-        task_sum, route_sum, agree_sum, n_steps = 0.0, torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for global_exs in bar:
-            # The global batch is --batch-size whatever the world size; each rank takes every
-            # world-th question of it (a last batch smaller than the world is skipped by all ranks).
-            if len(global_exs) < ctx.world:
-                continue
-            exs = global_exs[ctx.rank :: ctx.world]
-            batch = encode(exs).to(device)
-            model.routing.reset_records()
-            if table is not None and cfg.teacher_forcing > 0:
-                # Teacher-forced routing: a share of the targeted examples (annealed to 0 by the
-                # end of stage 3) runs the task loss through its searched route.
-                share = cfg.teacher_forcing * (1 - (step - stage3_start) / max(total_steps - stage3_start, 1))
-                paths = table.batch_paths(batch.ids)  # [B, G]
-                paths[torch.from_numpy(forcing_rng.random(len(exs)) >= share)] = -1
-                row_example = model.row_examples(batch)  # [R]
-                model.routing.selection_bias = forced_route_bias(paths.to(device), row_example, table.group_experts)
-            with autocast(device, amp):
-                logits = net(batch).float()  # [B, C]
-            model.routing.selection_bias = {}
-            if ctx.world == 1:
-                task_loss = F.cross_entropy(logits, batch.labels)
-            else:  # this rank's sum over the global batch's size: DDP's mean of gradients is the global mean's
-                task_loss = F.cross_entropy(logits, batch.labels, reduction="sum") * ctx.world / len(global_exs)
-            aux_loss = torch.stack(model.routing.aux_losses).mean() if model.routing.aux_losses else torch.zeros(())
-            loss = task_loss + cfg.aux_loss_coef * aux_loss
-            if model.routing.balance_losses:  # each strategy's own weighted term, averaged over the MoE modules
-                loss = loss + torch.stack(model.routing.balance_losses).sum() / len(moe_layers(model))
-            if table is not None:  # stage 3: pull each group's router toward the example's target
-                probs = model.routing.example_group_probs(len(exs))  # [B, G, E]
-                tgt, w = (x.to(device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
-                logp = model.routing.example_group_probs(len(exs), log=True) if cfg.route_granularity == "token" else None
-                route_loss = routing_loss(probs, tgt, w, logp)
-                loss = loss + cfg.beta * route_loss
-                route_sum += route_loss.detach()
-                agree_sum += group_agreement(probs.detach(), tgt, w).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            # One host sync per step, after the backward is queued: a finite loss can still give an
-            # infinite gradient (and NaN adapters after the step), so both are checked before the update.
-            task_value, loss_value, norm_value = ctx.mean(torch.stack([
-                task_loss.detach(), loss.detach(), grad_norm.detach().to(loss.device).float()])).tolist()
-            if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
-                if not ctx.is_main:  # every rank stops; rank 0 saves the state and names the questions
-                    raise NonFiniteLoss(f"non-finite loss at step {step + 1} (rank 0 saved the state)")
-                parts = {"task": task_value, "aux": float(aux_loss.detach()), "total": loss_value, "grad_norm": norm_value}
-                if table is not None:
-                    parts["route"] = float(route_loss.detach())
-                stop_nonfinite(model, optimizer, scheduler, run_dir, step + 1, epoch, batch.ids, parts, cfg)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            task_sum, n_steps = task_sum + task_value, n_steps + 1
-            if step % cfg.log_every == 0 or step == stage3_start + 1:
-                writer.add_scalar("losses/task", task_value, step)
-                writer.add_scalar("losses/aux", aux_loss.item(), step)
-                writer.add_scalar("losses/total", loss_value, step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                if table is not None:
-                    writer.add_scalar("losses/route", route_loss.item(), step)
-                    for g, a in enumerate(group_agreement(probs.detach(), tgt, w).tolist()):
-                        writer.add_scalar(f"routing/agreement_group_{g}", a, step)
-            bar.set_postfix(loss=f"{task_value:.3f}")
-        model.routing.compute_aux = model.routing.collect_route = False
-
-        # ---- evaluate on dev, checkpoint (rank 0; the others wait) ------------------------------
-        if not ctx.is_main:
-            ctx.barrier()
+        # Same initial adapters on every rank (seeded; DDP also broadcasts rank 0's), but each rank
+        # its own dropout stream, reseeded from (seed, rank, epoch) at every epoch: the checkpoint
+        # holds rank 0's RNG only, so a resumed run must not depend on the other ranks' state.
+        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank * 7919 + epoch)
+    # Teacher forcing's own stream (the paired runs' RNG untouched), per epoch so a resume draws the same.
+    forcing_rng = np.random.default_rng([cfg.seed, 0x7F, epoch])
+    run.model.train()
+    # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+    rng = np.random.default_rng([cfg.seed, epoch])
+    bar = tqdm(iterate_batches(run.data["train"], cfg.batch_size, rng), total=run.steps_per_epoch,
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.is_main)
+    curve = EpochCurve(run.device)
+    for global_exs in bar:
+        # The global batch is --batch-size whatever the world size; each rank takes every
+        # world-th question of it (a last batch smaller than the world is skipped by all ranks).
+        if len(global_exs) < ctx.world:
             continue
-        res = evaluate(model, tokenizer, dev, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                       device=device, desc="dev", amp_dtype=amp)
-        if not np.isfinite(res.loss):  # adapters gone non-finite by a path the step checks did not see
-            raise NonFiniteLoss(f"the dev loss after epoch {epoch + 1} is {res.loss} (adapters not finite); no "
-                                f"checkpoint or results were written for it. Lower --lr or check the inputs; "
-                                f"epoch {epoch} is the last good checkpoint in {ckpt_root}")
-        writer.add_scalar("eval/accuracy", res.accuracy, step)
-        writer.add_scalar("eval/loss", res.loss, step)
-        log_routing(writer, model, res.layer_stats, f"dev_epoch{epoch + 1}", step, run_dir)
-        # The per-question block of dev for the last epoch only (the model the run ends with; earlier
-        # epochs' blocks would multiply the committed records' size for no paired comparison).
-        train_curve = {"task_loss": task_sum / max(n_steps, 1)}
-        if table is not None:
-            train_curve |= {"route_loss": float(route_sum) / max(n_steps, 1), "route_agreement": float(agree_sum) / max(n_steps, 1)}
-        history.append({"epoch": epoch + 1, "step": step, "train": train_curve, "dev": res.summary(questions=epoch + 1 == cfg.epochs),
-                        "elapsed_s": time.time() - t_start})
-        print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
-        save_epoch(model, optimizer, scheduler, ckpt_root / f"epoch_{epoch + 1}", epoch, history, cfg, source.name, device)
-        ctx.barrier()
-    if not ctx.is_main:  # rank 0 tests and writes; every rank returns its results
-        return ctx.broadcast(None)
+        task_value = train_step(run, global_exs, epoch, forcing_rng, curve)
+        bar.set_postfix(loss=f"{task_value:.3f}")
+    return curve
 
-    # ---- test ------------------------------------------------------------------------------------
+
+def train_step(run: Run, global_exs: list, epoch: int, forcing_rng: np.random.Generator, curve: EpochCurve) -> float:
+    """Forward under this step's routing plan, the losses, backward, the finiteness check, the update
+    and its log; returns the task loss (mean over the ranks)."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
+    exs = global_exs[ctx.rank :: ctx.world]
+    batch = run.encode(exs).to(run.device)
+    plan = step_plan(run, batch, len(exs), forcing_rng)
+    with model.routed(plan) as rec, autocast(run.device, run.amp):
+        logits = run.net(batch).float()  # [B, C]
+    losses = step_losses(run, logits, batch, len(exs), len(global_exs), rec)
+    if losses.route is not None:
+        curve.route += losses.route.detach()
+        curve.agree += group_agreement(losses.probs.detach(), losses.targets, losses.weights).mean()
+    run.optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    # One host sync per step, after the backward is queued: a finite loss can still give an
+    # infinite gradient (and NaN adapters after the step), so both are checked before the update.
+    task_value, loss_value, norm_value = ctx.mean(torch.stack([
+        losses.task.detach(), losses.total.detach(), grad_norm.detach().to(losses.total.device).float()])).tolist()
+    if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
+        if not ctx.is_main:  # every rank stops; rank 0 saves the state and names the questions
+            raise NonFiniteLoss(f"non-finite loss at step {run.step + 1} (rank 0 saved the state)")
+        parts = {"task": task_value, "aux": float(losses.aux.detach()), "total": loss_value, "grad_norm": norm_value}
+        if losses.route is not None:
+            parts["route"] = float(losses.route.detach())
+        stop_nonfinite(model, run.optimizer, run.scheduler, run.run_dir, run.step + 1, epoch, batch.ids, parts, cfg)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    curve.task, curve.steps = curve.task + task_value, curve.steps + 1
+    if run.step % cfg.log_every == 0 or run.step == run.stage3_start + 1:
+        log_step(run, task_value, loss_value, losses)
+    return task_value
+
+
+def step_plan(run: Run, batch: MCBatch, num_examples: int, forcing_rng: np.random.Generator) -> RoutingPlan:
+    """The routing of one training forward: the balance terms, stage 3's route sums and teacher forcing.
+
+    Teacher-forced routing: a share of the targeted examples (annealed to 0 by the end of stage 3)
+    runs the task loss through its searched route.
+    """
+    cfg, table = run.cfg, run.table
+    bias = {}
+    if table is not None and cfg.teacher_forcing > 0:
+        share = cfg.teacher_forcing * (1 - (run.step - run.stage3_start) / max(run.total_steps - run.stage3_start, 1))
+        paths = table.batch_paths(batch.ids)  # [B, G]
+        paths[torch.from_numpy(forcing_rng.random(num_examples) >= share)] = -1
+        row_example = run.model.row_examples(batch)  # [R]
+        bias = forced_route_bias(paths.to(run.device), row_example, table.group_experts)
+    return RoutingPlan(selection_bias=bias, compute_aux=run.use_aux, collect_route=table is not None,
+                       route_grad_router_only=cfg.route_loss_grad == "router")
+
+
+def step_losses(run: Run, logits: torch.Tensor, batch: MCBatch, num_examples: int, global_size: int,
+                rec: RoutingRecorder) -> StepLosses:
+    """Task loss, the balance terms the forward recorded and, in stage 3, the routing loss toward the targets."""
+    cfg, ctx, table = run.cfg, run.ctx, run.table
+    if ctx.world == 1:
+        task_loss = F.cross_entropy(logits, batch.labels)
+    else:  # this rank's sum over the global batch's size: DDP's mean of gradients is the global mean's
+        task_loss = F.cross_entropy(logits, batch.labels, reduction="sum") * ctx.world / global_size
+    aux_loss = torch.stack(rec.aux_losses).mean() if rec.aux_losses else torch.zeros(())
+    loss = task_loss + cfg.aux_loss_coef * aux_loss
+    if rec.balance_losses:  # each strategy's own weighted term, averaged over the MoE modules
+        loss = loss + torch.stack(rec.balance_losses).sum() / len(moe_layers(run.model))
+    if table is None:
+        return StepLosses(task_loss, aux_loss, loss)
+    # Stage 3: pull each group's router toward the example's target.
+    probs = rec.example_group_probs(num_examples)  # [B, G, E]
+    tgt, w = (x.to(run.device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
+    logp = rec.example_group_probs(num_examples, log=True) if cfg.route_granularity == "token" else None
+    route_loss = routing_loss(probs, tgt, w, logp)
+    return StepLosses(task_loss, aux_loss, loss + cfg.beta * route_loss, route_loss, probs, tgt, w)
+
+
+def log_step(run: Run, task_value: float, loss_value: float, losses: StepLosses) -> None:
+    writer, step = run.writer, run.step
+    writer.add_scalar("losses/task", task_value, step)
+    writer.add_scalar("losses/aux", losses.aux.item(), step)
+    writer.add_scalar("losses/total", loss_value, step)
+    writer.add_scalar("charts/learning_rate", run.scheduler.get_last_lr()[0], step)
+    if losses.route is not None:
+        writer.add_scalar("losses/route", losses.route.item(), step)
+        for g, a in enumerate(group_agreement(losses.probs.detach(), losses.targets, losses.weights).tolist()):
+            writer.add_scalar(f"routing/agreement_group_{g}", a, step)
+
+
+# ---- evaluate, checkpoint, test --------------------------------------------------------------------
+
+def evaluate_and_checkpoint(run: Run, epoch: int, curve: EpochCurve) -> None:
+    """Rank 0 after each epoch: dev accuracy and loads, the epoch's record, the epoch checkpoint."""
+    cfg, writer = run.cfg, run.writer
+    res = evaluate(run.model, run.tokenizer, run.data["dev"], batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                   device=run.device, desc="dev", amp_dtype=run.amp)
+    if not np.isfinite(res.loss):  # adapters gone non-finite by a path the step checks did not see
+        raise NonFiniteLoss(f"the dev loss after epoch {epoch + 1} is {res.loss} (adapters not finite); no "
+                            f"checkpoint or results were written for it. Lower --lr or check the inputs; "
+                            f"epoch {epoch} is the last good checkpoint in {run.ckpt_root}")
+    writer.add_scalar("eval/accuracy", res.accuracy, run.step)
+    writer.add_scalar("eval/loss", res.loss, run.step)
+    log_routing(writer, run.model, res.layer_stats, f"dev_epoch{epoch + 1}", run.step, run.run_dir)
+    # The per-question block of dev for the last epoch only (the model the run ends with; earlier
+    # epochs' blocks would multiply the committed records' size for no paired comparison).
+    run.history.append({"epoch": epoch + 1, "step": run.step, "train": curve.summary(run.table is not None),
+                        "dev": res.summary(questions=epoch + 1 == cfg.epochs), "elapsed_s": time.time() - run.t_start})
+    print(f"epoch {epoch + 1}: dev accuracy {res.accuracy:.4f} (loss {res.loss:.4f})")
+    save_epoch(run.model, run.optimizer, run.scheduler, run.ckpt_root / f"epoch_{epoch + 1}", epoch, run.history, cfg,
+               run.source.name, run.device)
+
+
+def test_and_report(run: Run) -> dict:
+    """Rank 0 at the end: the test evaluation, the final checkpoint and ``results.json``."""
+    cfg, writer, table = run.cfg, run.writer, run.table
     test_res = None
     if cfg.eval_test:
-        test_res = evaluate(model, tokenizer, test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
-                            device=device, desc="test", amp_dtype=amp)
+        test_res = evaluate(run.model, run.tokenizer, run.data["test"], batch_size=cfg.eval_batch_size,
+                            max_length=cfg.max_length, device=run.device, desc="test", amp_dtype=run.amp)
         if not np.isfinite(test_res.loss):
             raise NonFiniteLoss(f"the test loss is {test_res.loss} (adapters not finite); no results were written")
-        writer.add_scalar("eval/test_accuracy", test_res.accuracy, step)
-        log_routing(writer, model, test_res.layer_stats, "test", step, run_dir)
-    final = save_checkpoint(model, run_dir / "final", extra={"task": source.name, "seed": cfg.seed,
-                                                             "test_accuracy": test_res.accuracy if test_res else None})
+        writer.add_scalar("eval/test_accuracy", test_res.accuracy, run.step)
+        log_routing(writer, run.model, test_res.layer_stats, "test", run.step, run.run_dir)
+    final = save_checkpoint(run.model, run.run_dir / "final", extra={
+        "task": run.source.name, "seed": cfg.seed, "test_accuracy": test_res.accuracy if test_res else None})
     results = {
-        "name": name,
-        "task": source.name,
+        "name": run.name,
+        "task": run.source.name,
         "method": cfg.method,
         "test": test_res.summary() if test_res else None,
-        "history": history,
-        "wall_time_s": time.time() - t_start,
+        "history": run.history,
+        "wall_time_s": time.time() - run.t_start,
         "checkpoint": str(final),
-        "targets_coverage": None if table is None else covered / len(train),
+        "targets_coverage": None if table is None else run.covered / len(run.data["train"]),
         "targets_histogram": None if table is None else table.histogram().tolist(),
         "config": asdict(cfg),
         "provenance": provenance(),
     }
-    atomic_write_text(run_dir / "results.json", dumps_record(results))
+    atomic_write_text(run.run_dir / "results.json", dumps_record(results))
     writer.close()
     if test_res:
-        print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run_dir / 'results.json'}")
-    return ctx.broadcast(results)
+        print(f"test accuracy {test_res.accuracy:.4f} on {test_res.n} questions; results in {run.run_dir / 'results.json'}")
+    return run.ctx.broadcast(results)

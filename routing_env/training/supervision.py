@@ -1,7 +1,7 @@
 """Process supervision of the routers (stage 3): routing targets -> a loss on each group's router.
 
 The loss compares, per example and layer group, the router's distribution averaged over the group's
-adapted modules and the example's real tokens (``RoutingContext.example_group_probs``) with the
+adapted modules and the example's real tokens (``RoutingRecorder.example_group_probs``) with the
 target distribution of that group: ``KL(target || router)``. Averaged, not per token, because a
 target is a per-example decision for the whole group (in the MDP one expert is forced into *every*
 token's top-k); a per-token loss would pull all tokens onto one expert and erase the token-level

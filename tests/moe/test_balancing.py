@@ -10,7 +10,7 @@ from torch import nn
 from routing_env.moe import MoEConfig, build_model, load_checkpoint, moe_layers, save_checkpoint
 from routing_env.moe.balancing import STRATEGIES, make_strategy, sinkhorn_plan, topk_mask
 from routing_env.moe.kernels import lora_moe_naive
-from routing_env.moe.routing import RoutingContext, load_stats
+from routing_env.moe.routing import RoutingContext, RoutingPlan, load_stats
 from tests.conftest import random_pairs_batch, tiny_bert
 
 
@@ -139,13 +139,11 @@ def test_every_strategy_trains_saves_and_reloads(name, tmp_path):
     module, kind = tiny_bert()
     model = build_model("lora-moe", backbone_module=(module, kind), moe=MoEConfig(num_groups=2, balance=name))
     batch = random_pairs_batch()
-    ctx = model.routing
-    ctx.compute_aux = True
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        ctx.reset_records()
-        loss = torch.nn.functional.cross_entropy(model(batch), batch.labels)
-        extra = ctx.aux_losses + ctx.balance_losses
+        with model.routed(RoutingPlan(compute_aux=True)) as rec:
+            loss = torch.nn.functional.cross_entropy(model(batch), batch.labels)
+        extra = rec.aux_losses + rec.balance_losses
         if extra:
             loss = loss + torch.stack(extra).mean()
         opt.zero_grad()
@@ -279,10 +277,10 @@ def test_rmoe_choice_at_a_layer_changes_when_the_state_from_the_layer_below_chan
         assert torch.equal(model(batch), a)  # every pass starts from an empty state (the embedding hook)
     # Perturb only the state leaving the last module of transformer layer 1, once.
     last = [m for m in layers if m.layer == 1][-1]
-    ctx = model.routing
+    state = model.routing.state
 
     def nudge(mod, args, out):
-        ctx.router_state = ctx.router_state + torch.randn(ctx.router_state.shape, generator=torch.Generator().manual_seed(0))
+        state.router_state = state.router_state + torch.randn(state.router_state.shape, generator=torch.Generator().manual_seed(0))
 
     hook = last.register_forward_hook(nudge)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from routing_env.data import encode_pairs, load_task
 from routing_env.moe import (
     MCModel,
     MoEConfig,
+    RoutingPlan,
     build_model,
     combo_bias,
     load_backbone,
@@ -75,7 +76,7 @@ def test_both_backbone_kinds_init_exact_and_trainable(make):
     assert all(p.grad is None for p in moe.backbone.parameters() if not p.requires_grad)
 
 
-def _routes(model: MCModel, batch) -> dict[str, torch.Tensor]:
+def _routes(model: MCModel, batch, plan: RoutingPlan = RoutingPlan()) -> dict[str, torch.Tensor]:
     """Top-k expert ids ``[R, S, k]`` every MoE module chose in one forward, rows in batch order.
 
     Routed inside a forward hook, while the routing context still says which of the batch's rows
@@ -87,15 +88,16 @@ def _routes(model: MCModel, batch) -> dict[str, torch.Tensor]:
         x = args[0]
         _, idx, _ = mod.route(x.reshape(-1, x.shape[-1]))
         idx = idx.reshape(x.shape[0], x.shape[1], -1)  # [r, S, k]
-        rows = ctx.row_index if ctx.row_index is not None else torch.arange(x.shape[0])
-        full = out.setdefault(mod.name, torch.full((ctx.num_rows or x.shape[0], x.shape[1], idx.shape[-1]), -1))
+        state = ctx.state
+        rows = state.row_index if state.row_index is not None else torch.arange(x.shape[0])
+        full = out.setdefault(mod.name, torch.full((state.num_rows or x.shape[0], x.shape[1], idx.shape[-1]), -1))
         if full.shape[1] < idx.shape[1]:  # a later chunk is longer: widen (padding positions stay -1)
             full = out[mod.name] = torch.cat([full, full.new_full((full.shape[0], idx.shape[1] - full.shape[1], full.shape[2]), -1)], 1)
         full[rows, : idx.shape[1]] = idx
 
     for m in moe_layers(model):
         hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(plan):
         model(batch)
     for h in hooks:
         h.remove()
@@ -118,9 +120,7 @@ def test_primary_override_forces_the_expert_in_its_group_and_nowhere_else(routed
     forced_expert = 2
     primary = torch.full((rows,), forced_expert)
     primary[0] = -1  # row 0 keeps the learned routing
-    model.routing.selection_bias = {1: primary_bias(primary, 4)}
-    forced = _routes(model, batch)
-    model.routing.clear()
+    forced = _routes(model, batch, RoutingPlan(selection_bias={1: primary_bias(primary, 4)}))
     for m in moe_layers(model):
         if m.group == 0:  # the group before the override: untouched
             assert torch.equal(forced[m.name], free[m.name])
@@ -139,9 +139,7 @@ def test_combo_override_is_the_exact_top_k_set(routed_bert):
     rows = int(batch.choice_mask.sum())
     combo = torch.zeros(rows, 4, dtype=torch.bool)
     combo[:, [0, 3]] = True
-    model.routing.selection_bias = {0: combo_bias(combo)}
-    routes = _routes(model, batch)
-    model.routing.clear()
+    routes = _routes(model, batch, RoutingPlan(selection_bias={0: combo_bias(combo)}))
     for m in moe_layers(model):
         if m.group == 0:
             assert torch.equal(routes[m.name].sort(-1).values, torch.tensor([0, 3]).expand_as(routes[m.name]))
@@ -150,16 +148,14 @@ def test_combo_override_is_the_exact_top_k_set(routed_bert):
 def test_recorded_loads_count_every_real_token_k_times(routed_bert):
     model = routed_bert
     batch = random_pairs_batch()
-    model.routing.record_loads = model.routing.record_rows = True
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(record_loads=True, record_rows=True)) as rec:
         model(batch)
     real_tokens = int(batch.attention_mask[batch.choice_mask].sum())
     for m in moe_layers(model):
-        assert model.routing.loads[m.name].sum().item() == real_tokens * m.top_k
+        assert rec.loads[m.name].sum().item() == real_tokens * m.top_k
     for g in (0, 1):
-        probs = model.routing.group_mean_probs(g)
+        probs = rec.group_mean_probs(g)
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[0]))
-    model.routing.clear()
 
 
 @pytest.mark.parametrize("method", ["lora-moe", "lora"])

@@ -10,7 +10,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from routing_env.training.evaluation import evaluate, layer_load_stats
-from routing_env.moe import MoEConfig, build_model, moe_layers
+from routing_env.moe import MoEConfig, RoutingPlan, build_model, moe_layers
 from routing_env.common.opcount import OpCounter
 from tests.conftest import random_pairs_batch, tiny_bert
 
@@ -34,52 +34,49 @@ def test_one_pass_forward_equals_the_chunked_forward():
     chunked, one = _model(False), _model(True)
     chunked.chunk_rows = 2  # several chunks, each cut to its own length
     batch = random_pairs_batch(B=4, C=4, T=9)
-    for m in (chunked, one):
-        m.routing.record_loads = True
     with torch.no_grad():
-        a, b = chunked(batch), one(batch)
+        with chunked.routed(RoutingPlan(record_loads=True)) as rec_chunked:
+            a = chunked(batch)
+        with one.routed(RoutingPlan(record_loads=True)) as rec_one:
+            b = one(batch)
     real = batch.choice_mask
     assert torch.equal(torch.isinf(a), ~real) and torch.equal(torch.isinf(b), ~real)
     # Other shapes (padded to the batch's longest row instead of each chunk's), so other float
     # summation orders: a float32 tolerance, far below what one changed expert moves (~1e-1 here).
     torch.testing.assert_close(b[real], a[real], rtol=1e-5, atol=1e-5)
     # The padded choice slot is encoded but not counted: the loads are those of the real rows.
-    for name, counts in chunked.routing.loads.items():
-        torch.testing.assert_close(one.routing.loads[name], counts, rtol=0, atol=0)
+    for name, counts in rec_chunked.loads.items():
+        torch.testing.assert_close(rec_one.loads[name], counts, rtol=0, atol=0)
 
 
 def test_one_pass_forward_and_backward_issue_no_sync_op():
     model = _model(True)
     batch = random_pairs_batch()
-    ctx = model.routing
-    ctx.record_loads = True
-    with torch.no_grad(), OpCounter() as ops:  # evaluation: loads recorded on the device
+    with torch.no_grad(), model.routed(RoutingPlan(record_loads=True)), OpCounter() as ops:  # evaluation's loads
         model(batch)
     assert ops.syncs == {} and ops.total > 0
     model.train()
-    ctx.record_loads, ctx.compute_aux, ctx.collect_route = False, True, True
     with OpCounter() as ops:  # training: aux loss and the stage-3 routing statistics
-        ctx.reset_records()
-        logits = model(batch)
-        probs = ctx.example_group_probs(len(batch.ids))  # [B, G, E]
-        loss = F.cross_entropy(logits, batch.labels) + torch.stack(ctx.aux_losses).mean() + probs.square().mean()
+        with model.routed(RoutingPlan(compute_aux=True, collect_route=True)) as rec:
+            logits = model(batch)
+        probs = rec.example_group_probs(len(batch.ids))  # [B, G, E]
+        loss = F.cross_entropy(logits, batch.labels) + torch.stack(rec.aux_losses).mean() + probs.square().mean()
         loss.backward()
     assert ops.syncs == {}, ops.syncs
 
 
 def test_loads_stay_on_the_device_until_read():
     model = _model(True)
-    model.routing.record_loads = True
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(record_loads=True)) as rec:
         model(random_pairs_batch(seed=0))
         model(random_pairs_batch(seed=1))
-    counts = model.routing.loads
+    counts = rec.loads
     assert counts and all(c.dtype == torch.float64 for c in counts.values())
     # Every real token of the two batches is counted k times per module.
     tokens = sum(int((b.attention_mask * b.choice_mask[..., None]).sum()) for b in (random_pairs_batch(seed=0),
                                                                                     random_pairs_batch(seed=1)))
     assert all(float(c.sum()) == tokens * MINILM_LIKE.top_k for c in counts.values())
-    assert set(layer_load_stats(model)) == set(range(4))
+    assert set(layer_load_stats(model, rec)) == set(range(4))
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -87,22 +84,18 @@ def test_moe_layer_compiles_without_graph_breaks(grad):
     model = _model(True)
     model.train(grad)
     layer = moe_layers(model)[0]
-    ctx = model.routing
-    ctx.token_mask = torch.ones(3, 7, dtype=torch.bool)
-    ctx.record_loads = ctx.compute_aux = True
     x = torch.randn(3, 7, layer.base.in_features)
     torch._dynamo.reset()
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), model.routed(RoutingPlan(record_loads=True, compute_aux=True)):
+        model.routing.begin_pass(token_mask=torch.ones(3, 7, dtype=torch.bool))
         explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    ctx.clear()
 
 
 def test_whole_one_pass_model_compiles_without_graph_breaks():
     model = _model(True)
-    model.routing.record_loads = True
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(record_loads=True)):
         explained = torch._dynamo.explain(model)(random_pairs_batch())
     assert explained.graph_break_count == 0, explained.break_reasons
 
@@ -128,8 +121,7 @@ def test_gpu_eval_forward_does_not_synchronise(data_dir):
     from routing_env.training.evaluation import batch_encoder
 
     batch = batch_encoder(model, tokenizer, 128)(examples).to("cuda")
-    model.routing.record_loads = True
-    with torch.no_grad():
+    with torch.no_grad(), model.routed(RoutingPlan(record_loads=True)):
         model(batch)  # warm-up (caches, lazy init)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

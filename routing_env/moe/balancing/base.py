@@ -10,7 +10,7 @@ A LoRA-MoE layer asks its model's strategy, on every forward:
 4. ``update(layer, x, logits, probs, chosen, w)``: state changes after a training forward (no gradient).
 
 A strategy with ``state_dim > 0`` (``rmoe``) carries a per-token state through the pass in
-``RoutingContext.router_state``, which the env caches with the hidden states at group boundaries.
+``PassState.router_state`` (``routing.py``), which the env caches with the hidden states at group boundaries.
 
 Gates are always the router's probabilities renormalised over the chosen experts. State a strategy
 keeps per layer lives in buffers named ``balance_*`` on the layer, saved with checkpoints.

@@ -11,7 +11,7 @@ balance term it is combined with, ``rmoe+aux``). Every adapted linear of LoRA-Mo
 MoE module with its own router, so the recurrence runs through all of them (in BERT: query, key,
 value, attention output, intermediate, output of layer 0, then layer 1, ...).
 
-The state lives in ``RoutingContext.router_state`` (``[T, H]``, float32): reset by a pre-hook on
+The state lives in the pass's ``PassState.router_state`` (``[T, H]``, float32): reset by a pre-hook on
 the input embeddings (``attach_reset_hook``), cached by the env with the hidden states at each
 group boundary, so a search runs on top of a recurrent router exactly as on any other.
 """
@@ -41,24 +41,24 @@ class RecurrentRouter(Strategy):
         nn.init.zeros_(layer.balance_out.weight)
 
     def scores(self, layer: Any, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        ctx = layer.context
-        prev = ctx.router_state
+        state = layer.context.state
+        prev = state.router_state
         if prev is None:  # the pass's first module
             prev = torch.zeros(x.shape[0], self.state_dim, device=x.device)
         elif prev.shape[0] != x.shape[0]:
             raise RuntimeError(f"{layer.name}: the routing state holds {prev.shape[0]} tokens, the input {x.shape[0]}; "
                                f"a pass started without resetting it (see rmoe.attach_reset_hook)")
         h = layer.balance_gru(layer.balance_proj(x), prev.to(x.dtype)).float()  # [T, H]
-        ctx.router_state = h
+        state.router_state = h
         return logits + layer.balance_out(h.to(x.dtype)).float()
 
 
 def attach_reset_hook(model: nn.Module) -> None:
     """Start every pass of ``model`` (an ``MCModel``) with an empty routing state: a pre-hook on the
     backbone's input embeddings, which every forward (and the env's ``embed``) runs first."""
-    ctx = model.routing
+    state = model.routing.state
 
     def reset(module: nn.Module, args: Any) -> None:
-        ctx.router_state = None
+        state.router_state = None
 
     model.backbone.get_input_embeddings().register_forward_pre_hook(reset)

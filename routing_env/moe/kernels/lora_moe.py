@@ -12,6 +12,8 @@ experts ``e_tj``, with ``A [E, r, d_in]`` and ``B [E, d_out, r]``.
   MiniLM) that memory traffic is what costs on a CPU, so this form is about 3x faster there.
 * ``lora_moe_triton`` (``lora_moe_triton.py``): the sorted grouped form as Triton kernels, forward and
   backward, for CUDA tensors.
+* ``use_lowrank``: the one rule choosing the low-rank form over the sorted one (``lora_moe`` and the
+  layer's own fused low-rank path both ask it).
 * ``lora_moe``: the one function every layer calls; picks between them.
 """
 
@@ -23,7 +25,18 @@ import os
 
 import torch
 
-__all__ = ["lora_moe", "lora_moe_reference", "lora_moe_lowrank", "lora_moe_naive", "triton_enabled"]
+__all__ = ["lora_moe", "lora_moe_reference", "lora_moe_lowrank", "lora_moe_naive", "triton_enabled", "use_lowrank"]
+
+
+def use_lowrank(num_experts: int, rank: int, d_in: int) -> bool:
+    """Whether an expert op of ``num_experts`` experts of rank ``rank`` on ``d_in``-wide inputs takes the
+    low-rank all-experts form (every expert's down-projection, gated) rather than the sorted grouped one.
+
+    While all experts' ranks together stay well below the input width, computing every expert's
+    down-projection moves less memory than sorting and gathering ``d``-wide rows (see the module
+    docstring); beyond it (many or wide experts) it would waste real FLOPs.
+    """
+    return num_experts * rank * 4 <= d_in
 
 
 def lora_moe_reference(
@@ -93,7 +106,7 @@ def lora_moe(
     Triton kernels for CUDA tensors when Triton is installed, else the PyTorch reference.
     """
     E, r, d_in = A.shape
-    if E * r * 4 <= d_in:
+    if use_lowrank(E, r, d_in):
         return lora_moe_lowrank(x, A, B, expert_idx, gates, scale)
     if x.is_cuda and triton_enabled():
         from routing_env.moe.kernels.lora_moe_triton import lora_moe_triton  # imports triton: GPU path only
