@@ -31,14 +31,16 @@ if __name__ == "__main__":
 import functools
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import agents
 from routing_env.training import finetune
 from routing_env.search import gate
 from routing_env.search import run as train_rl  # stage 2, named after its command
-from routing_env.common.configs import PipelineConfig  # the settings, torch-free for the command line
+from routing_env.common.configs import (  # the settings, torch-free for the command line
+    DataLimits, MoEShape, PipelineConfig, PipelineSearch, Place, Schedule, SearchSettings, Stage3Settings, StudyOutput,
+    field_names)
 from routing_env.data import TaskSource, resolve_task
 from routing_env.registration import ENV_IDS
 from routing_env.common.identity import RUN_PLACE_FIELDS, provenance, run_differences, settings_tag
@@ -46,7 +48,7 @@ from routing_env.common.results import aggregate, check_replace, dumps_record, r
 from routing_env.common.safefiles import atomic_write_text
 from routing_env.common.utils import make_writer, save_config
 
-__all__ = ["BUDGET_FIELDS", "PipelineConfig", "SEARCH_FIELDS", "STAGE3_FIELDS", "TASK_ENV", "VALUE_AGENTS", "check",
+__all__ = ["BUDGET_FIELDS", "PipelineConfig", "SEARCH_FIELDS", "STAGE3_FIELDS", "TASK_ENV", "VALUE_AGENTS", "WITHOUT_VALUES", "check",
            "main", "settings_tag", "table_name", "task_folder"]
 
 TASK_ENV = {task: env_id for env_id, task in ENV_IDS.items()}
@@ -122,29 +124,33 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, 
     return res
 
 
+#: Settings every method shares, the budget: the groups ``DataLimits``, ``Schedule`` and ``MoEShape``
+#: of the config. Any non-default value names its own task folder (``task_folder``), so runs, records
+#: and tables of different budgets never meet.
+BUDGET_FIELDS = field_names(DataLimits, Schedule, MoEShape)
+#: Settings of each stage beyond the shared budget, the groups ``PipelineSearch`` and
+#: ``Stage3Settings``; a non-default value gets its own run folder, so a rerun with other settings never
+#: reuses a stage computed with different ones. A field added to a group joins its tag by itself.
+SEARCH_FIELDS = field_names(PipelineSearch)
+STAGE3_FIELDS = field_names(Stage3Settings)
+
+
+def _values(cfg: PipelineConfig, names: tuple[str, ...]) -> dict:
+    """``name -> value`` of the config's settings ``names`` (a group's fields), to pass on to a stage."""
+    return {k: getattr(cfg, k) for k in names}
+
+
 def _finetune_config(cfg: PipelineConfig, root: Path, name: str, seed: int, **kw) -> finetune.Config:
-    return finetune.Config(**_source(cfg).args(), backbone=cfg.backbone, seed=seed, train_limit=cfg.train_limit,
-                           eval_limit=cfg.eval_limit, data_dir=cfg.data_dir, device=cfg.device, logdir=str(root), name=name,
-                           resume=True, balance=cfg.balance, num_experts=cfg.num_experts, top_k=cfg.top_k, rank=cfg.rank,
-                           aux_loss_coef=cfg.aux_loss_coef, lr=cfg.lr, **kw)
+    """A fine-tune of the pipeline's budget (``epochs`` included) at ``seed``; ``kw``: its method, stage-3
+    settings and inputs (and any other of its settings, which wins over the budget's)."""
+    return finetune.Config(**{**_source(cfg).args(), **_values(cfg, BUDGET_FIELDS), "seed": seed, "data_dir": cfg.data_dir,
+                              "device": cfg.device, "logdir": str(root), "name": name, "resume": True, **kw})
 
 
 def _finetune(cfg: PipelineConfig, root: Path, name: str, seed: int, force: bool = False, **kw) -> dict:
     """A fine-tune stage (an interrupted one resumes from its last epoch checkpoint)."""
     ft = _finetune_config(cfg, root, name, seed, **kw)
     return _stage(cfg, root, name, "results.json", ft, lambda: finetune.main(ft), force)
-
-
-#: Settings every method shares: the budget. Any non-default value names its own task folder
-#: (``task_folder``), so runs, records and tables of different budgets never meet.
-BUDGET_FIELDS = ("epochs", "backbone", "balance", "num_experts", "top_k", "rank", "aux_loss_coef", "lr", "train_limit",
-                 "eval_limit")
-#: Settings of each stage beyond the shared budget; a non-default value gets its own run folder, so
-#: a rerun with other settings never reuses a stage computed with different ones.
-SEARCH_FIELDS = ("search_examples", "num_simulations", "agent_kwargs", "balance_weight", "warmup_epochs",
-                 "search_batch_size")
-STAGE3_FIELDS = ("beta", "route_weighting", "target_balance", "target_form", "target_temperature", "teacher_forcing",
-                 "route_granularity", "route_loss_grad")
 
 
 #: Agents whose targets files carry process values, so ``target_form`` onehot / softmax and
@@ -160,11 +166,11 @@ def _env_args(cfg: PipelineConfig) -> dict:
 
 
 def _search_config(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, name: str) -> train_rl.Config:
+    """A search with the pipeline's search settings (``SearchSettings``, passed as they are)."""
     return train_rl.Config(
-        **_env_args(cfg), agent=agent, checkpoint=str(checkpoint), seed=seed,
-        num_examples=cfg.search_examples or cfg.train_limit or 10**9, num_simulations=cfg.num_simulations,
-        batch_size=cfg.search_batch_size, device=cfg.device, agent_kwargs=cfg.agent_kwargs,
-        balance_weight=cfg.balance_weight, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)
+        **_env_args(cfg), **_values(cfg, field_names(SearchSettings)), agent=agent, checkpoint=str(checkpoint), seed=seed,
+        num_examples=cfg.search_examples or cfg.train_limit or 10**9, batch_size=cfg.search_batch_size,
+        device=cfg.device, data_dir=cfg.data_dir, logdir=str(root), name=name, compare_router=True)
 
 
 def _search(cfg: PipelineConfig, root: Path, agent: str, seed: int, checkpoint: Path, force: bool = False) -> dict:
@@ -198,23 +204,21 @@ def _run_name(method: str, seed: int, tag: str) -> str:
     return f"{method}-s{seed}" if method in ("lora", "lora-moe") else f"{method}{tag}-s{seed}"
 
 
+#: Stage-3 settings that need process values, and what targets without them get instead.
+WITHOUT_VALUES = {"target_form": "file", "route_weighting": "none"}
+
+
 def _stage3_settings(cfg: PipelineConfig, agent: str) -> dict:
-    """Stage 3's settings for targets of ``agent``: agents without process values keep their own
-    distributions (target form ``file``), equally weighted (value-gap would weigh every term 0)."""
-    values = agent in VALUE_AGENTS
-    return dict(beta=cfg.beta, route_weighting=cfg.route_weighting if values else "none",
-                target_balance=cfg.target_balance, target_form=cfg.target_form if values else "file",
-                target_temperature=cfg.target_temperature, teacher_forcing=cfg.teacher_forcing,
-                route_granularity=cfg.route_granularity, route_loss_grad=cfg.route_loss_grad)
+    """Stage 3's settings (every field of ``Stage3Settings``) for targets of ``agent``: agents without
+    process values keep their own distributions (target form ``file``), equally weighted (value-gap
+    would weigh every term 0)."""
+    settings = _values(cfg, STAGE3_FIELDS)
+    return settings if agent in VALUE_AGENTS else {**settings, **WITHOUT_VALUES}
 
 
 def check(cfg: PipelineConfig) -> None:
     """Every setting of every stage, checked before the first one runs (a typo in the last method
     must not cost the lora-moe run before it)."""
-    from routing_env.common.configs import ROUTE_LOSS_GRADS
-    from routing_env.search.targets import TARGET_BALANCING, TARGET_FORMS
-    from routing_env.training.supervision import GRANULARITIES, WEIGHTINGS
-
     for flag, value in (("seeds", cfg.seeds), ("methods", cfg.methods)):
         if not value:
             raise ValueError(f"--{flag} is empty; give at least one")
@@ -224,13 +228,10 @@ def check(cfg: PipelineConfig) -> None:
     for m in cfg.methods:
         if m not in ("lora", "lora-moe") and not m.startswith("layermoe-"):
             raise ValueError(f"unknown method {m!r}; valid: lora, lora-moe, layermoe-<agent> (e.g. layermoe-mcts)")
-    for flag, value, valid in (("route-weighting", cfg.route_weighting, WEIGHTINGS),
-                               ("target-balance", cfg.target_balance, TARGET_BALANCING),
-                               ("target-form", cfg.target_form, TARGET_FORMS),
-                               ("route-granularity", cfg.route_granularity, GRANULARITIES),
-                               ("route-loss-grad", cfg.route_loss_grad, ROUTE_LOSS_GRADS)):
-        if value not in valid:
-            raise ValueError(f"--{flag} {value!r} is not one of {', '.join(valid)}")
+    for f in fields(cfg):  # the flags check their choices; a config made in code (compare) is checked here
+        valid, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if valid and value not in valid:
+            raise ValueError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(valid)}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
     if not (math.isfinite(cfg.target_temperature) and cfg.target_temperature > 0):
@@ -245,7 +246,7 @@ def check(cfg: PipelineConfig) -> None:
         raise ValueError(f"--search-examples must be at least 1 (or none for all), got {cfg.search_examples}")
     root = Path(cfg.logdir) / "<check>"
     for method in ("lora", "lora-moe"):  # budget, MoE shape, strategy, task: as each fine-tune checks them
-        finetune.check_config(_finetune_config(cfg, root, method, cfg.seeds[0], method=method, epochs=cfg.epochs))
+        finetune.check_config(_finetune_config(cfg, root, method, cfg.seeds[0], method=method))
     for method in cfg.methods:  # agent name, its settings, search budget: as train_rl checks them
         if method.startswith("layermoe-"):
             train_rl.check_config(_search_config(cfg, root, method.removeprefix("layermoe-"), cfg.seeds[0], root, method))
@@ -256,81 +257,120 @@ def table_name(cfg: PipelineConfig) -> str:
     return _source(cfg).name + settings_tag(cfg, BUDGET_FIELDS + SEARCH_FIELDS + STAGE3_FIELDS)
 
 
+def _stage_tag(cfg: PipelineConfig) -> str:
+    """The tag of the non-default search and stage-3 settings: layermoe runs are named by it (``_run_name``)."""
+    return settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
+
+
 def main(cfg: PipelineConfig) -> dict:
+    """Every method on every seed (stages already finished are reused), then the table."""
     check(cfg)
     # A table is never replaced by a subset of itself: refused now, not after hours of training.
     check_replace(Path(cfg.results_dir) / f"{table_name(cfg)}.json", {m: {"seeds": cfg.seeds} for m in cfg.methods})
     root = Path(cfg.logdir) / task_folder(cfg)
     runs: dict[str, list[dict]] = {m: [] for m in cfg.methods}
-    tag = settings_tag(cfg, SEARCH_FIELDS + STAGE3_FIELDS)
-    missing: list[str] = []
     gates: dict[int, dict] = {}
+    missing: list[str] = []
     for seed in cfg.seeds:
-        unfinished = [m for m in cfg.methods if not _finished(cfg, root, _run_name(m, seed, tag))]
-        if cfg.table_only:  # leave out what has not finished (its base run must have, for layermoe)
-            missing += [f"{m} s{seed}" for m in unfinished]
-        # Stage 3 continues the very lora-moe run it is compared with: when a layermoe stage is
-        # still to run and only committed records of that run exist here (another machine), the
-        # seed's lora-moe run is recomputed, so both rows come from the same run.
-        warm = root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
-        pending = [m for m in unfinished if m.startswith("layermoe-")]
-        rerun_base = bool(pending) and not warm.is_dir() and not cfg.table_only
-        for method in cfg.methods:
-            if cfg.table_only and method in unfinished:
-                continue
-            # ---- baselines: the same epochs of task training, no search ------------------------
-            if method in ("lora", "lora-moe"):
-                res = _finetune(cfg, root, _run_name(method, seed, tag), seed, force=rerun_base and method == "lora-moe",
-                                method=method, epochs=cfg.epochs)
-                runs[method].append({"seed": seed, "metrics": run_metrics(res), "questions": run_questions(res),
-                                     "seconds": {"train": res["wall_time_s"]}})
-                continue
-            agent = method.removeprefix("layermoe-")
-            # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
-            base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, force=rerun_base, method="lora-moe", epochs=cfg.epochs)
-            warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
-            # ---- the gate: is there routing structure to learn on this warm-up? (dev, once a seed) --
-            if cfg.gate_examples and seed not in gates and (
-                    method in pending or _finished(cfg, root, _gate_name(cfg, seed), "gate.json")):
-                gates[seed] = _gate(cfg, root, seed, warm)
-            # ---- stage 2: search routing targets on that checkpoint -----------------------------
-            search = _search(cfg, root, agent, seed, warm)
-            if method in pending and not Path(search["targets"]).is_file():  # a record, but no targets here
-                search = _search(cfg, root, agent, seed, warm, force=True)
-            # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
-            res = _finetune(cfg, root, _run_name(method, seed, tag), seed, method="layermoe", epochs=cfg.epochs,
-                            init_checkpoint=str(warm), targets=search["targets"], **_stage3_settings(cfg, agent))
-            runs[method].append({"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"),
-                                 "paired_with": run_metrics(base),
-                                 # per-question test records of both arms: the within-seed paired tests
-                                 "questions": run_questions(res), "paired_questions": run_questions(base),
-                                 "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"),
-                                             "stage 3": res["wall_time_s"]}})
+        missing += _run_seed(cfg, root, seed, runs, gates)
+    return _write_table(cfg, root, runs, gates, missing)
 
-    # ---- the table ---------------------------------------------------------------------------------
+
+def _warm_checkpoint(cfg: PipelineConfig, root: Path, seed: int) -> Path:
+    """The checkpoint of the seed's lora-moe run after the warm-up: the search's model and stage 3's start."""
+    return root / f"lora-moe-s{seed}" / "checkpoints" / f"epoch_{cfg.warmup_epochs}"
+
+
+def _run_seed(cfg: PipelineConfig, root: Path, seed: int, runs: dict[str, list[dict]], gates: dict[int, dict]) -> list[str]:
+    """Every method on ``seed``, its row appended to ``runs[method]`` (and the seed's gate to ``gates``).
+
+    Returns the ``"<method> s<seed>"`` left out: with ``--table-only``, those not finished (a layermoe
+    method's base run must have finished too)."""
+    unfinished = [m for m in cfg.methods if not _finished(cfg, root, _run_name(m, seed, _stage_tag(cfg)))]
+    # Stage 3 continues the very lora-moe run it is compared with: when a layermoe stage is
+    # still to run and only committed records of that run exist here (another machine), the
+    # seed's lora-moe run is recomputed, so both rows come from the same run.
+    pending = [m for m in unfinished if m.startswith("layermoe-")]
+    rerun_base = bool(pending) and not _warm_checkpoint(cfg, root, seed).is_dir() and not cfg.table_only
+    for method in cfg.methods:
+        if cfg.table_only and method in unfinished:
+            continue
+        if method in ("lora", "lora-moe"):
+            runs[method].append(_baseline(cfg, root, method, seed, force=rerun_base and method == "lora-moe"))
+        else:
+            runs[method].append(_layermoe(cfg, root, method, seed, rerun_base, method in pending, gates))
+    return [f"{m} s{seed}" for m in unfinished] if cfg.table_only else []
+
+
+def _baseline(cfg: PipelineConfig, root: Path, method: str, seed: int, force: bool) -> dict:
+    """The row of a baseline (lora, lora-moe): ``epochs`` epochs of task training, no search."""
+    res = _finetune(cfg, root, _run_name(method, seed, _stage_tag(cfg)), seed, force=force, method=method)
+    return {"seed": seed, "metrics": run_metrics(res), "questions": run_questions(res),
+            "seconds": {"train": res["wall_time_s"]}}
+
+
+def _layermoe(cfg: PipelineConfig, root: Path, method: str, seed: int, rerun_base: bool, pending: bool,
+              gates: dict[int, dict]) -> dict:
+    """The row of ``layermoe-<agent>``: warm-up, gate, search, stage 3, paired with the seed's lora-moe run.
+
+    ``rerun_base``: recompute the lora-moe run (its checkpoints are not here); ``pending``: this
+    method's stage 3 is still to run, so its search's targets file must be here."""
+    agent, warm = method.removeprefix("layermoe-"), _warm_checkpoint(cfg, root, seed)
+    # ---- stage 1: the first warmup_epochs of this seed's lora-moe run -------------------
+    base = _finetune(cfg, root, f"lora-moe-s{seed}", seed, force=rerun_base, method="lora-moe")
+    warm_s = base["history"][cfg.warmup_epochs - 1]["elapsed_s"]
+    # ---- the gate: is there routing structure to learn on this warm-up? (dev, once a seed) --
+    if cfg.gate_examples and seed not in gates and (
+            pending or _finished(cfg, root, _gate_name(cfg, seed), "gate.json")):
+        gates[seed] = _gate(cfg, root, seed, warm)
+    # ---- stage 2: search routing targets on that checkpoint -----------------------------
+    search = _search(cfg, root, agent, seed, warm)
+    if pending and not Path(search["targets"]).is_file():  # a record, but no targets here
+        search = _search(cfg, root, agent, seed, warm, force=True)
+    # ---- stage 3: the run's remaining epochs, plus the routing loss ---------------------
+    res = _finetune(cfg, root, _run_name(method, seed, _stage_tag(cfg)), seed, method="layermoe",
+                    init_checkpoint=str(warm), targets=search["targets"], **_stage3_settings(cfg, agent))
+    return {"seed": seed, "metrics": run_metrics(res), "search": search.get("agent"), "paired_with": run_metrics(base),
+            # per-question test records of both arms: the within-seed paired tests
+            "questions": run_questions(res), "paired_questions": run_questions(base),
+            "seconds": {"warm-up": warm_s, "search": search.get("wall_time_s"), "stage 3": res["wall_time_s"]}}
+
+
+def _write_table(cfg: PipelineConfig, root: Path, runs: dict[str, list[dict]], gates: dict[int, dict],
+                 missing: list[str]) -> dict:
+    """The table of the finished rows, with its settings under it: ``<results_dir>/<table_name>.md``, JSON, plot."""
     table = aggregate({m: r for m, r in runs.items() if r})
     if not table:
         raise ValueError(f"--table-only: no finished stage matches these settings (task folder {task_folder(cfg)}, "
-                         f"settings tag {tag or 'none'}) under {root} or {Path(cfg.results_dir) / 'runs'}; nothing to "
-                         "tabulate. Run the pipeline without --table-only, or give the settings the runs were made with")
-    budget = {k: v for k, v in asdict(cfg).items()
-              if k not in ("methods", "logdir", "results_dir", "data_dir", "device", "table_only")}
-    notes = [f"{m}: targets from an agent without process values, so target_form file and route_weighting none"
-             for m in cfg.methods if m.startswith("layermoe-")
-             and any(_stage3_settings(cfg, m.removeprefix("layermoe-"))[k] != getattr(cfg, k)
-                     for k in ("target_form", "route_weighting"))]
-    if notes:
-        budget["per-agent settings"] = "; ".join(notes)
-    if gates:
-        budget["routing-structure gate on the warm-up"] = "; ".join(f"s{s}: {gate.summary_line(g)}" for s, g in gates.items())
+                         f"settings tag {_stage_tag(cfg) or 'none'}) under {root} or {Path(cfg.results_dir) / 'runs'}; "
+                         "nothing to tabulate. Run the pipeline without --table-only, or give the settings the runs "
+                         "were made with")
     if missing:
-        budget["not finished (left out)"] = ", ".join(missing)
         print(f"[pipeline] not finished, left out of the table: {', '.join(missing)}")
     save_config(root / "pipeline", cfg)
     writer = make_writer(root / "pipeline")
     # Another budget or other layermoe settings: another table beside the default one, named by them.
-    path = write_table(table_name(cfg), table, cfg.results_dir, budget, writer, provenance())
+    path = write_table(table_name(cfg), table, cfg.results_dir, _table_settings(cfg, gates, missing), writer,
+                       provenance())
     writer.close()
     print(Path(path).read_text())
     return table
 
+
+def _table_settings(cfg: PipelineConfig, gates: dict[int, dict], missing: list[str]) -> dict:
+    """The settings every row shares (all but the methods, where they ran and the output), per-agent
+    exceptions, the gates' verdicts and the rows left out: written under the table."""
+    hidden = {"methods", *field_names(Place), *field_names(StudyOutput)} - {"seeds"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in hidden}
+    without = " and ".join(f"{k} {v}" for k, v in WITHOUT_VALUES.items())
+    notes = [f"{m}: targets from an agent without process values, so {without}"
+             for m in cfg.methods if m.startswith("layermoe-")
+             and any(_stage3_settings(cfg, m.removeprefix("layermoe-"))[k] != getattr(cfg, k) for k in WITHOUT_VALUES)]
+    if notes:
+        settings["per-agent settings"] = "; ".join(notes)
+    if gates:
+        settings["routing-structure gate on the warm-up"] = "; ".join(f"s{s}: {gate.summary_line(g)}"
+                                                                      for s, g in gates.items())
+    if missing:
+        settings["not finished (left out)"] = ", ".join(missing)
+    return settings

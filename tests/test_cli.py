@@ -73,6 +73,38 @@ def test_config_classes_keep_their_old_names():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+
+def test_each_setting_is_declared_once_and_the_commands_are_composed_of_the_groups():
+    import dataclasses
+    import re
+
+    from routing_env.common import configs
+
+    # one declaration (help text, choices) per setting: batch_size and methods mean other things per command
+    declared = re.findall(r"^    (\w+): .* = cfg_field\(", (ROOT / "routing_env/common/configs.py").read_text(), re.M)
+    twice = sorted({n for n in declared if declared.count(n) > 1})
+    assert twice == ["batch_size", "methods"], twice
+    commands = (configs.FinetuneConfig, configs.SearchConfig, configs.PipelineConfig, configs.CompareConfig)
+    texts: dict[str, set] = {}
+    for cls in commands:
+        for f in dataclasses.fields(cls):
+            if f.name not in ("batch_size", "methods") and (cls, f.name) != (configs.SearchConfig, "task"):
+                texts.setdefault(f.name, set()).add(json.dumps(dict(f.metadata), sort_keys=True))
+    assert {n: t for n, t in texts.items() if len(t) > 1} == {}  # shared settings read the same everywhere
+    assert all(issubclass(c, configs.Stage3Settings) for c in (configs.FinetuneConfig, configs.PipelineConfig))
+    assert all(issubclass(c, configs.SearchSettings) for c in (configs.SearchConfig, configs.PipelineConfig))
+    # ... each command keeps its own defaults, types and flat fields
+    assert (configs.SearchConfig().num_simulations, configs.PipelineConfig().num_simulations) == (16, 32)
+    assert parse_config(configs.PipelineConfig, []).num_simulations == 32
+    assert parse_config(configs.SearchConfig, []).num_simulations == 16
+    assert [c().logdir for c in commands] == ["runs", "runs", "runs/pipeline", "runs/compare"]
+    assert (configs.PipelineConfig().results_dir, configs.CompareConfig().results_dir) == ("results", "results/compare")
+    assert configs.SearchConfig().task is None and configs.FinetuneConfig().task == "arc-easy"
+    assert parse_config(configs.SearchConfig, ["--task", "none"]).task is None
+    assert dataclasses.asdict(configs.PipelineConfig(beta=0.5))["beta"] == 0.5  # asdict stays flat
+    from routing_env.common.identity import RUN_PLACE_FIELDS
+    assert set(configs.field_names(configs.Place)) <= set(RUN_PLACE_FIELDS)  # where a run runs is no part of it
+
 # ---- --threads ---------------------------------------------------------------------------------------
 
 _THREADS_PROBE = """

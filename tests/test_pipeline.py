@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,112 @@ def test_other_stage_settings_get_their_own_run_folders():
     tag = pipeline.settings_tag(tagged, pipeline.STAGE3_FIELDS)
     assert tag.startswith("-") and len(tag) == 9 and pipeline.settings_tag(tagged, pipeline.SEARCH_FIELDS) == ""
     assert pipeline.settings_tag(pipeline.PipelineConfig(beta=3.0), pipeline.STAGE3_FIELDS) != tag
+
+
+# ---- settings groups: the run names follow the groups, and today's names stay -----------------------
+
+def test_stage_tags_are_the_groups_fields_and_the_same_names_as_before():
+    from routing_env.common.configs import (DataLimits, MoEShape, PipelineSearch, Schedule, SearchSettings,
+                                            Stage3Settings, field_names)
+    assert pipeline.STAGE3_FIELDS == field_names(Stage3Settings)
+    assert pipeline.SEARCH_FIELDS == field_names(PipelineSearch) and set(field_names(SearchSettings)) < set(pipeline.SEARCH_FIELDS)
+    assert pipeline.BUDGET_FIELDS == field_names(DataLimits, Schedule, MoEShape)
+    # the very names of the tuples the pipeline listed by hand before: committed results are found by them
+    assert sorted(pipeline.BUDGET_FIELDS) == sorted(("epochs", "backbone", "balance", "num_experts", "top_k", "rank",
+                                                     "aux_loss_coef", "lr", "train_limit", "eval_limit"))
+    assert sorted(pipeline.SEARCH_FIELDS) == sorted(("search_examples", "num_simulations", "agent_kwargs",
+                                                     "balance_weight", "warmup_epochs", "search_batch_size"))
+    assert sorted(pipeline.STAGE3_FIELDS) == sorted(("beta", "route_weighting", "target_balance", "target_form",
+                                                     "target_temperature", "teacher_forcing", "route_granularity",
+                                                     "route_loss_grad"))
+
+
+@pytest.mark.parametrize("change, folder, table, gate", [
+    # (settings, task folder, table name, gate stage name), computed by the code before the settings groups
+    ({}, "arc-easy", "arc-easy", "gate-s0"),
+    ({"num_simulations": 16}, "arc-easy", "arc-easy-41e62a57", "gate-s0"),
+    ({"beta": 3.0}, "arc-easy", "arc-easy-79ab2a46", "gate-s0"),
+    ({"target_form": "softmax", "target_temperature": 0.05, "target_balance": "sinkhorn"}, "arc-easy",
+     "arc-easy-c3a0a54b", "gate-s0"),
+    ({"route_loss_grad": "router", "teacher_forcing": 0.5, "route_granularity": "token", "route_weighting": "value-gap"},
+     "arc-easy", "arc-easy-d3fc9c19", "gate-s0"),
+    ({"search_examples": 32, "agent_kwargs": '{"c_puct": 2.0}', "warmup_epochs": 1, "search_batch_size": 8},
+     "arc-easy", "arc-easy-ac326513", "gate-s0"),
+    ({"balance_weight": 0.0}, "arc-easy", "arc-easy-a6e61416", "gate-s0"),
+    ({"epochs": 3, "train_limit": 64}, "arc-easy-5c3330df", "arc-easy-5c3330df", "gate-s0"),
+    ({"num_experts": [2, 2, 4, 4, 6, 6]}, "arc-easy-e4f9fc8f", "arc-easy-e4f9fc8f", "gate-s0"),
+    ({"balance": "loss-free", "lr": 2e-3}, "arc-easy-0c53cd61", "arc-easy-0c53cd61", "gate-s0"),
+    ({"top_k": 1, "rank": 4, "aux_loss_coef": 0.0, "eval_limit": 20}, "arc-easy-999767f4", "arc-easy-999767f4", "gate-s0"),
+    ({"gate_examples": 0}, "arc-easy", "arc-easy", "gate-aee0ec91-s0"),
+    ({"device": "cpu", "logdir": "x", "seeds": [0], "methods": ["lora"]}, "arc-easy", "arc-easy", "gate-s0"),
+])
+def test_todays_settings_keep_their_run_names(change, folder, table, gate):
+    cfg = pipeline.PipelineConfig(**change)
+    assert (pipeline.task_folder(cfg), pipeline.table_name(cfg), pipeline._gate_name(cfg, 0)) == (folder, table, gate)
+    stage_tag = table.removeprefix(folder) if folder == "arc-easy" else ""
+    assert pipeline._run_name("layermoe-mcts", 0, pipeline._stage_tag(cfg)) == f"layermoe-mcts{stage_tag}-s0"
+
+
+def test_committed_tables_keep_their_names():
+    """Every committed pipeline table is found again by the settings stored under it, as is its runs folder."""
+    import dataclasses
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    names = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)} - {"task", "train_file", "dev_file", "test_file"}
+    folders, seen = set(), 0
+    for path in root.rglob("*.json"):
+        try:
+            budget = json.loads(path.read_text()).get("budget")
+        except (ValueError, AttributeError):
+            continue
+        if not isinstance(budget, dict) or "beta" not in budget:
+            continue
+        cfg = pipeline.PipelineConfig(**{k: v for k, v in budget.items() if k in names})
+        tag = pipeline.settings_tag(cfg, pipeline.BUDGET_FIELDS + pipeline.SEARCH_FIELDS + pipeline.STAGE3_FIELDS)
+        assert path.stem.endswith(tag), (path, tag)
+        folders.add(path.stem.removesuffix(tag) + pipeline.settings_tag(cfg, pipeline.BUDGET_FIELDS))
+        seen += 1
+    assert seen >= 10 and "routing-control-6d91bd24-4b996727" in folders
+    assert {p.name for p in (root / "runs").iterdir() if p.is_dir()} <= folders
+
+
+def test_a_new_stage3_setting_names_its_own_runs_and_reaches_stage_3(monkeypatch):
+    """A field added to the stage-3 group is a stage-3 setting everywhere: the run name and the table
+    name change when it is set (and not when it is at its default), and stage 3 gets it."""
+    from dataclasses import make_dataclass
+
+    from routing_env.common.cli import cfg_field
+    from routing_env.common.configs import FinetuneConfig, Stage3Settings, field_names
+
+    stage3 = make_dataclass("Stage3Plus", [("route_noise", float, cfg_field(0.0, "a new stage-3 option"))],
+                            bases=(Stage3Settings,))
+    config = make_dataclass("PipelinePlus", [], bases=(stage3, pipeline.PipelineConfig))
+    monkeypatch.setattr(pipeline, "STAGE3_FIELDS", field_names(stage3))  # as the module derives it from the group
+    monkeypatch.setattr(finetune, "Config", make_dataclass("FinetunePlus", [], bases=(stage3, FinetuneConfig)))
+    assert "route_noise" in pipeline.STAGE3_FIELDS
+    default, noisy = config(), config(route_noise=0.5)
+    assert pipeline._stage_tag(default) == "" and pipeline.table_name(default) == "arc-easy"  # today's names stay
+    assert pipeline._stage_tag(config(beta=3.0)) == "-79ab2a46"
+    tag = pipeline._stage_tag(noisy)
+    assert tag not in ("", "-79ab2a46") and pipeline.table_name(noisy) == f"arc-easy{tag}"
+    assert pipeline._run_name("layermoe-mcts", 0, tag) != pipeline._run_name("layermoe-mcts", 0, "")
+    for agent in ("mcts", "router"):  # passed to stage 3 whatever the agent
+        ft = pipeline._finetune_config(noisy, Path("r"), "x", 0, method="layermoe",
+                                       **pipeline._stage3_settings(noisy, agent))
+        assert ft.route_noise == 0.5
+
+
+def test_every_stage3_and_search_setting_is_passed_on():
+    from routing_env.common.configs import SearchSettings, field_names
+
+    cfg = pipeline.PipelineConfig(beta=0.5, target_temperature=0.3, teacher_forcing=0.2, route_loss_grad="router",
+                                  route_granularity="token", target_balance="sinkhorn", target_form="onehot",
+                                  route_weighting="value-gap", num_simulations=5, balance_weight=0.2,
+                                  agent_kwargs='{"c_puct": 2.0}')
+    stage3 = pipeline._stage3_settings(cfg, "mcts")
+    assert set(stage3) == set(pipeline.STAGE3_FIELDS) and all(stage3[k] == getattr(cfg, k) for k in stage3)
+    ft = pipeline._finetune_config(cfg, Path("r"), "x", 0, method="layermoe", **stage3)
+    assert all(getattr(ft, k) == getattr(cfg, k) for k in pipeline.STAGE3_FIELDS + pipeline.BUDGET_FIELDS)
+    rl = pipeline._search_config(cfg, Path("r"), "mcts", 0, Path("c"), "s")
+    assert all(getattr(rl, k) == getattr(cfg, k) for k in field_names(SearchSettings))
+    assert (rl.batch_size, rl.num_examples) == (cfg.search_batch_size, 10**9)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["cfg_field", "parse_config", "run_cli", "save_config", "set_threads", "unwritable_reason", "OUTPUT_DIRS"]
+__all__ = ["cfg_field", "cfg_like", "field_names", "parse_config", "run_cli", "save_config", "set_threads", "unwritable_reason", "OUTPUT_DIRS"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,31 @@ def cfg_field(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+_KEEP: Any = object()
+
+
+def cfg_like(group: type, name: str, default: Any = _KEEP, help: str | None = None) -> Any:
+    """The field ``name`` of the settings dataclass ``group`` again, for a config that takes it alone or
+    with another default (and, where its meaning differs there, another help text).
+
+    The help and choices stay declared once, in ``group``: an entry point that defaults a setting
+    otherwise (the pipeline's 32 simulations, its own logdir) restates the default only. Used in a
+    subclass of ``group`` the field keeps its place among the group's fields.
+    """
+    f = group.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    meta = dict(f.metadata)
+    text = meta.pop("help") if help is None else help
+    meta.pop("help", None)
+    if default is _KEEP:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return cfg_field(default, text, **meta)
+
+
+def field_names(*groups: type) -> tuple[str, ...]:
+    """The field names of the settings groups (dataclasses), in declaration order, each once."""
+    return tuple(dict.fromkeys(f.name for g in groups for f in dataclasses.fields(g)))
 
 
 def _parse_bool(s: str) -> bool:

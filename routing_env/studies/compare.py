@@ -26,13 +26,14 @@ if __name__ == "__main__":
     run_cli("routing_env.studies.compare:main", CompareConfig, __doc__)
     raise SystemExit(0)
 
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from routing_env import pipeline
 from routing_env.moe.balancing import STRATEGIES, make_strategy
-from routing_env.common.configs import CompareConfig  # the settings, torch-free for the command line
+from routing_env.common.configs import CompareConfig, field_names  # the settings, torch-free for the command line
 from routing_env.common.identity import provenance, settings_tag
 from routing_env.common.results import check_replace, write_table
 from routing_env.common.utils import make_writer, save_config
@@ -65,20 +66,24 @@ def strategies(names: list[str]) -> list[str]:
     return chosen
 
 
+#: Settings of the comparison that are not the pipeline's own (every other one is, and is passed on).
+_OWN = ("methods", "logdir", "results_dir")
+
+
 def _pipeline_config(cfg: CompareConfig, name: str) -> pipeline.PipelineConfig:
+    """Strategy ``name``'s pipeline: lora-moe and LayerMoE over it, in its own folders."""
     balance, mola = _split_mola(name)
+    shared = {k: v for k, v in asdict(cfg).items() if k not in _OWN}  # task, seeds, budget, place, table_only
     return pipeline.PipelineConfig(
-        task=cfg.task, methods=["lora-moe", "layermoe-exhaustive"], seeds=cfg.seeds, epochs=cfg.epochs,
-        num_experts=MOLA_EXPERTS if mola else [4],
-        train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, search_batch_size=cfg.search_batch_size,
-        data_dir=cfg.data_dir, device=cfg.device, balance=balance, logdir=str(Path(cfg.logdir) / name),
-        results_dir=str(Path(cfg.results_dir) / name), table_only=cfg.table_only, **LAYERMOE)
+        **shared, methods=["lora-moe", "layermoe-exhaustive"], num_experts=MOLA_EXPERTS if mola else [4],
+        balance=balance, logdir=str(Path(cfg.logdir) / name), results_dir=str(Path(cfg.results_dir) / name), **LAYERMOE)
 
 
 def table_name(cfg: CompareConfig) -> str:
-    """``<task>-strategies``, with a tag of the budget when it is not the default one."""
+    """``<task>-strategies``, with a tag of the budget (its budget and search settings) when it is not the default one."""
     task = pipeline.task_folder(pipeline.PipelineConfig(task=cfg.task))  # the task's identity (own data: content hash)
-    return f"{task}-strategies{settings_tag(cfg, ('epochs', 'train_limit', 'eval_limit', 'search_batch_size'))}"
+    budget = tuple(k for k in field_names(CompareConfig) if k in pipeline.BUDGET_FIELDS + pipeline.SEARCH_FIELDS)
+    return f"{task}-strategies{settings_tag(cfg, budget)}"
 
 
 def main(cfg: CompareConfig) -> dict:
