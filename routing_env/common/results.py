@@ -206,21 +206,8 @@ def check_replace(path: Path, table: dict[str, dict]) -> None:
                          "of itself. Give the full --methods and --seeds, or write it elsewhere with --results-dir")
 
 
-def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: dict, writer: Any = None,
-                provenance: dict | None = None) -> Path:
-    """``<out_dir>/<task>.md`` + ``.json`` and ``<task>_accuracy_vs_balance.png`` (and TensorBoard).
-
-    ``budget`` is every setting the table's runs share; ``provenance`` the command, commit and date
-    that made the table (``routing_env.common.identity.provenance``). Both are written under the table.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    check_replace(out / f"{task}.json", table)
-    out.mkdir(parents=True, exist_ok=True)
+def _table_lines(task: str, table: dict[str, dict], budget: dict, provenance: dict | None) -> list[str]:
+    """The Markdown table: one row per method, the detectable effects, the budget and where it came from."""
     lines = [f"# {task}: test accuracy and expert balance (mean ± sample std over seeds; one seed: no spread)", "",
              "Paired Δ: layermoe minus the same seed's lora-moe run, which it continues from the warm-up "
              "checkpoint (only the routing loss differs).", "",
@@ -244,9 +231,15 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
     if provenance:
         lines += [f"Made by `{provenance.get('command')}` at commit {provenance.get('commit')}, {provenance.get('date')}.",
                   ""]
-    atomic_write_text(out / f"{task}.md", "\n".join(lines))
-    atomic_write_text(out / f"{task}.json", json.dumps({"task": task, "budget": budget, "provenance": provenance,
-                                                        "methods": table}, indent=2))
+    return lines
+
+
+def _plot_accuracy_vs_balance(task: str, table: dict[str, dict]) -> Any:
+    """Test accuracy against expert-load CV, each seed a dot and each method's mean ± std a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method, row in table.items():
@@ -262,6 +255,26 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
     ax.set_title(f"{task}: accuracy vs imbalance", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: dict, writer: Any = None,
+                provenance: dict | None = None) -> Path:
+    """``<out_dir>/<task>.md`` + ``.json`` and ``<task>_accuracy_vs_balance.png`` (and TensorBoard).
+
+    ``budget`` is every setting the table's runs share; ``provenance`` the command, commit and date
+    that made the table (``routing_env.common.identity.provenance``). Both are written under the table.
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    check_replace(out / f"{task}.json", table)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = _table_lines(task, table, budget, provenance)
+    atomic_write_text(out / f"{task}.md", "\n".join(lines))
+    atomic_write_text(out / f"{task}.json", json.dumps({"task": task, "budget": budget, "provenance": provenance,
+                                                        "methods": table}, indent=2))
+    fig = _plot_accuracy_vs_balance(task, table)
     fig.savefig(out / f"{task}_accuracy_vs_balance.png", dpi=110)
     if writer is not None:
         writer.add_figure(f"results/{task}_accuracy_vs_balance", fig, 0)

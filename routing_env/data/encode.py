@@ -78,6 +78,59 @@ def _pad_id(tokenizer: Any) -> int:
     raise ValueError("tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
 
 
+def _pair_texts(examples: Sequence[MCExample]) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """The two segments of every (example, choice) pair and its ``(b, c)`` slot."""
+    firsts: list[str] = []
+    seconds: list[str] = []
+    slots: list[tuple[int, int]] = []
+    for b, ex in enumerate(examples):
+        if ex.question_first:
+            first = ex.question + (" " + ex.context if ex.context else "")
+        else:
+            first = (ex.context + " " if ex.context else "") + ex.question
+        for c, choice in enumerate(ex.choices):
+            firsts.append(first)
+            seconds.append(choice)
+            slots.append((b, c))
+    return firsts, seconds, slots
+
+
+def _tokenize_pairs(tokenizer: Any, firsts: list[str], seconds: list[str], max_length: int) -> list[dict[str, list[int]]]:
+    """Each pair's encoding, truncating only the first segment where the choice alone fits."""
+    # Decide per pair whether "only_first" can succeed: fast tokenizers raise
+    # instead of truncating when the second segment alone exceeds the budget.
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    choice_lens = [len(ids) for ids in tokenizer(seconds, add_special_tokens=False)["input_ids"]]
+    ok = [n + specials + 1 <= max_length for n in choice_lens]
+
+    encoded: list[dict[str, list[int]]] = [{} for _ in firsts]
+    for strategy, want in (("only_first", True), ("longest_first", False)):
+        idx = [i for i, flag in enumerate(ok) if flag is want]
+        if not idx:
+            continue
+        enc = tokenizer(
+            [firsts[i] for i in idx],
+            [seconds[i] for i in idx],
+            truncation=strategy,
+            max_length=max_length,
+            padding=False,
+        )
+        for j, i in enumerate(idx):
+            encoded[i] = {k: list(enc[k][j]) for k in enc.keys()}
+    return encoded
+
+
+def _empty_pair(tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """The encoding of a padded choice slot: an empty pair, whose attention mask is never all zero."""
+    filler = dict(tokenizer("", "", truncation=True, max_length=max_length))
+    if not filler["input_ids"]:
+        # A tokenizer without special tokens yields nothing for an empty pair;
+        # one pad token with mask 1 keeps downstream softmaxes finite.
+        filler = {"input_ids": [_pad_id(tokenizer)], "attention_mask": [1]}
+    filler.setdefault("attention_mask", [1] * len(filler["input_ids"]))
+    return filler
+
+
 def encode_pairs(tokenizer: Any, examples: Sequence[MCExample], max_length: int = 128) -> MCBatch:
     """Encode every (context + question, choice) pair as a two-segment input.
 
@@ -93,46 +146,9 @@ def encode_pairs(tokenizer: Any, examples: Sequence[MCExample], max_length: int 
     (e.g. ``[CLS] [SEP]``) so that their attention mask is never all zero.
     """
     num_choices = _check_examples(examples)
-    firsts: list[str] = []
-    seconds: list[str] = []
-    slots: list[tuple[int, int]] = []
-    for b, ex in enumerate(examples):
-        if ex.question_first:
-            first = ex.question + (" " + ex.context if ex.context else "")
-        else:
-            first = (ex.context + " " if ex.context else "") + ex.question
-        for c, choice in enumerate(ex.choices):
-            firsts.append(first)
-            seconds.append(choice)
-            slots.append((b, c))
-
-    # Decide per pair whether "only_first" can succeed: fast tokenizers raise
-    # instead of truncating when the second segment alone exceeds the budget.
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
-    choice_lens = [len(ids) for ids in tokenizer(seconds, add_special_tokens=False)["input_ids"]]
-    ok = [n + specials + 1 <= max_length for n in choice_lens]
-
-    encoded: list[dict[str, list[int]]] = [{} for _ in slots]
-    for strategy, want in (("only_first", True), ("longest_first", False)):
-        idx = [i for i, flag in enumerate(ok) if flag is want]
-        if not idx:
-            continue
-        enc = tokenizer(
-            [firsts[i] for i in idx],
-            [seconds[i] for i in idx],
-            truncation=strategy,
-            max_length=max_length,
-            padding=False,
-        )
-        for j, i in enumerate(idx):
-            encoded[i] = {k: list(enc[k][j]) for k in enc.keys()}
-
-    filler = dict(tokenizer("", "", truncation=True, max_length=max_length))
-    if not filler["input_ids"]:
-        # A tokenizer without special tokens yields nothing for an empty pair;
-        # one pad token with mask 1 keeps downstream softmaxes finite.
-        filler = {"input_ids": [_pad_id(tokenizer)], "attention_mask": [1]}
-    filler.setdefault("attention_mask", [1] * len(filler["input_ids"]))
+    firsts, seconds, slots = _pair_texts(examples)
+    encoded = _tokenize_pairs(tokenizer, firsts, seconds, max_length)
+    filler = _empty_pair(tokenizer, max_length)
 
     seq_len = max(len(e["input_ids"]) for e in [*encoded, filler])
     B = len(examples)
