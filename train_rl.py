@@ -17,7 +17,7 @@ from __future__ import annotations
 # Imported, the names stay available from here (``train_rl.Config``, ``train_rl.main``) for existing code.
 if __name__ == "__main__":
     from routing_env.common.cli import run_cli
-    from routing_env.common.configs import SearchConfig
+    from routing_env.search.config import SearchConfig
 
     run_cli("routing_env.search.run:main", SearchConfig, __doc__)
 else:

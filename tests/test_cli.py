@@ -38,36 +38,38 @@ def test_help_imports_no_torch(command):
 
 
 def test_config_modules_import_no_torch():
-    proc = _python("-c", "import sys, routing_env.common.cli, routing_env.common.configs; "
+    proc = _python("-c", "import sys, routing_env.common.cli, routing_env.common.configs, routing_env.search.config; "
                          f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_light_choice_lists_equal_their_sources():
-    from agents import AGENTS
     from routing_env.common import configs, utils
     from routing_env.data import task_names
     from routing_env.moe import DEFAULT_BACKBONE, METHODS
     from routing_env.moe.balancing import STRATEGIES
-    from routing_env.search import targets
-    from routing_env.training import supervision
     assert configs.TASK_NAMES == tuple(task_names())
     assert configs.METHODS == tuple(METHODS) and configs.DEFAULT_BACKBONE == DEFAULT_BACKBONE
     assert configs.STRATEGY_NAMES == tuple(STRATEGIES)
-    assert configs.AGENT_NAMES == tuple(AGENTS)
     assert configs.PRECISIONS is utils.PRECISIONS
-    for name in ("WEIGHTINGS", "GRANULARITIES"):
-        assert getattr(configs, name) == tuple(getattr(supervision, name)), name
-    for name in ("TARGET_FORMS", "TARGET_BALANCING"):
-        assert getattr(configs, name) == tuple(getattr(targets, name)), name
+
+
+def test_agent_help_lists_the_registered_agents():
+    # A new agent is its file plus its registry line: --help names it with no list to update elsewhere.
+    proc = _python("-c", "import agents; agents.register('my-agent', 'agents.baselines:RandomAgent'); "
+                         "from routing_env.search.config import SearchConfig; "
+                         "print(SearchConfig.__dataclass_fields__['agent'].metadata['help'])")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(name in proc.stdout for name in ("my-agent", "mcts", "exhaustive", "known-route")), proc.stdout
 
 
 def test_config_classes_keep_their_old_names():
     proc = _python("-c", "import finetune, train_rl; from routing_env import pipeline; from routing_env.common import configs; "
-                         "from routing_env.search import run as search; from routing_env.studies import compare; "
+                         "from routing_env.search import run as search; from routing_env.search.config import SearchConfig; "
+                         "from routing_env.studies import compare; "
                          "import routing_env.training.finetune as ft; "
                          "assert finetune.Config is ft.Config is configs.FinetuneConfig and finetune.main is ft.main; "
-                         "assert train_rl.Config is search.Config is configs.SearchConfig; "
+                         "assert train_rl.Config is search.Config is SearchConfig; "
                          "assert pipeline.PipelineConfig is configs.PipelineConfig; "
                          "assert compare.CompareConfig is configs.CompareConfig")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -79,28 +81,30 @@ def test_each_setting_is_declared_once_and_the_commands_are_composed_of_the_grou
     import re
 
     from routing_env.common import configs
+    from routing_env.search.config import SearchConfig
 
     # one declaration (help text, choices) per setting: batch_size and methods mean other things per command
-    declared = re.findall(r"^    (\w+): .* = cfg_field\(", (ROOT / "routing_env/common/configs.py").read_text(), re.M)
+    declared = [n for path in ("routing_env/common/configs.py", "routing_env/search/config.py")
+                for n in re.findall(r"^    (\w+): .* = cfg_field\(", (ROOT / path).read_text(), re.M)]
     twice = sorted({n for n in declared if declared.count(n) > 1})
     assert twice == ["batch_size", "methods"], twice
-    commands = (configs.FinetuneConfig, configs.SearchConfig, configs.PipelineConfig, configs.CompareConfig)
+    commands = (configs.FinetuneConfig, SearchConfig, configs.PipelineConfig, configs.CompareConfig)
     texts: dict[str, set] = {}
     for cls in commands:
         for f in dataclasses.fields(cls):
-            if f.name not in ("batch_size", "methods") and (cls, f.name) != (configs.SearchConfig, "task"):
+            if f.name not in ("batch_size", "methods") and (cls, f.name) != (SearchConfig, "task"):
                 texts.setdefault(f.name, set()).add(json.dumps(dict(f.metadata), sort_keys=True))
     assert {n: t for n, t in texts.items() if len(t) > 1} == {}  # shared settings read the same everywhere
     assert all(issubclass(c, configs.Stage3Settings) for c in (configs.FinetuneConfig, configs.PipelineConfig))
-    assert all(issubclass(c, configs.SearchSettings) for c in (configs.SearchConfig, configs.PipelineConfig))
+    assert all(issubclass(c, configs.SearchSettings) for c in (SearchConfig, configs.PipelineConfig))
     # ... each command keeps its own defaults, types and flat fields
-    assert (configs.SearchConfig().num_simulations, configs.PipelineConfig().num_simulations) == (16, 32)
+    assert (SearchConfig().num_simulations, configs.PipelineConfig().num_simulations) == (16, 32)
     assert parse_config(configs.PipelineConfig, []).num_simulations == 32
-    assert parse_config(configs.SearchConfig, []).num_simulations == 16
+    assert parse_config(SearchConfig, []).num_simulations == 16
     assert [c().logdir for c in commands] == ["runs", "runs", "runs/pipeline", "runs/compare"]
     assert (configs.PipelineConfig().results_dir, configs.CompareConfig().results_dir) == ("results", "results/compare")
-    assert configs.SearchConfig().task is None and configs.FinetuneConfig().task == "arc-easy"
-    assert parse_config(configs.SearchConfig, ["--task", "none"]).task is None
+    assert SearchConfig().task is None and configs.FinetuneConfig().task == "arc-easy"
+    assert parse_config(SearchConfig, ["--task", "none"]).task is None
     assert dataclasses.asdict(configs.PipelineConfig(beta=0.5))["beta"] == 0.5  # asdict stays flat
     from routing_env.common.identity import RUN_PLACE_FIELDS
     assert set(configs.field_names(configs.Place)) <= set(RUN_PLACE_FIELDS)  # where a run runs is no part of it

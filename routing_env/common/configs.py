@@ -25,11 +25,14 @@ the groups (``pipeline.BUDGET_FIELDS = DataLimits + Schedule + MoEShape``, ``SEA
 
 Imports nothing heavy (no torch, transformers or model code): a script parses its flags and answers
 ``--help`` from here, then imports the module that does the work. The modules keep their names for
-them (``routing_env.training.finetune.Config`` is ``FinetuneConfig``, ``routing_env.search.run.Config`` is
-``SearchConfig``; ``pipeline.PipelineConfig``, ``compare.CompareConfig``).
+them (``routing_env.training.finetune.Config`` is ``FinetuneConfig``; ``pipeline.PipelineConfig``,
+``compare.CompareConfig``).
 
-The choices that live in heavy modules (task names, methods, strategies, target options) are listed
-again here; tests/test_cli.py checks that each list equals its source, so they cannot drift apart.
+Stage 3's choices (target forms, weightings, ...) are declared here and imported by the code that
+reads them. The few that live in heavy modules (task names, methods, strategies) are listed again
+here; tests/test_cli.py checks that each list equals its source, so they cannot drift apart.
+``SearchConfig`` lives beside the search (``routing_env/search/config.py``): its ``--agent`` help names
+the registered agents, and the agents package sits above this one.
 """
 
 from __future__ import annotations
@@ -37,16 +40,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from routing_env.common.cli import cfg_field, cfg_like, field_names
-from routing_env.registration import ENV_IDS  # gymnasium, which the package import loads anyway
 
-__all__ = ["AGENT_NAMES", "FinetuneConfig", "SearchConfig", "PipelineConfig", "CompareConfig", "TaskData", "DataLimits",
+__all__ = ["FinetuneConfig", "PipelineConfig", "CompareConfig", "TaskData", "DataLimits",
            "Schedule", "MoEShape", "AdapterDetails", "Stage3Settings", "SearchSettings", "PipelineSearch", "Place",
            "RunSettings", "StudyOutput", "field_names", "PRECISIONS", "TASK_NAMES", "METHODS",
            "DEFAULT_BACKBONE", "STRATEGY_NAMES", "WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING",
            "ROUTE_LOSS_GRADS"]
 
-#: the registered agents (agents.AGENTS), for --help: the agents package sits above this one
-AGENT_NAMES = ("mcts", "exhaustive", "ppo", "router", "random", "round-robin", "known-route")
 #: ``--precision`` values (routing_env.common.utils.autocast_dtype maps them to a dtype)
 PRECISIONS = ("auto", "fp32", "bf16")
 #: built-in task names (routing_env.data.task_names())
@@ -57,15 +57,23 @@ METHODS = ("lora", "lora-moe")
 DEFAULT_BACKBONE = "minilm"
 #: routing / balancing strategies, in their registry's order (routing_env.moe.balancing.STRATEGIES)
 STRATEGY_NAMES = ("aux", "z-loss", "loss-free", "top-p", "sinkhorn", "bip", "loramoe", "dynmole", "mar", "rmoe")
-#: stage-3 target options (routing_env.training.supervision: WEIGHTINGS, TARGET_FORMS, GRANULARITIES, TARGET_BALANCING)
+# Stage 3's choices, declared here once (supervision.py and search/targets.py import them):
+#: How each (example, group) term is weighted: equally, or by how much the search said the choice
+#: mattered (the spread of its process values, max Q - min Q, normalised to mean 1 over the file).
 WEIGHTINGS = ("none", "value-gap")
+#: Which distribution a group is pulled toward: the file's targets as the agent wrote them (MCTS:
+#: visit counts), a one-hot of the best-valued action, or a softmax of the process values (Q, in
+#: log-p units) at ``target_temperature``. The last two need a file with values (MCTS, exhaustive).
 TARGET_FORMS = ("file", "onehot", "softmax")
+#: Where the routing loss compares router and target: the group's router distribution averaged over
+#: the example's tokens (``group``), or each token's distribution (``token``: mean per-token KL).
 GRANULARITIES = ("group", "token")
 #: which parameters the routing loss trains: the routers and, through their inputs, the adapters below
 #: them (all), or the routers' own weights alone (router)
 ROUTE_LOSS_GRADS = ("all", "router")
+#: How the file's targets are adjusted before training: as searched, or (``sinkhorn``) rescaled so
+#: that, per group, every expert receives the same total target mass over the training questions.
 TARGET_BALANCING = ("none", "sinkhorn")
-
 
 # ---- the settings groups: each setting declared once -------------------------------------------------
 
@@ -224,24 +232,6 @@ class FinetuneConfig(RunSettings, Stage3Settings, AdapterDetails, MoEShape, Sche
                              "does); false starts again, overwriting it")
     eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
     log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
-
-
-@dataclass
-class SearchConfig(RunSettings, SearchSettings, TaskData):
-    """Search the routing MDP with an agent; write routing targets for the training examples."""
-
-    task: str | None = cfg_like(TaskData, "task", None, help="your own task instead of the env id's: a folder of "
-                                "train/dev/test .jsonl[.gz] files or one file (split 80/10/10 by question-id hash)")
-    env: str = cfg_field("layermoe-arc", f"registered env id ({', '.join(ENV_IDS)})")
-    agent: str = cfg_field("mcts", f"agent: {', '.join(sorted(AGENT_NAMES))}, or your own as path/to/file.py:Class or "
-                           "module:Class (the module's folder on PYTHONPATH)")
-    checkpoint: str | None = cfg_field(None, "warm-up checkpoint folder (default: the cached demo warm-up of the task)")
-    split: str = cfg_field("train", "split whose examples get targets")
-    num_examples: int = cfg_field(128, "search the first N examples of the split (stage 3 trains the rest on the task loss)")
-    batch_size: int = cfg_field(16, "examples searched together (one batched forward per tree level)")
-    output: str | None = cfg_field(None, "routing-targets file (default: <logdir>/<name>/targets.jsonl)")
-    overwrite: bool = cfg_field(False, "start the targets file again instead of resuming it")
-    compare_router: bool = cfg_field(True, "also score the learned router's greedy paths on the same examples")
 
 
 @dataclass

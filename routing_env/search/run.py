@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import agents
 import routing_env  # importing registers the env ids
 from agents.base import SearchResult
-from routing_env.common.configs import SearchConfig as Config  # the settings, torch-free for the command line
+from routing_env.search.config import SearchConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import TaskSource, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
 from routing_env.common.plots import load_heatmap

@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from routing_env.common.configs import TARGET_BALANCING, TARGET_FORMS  # the choices, declared once
 from routing_env.common.safefiles import atomic_write_text
 
 __all__ = ["FORMAT", "VERSION", "MATCH_KEYS", "TARGET_FORMS", "TARGET_BALANCING", "TargetsError", "RoutingTargets",
@@ -35,16 +36,6 @@ __all__ = ["FORMAT", "VERSION", "MATCH_KEYS", "TARGET_FORMS", "TARGET_BALANCING"
 FORMAT, VERSION = "routing-targets", 1
 #: Header fields that must agree between a targets file and the model/env it is used with.
 MATCH_KEYS = ("task", "fingerprint", "num_groups", "num_experts", "num_actions", "action_mode", "group_experts")
-
-
-#: Which distribution a group is pulled toward: the file's targets as the agent wrote them (MCTS:
-#: visit counts), a one-hot of the best-valued action, or a softmax of the process values (Q, in
-#: log-p units) at ``target_temperature``. The last two need a file with values (MCTS, exhaustive).
-TARGET_FORMS = ("file", "onehot", "softmax")
-
-#: How the file's targets are adjusted before training: as searched, or (``sinkhorn``) rescaled so
-#: that, per group, every expert receives the same total target mass over the training questions.
-TARGET_BALANCING = ("none", "sinkhorn")
 
 
 def balance_targets(targets: np.ndarray, iters: int = 200, smoothing: float = 1e-3) -> np.ndarray:

@@ -16,19 +16,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from routing_env.common.configs import GRANULARITIES, WEIGHTINGS  # the choices, declared once
 from routing_env.search.targets import (TARGET_BALANCING, TARGET_FORMS, RoutingTargets, balance_targets,
                                         check_compatible, target_form)
 
 __all__ = ["GRANULARITIES", "WEIGHTINGS", "TargetTable", "routing_loss", "group_agreement", "forced_route_bias"]
 
-#: How each (example, group) term is weighted: equally, or by how much the search said the choice
-#: mattered (the spread of its process values, max Q - min Q, normalised to mean 1 over the file).
-WEIGHTINGS = ("none", "value-gap")
-
-
-#: Where the routing loss compares router and target: the group's router distribution averaged over
-#: the example's tokens (``group``), or each token's distribution (``token``: mean per-token KL).
-GRANULARITIES = ("group", "token")
 
 
 def routing_loss(probs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
