@@ -59,6 +59,15 @@ class SearchResult:
         """The path's return: ``outcome + balance`` (the env's ``RewardTerms.total`` of the whole episode)."""
         return self.outcome + self.balance
 
+    @classmethod
+    def scored(cls, example: int, targets: np.ndarray, values: np.ndarray, path: Sequence[int], scores: dict, n: int,
+               extra: dict | None = None) -> "SearchResult":
+        """A result whose path was scored by ``env.evaluate_paths`` (its row ``n`` of ``scores``): the
+        outcome, correctness, loads and reward terms are read here, in one place, for every agent."""
+        return cls(example=example, targets=targets, values=values, path=np.array(path),
+                   outcome=float(scores["outcome"][n]), correct=bool(scores["correct"][n]), loads=scores["loads"][n],
+                   balance=float(scores["balance"][n]), extra=extra or {})
+
 
 def action_widths(env: Any) -> list[int]:
     """``[G]`` valid actions per group, ``[0, widths[g])``: fewer than ``action_space.n`` in a MoLA

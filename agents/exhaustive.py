@@ -103,10 +103,8 @@ class ExhaustiveAgent:
             final = env.evaluate_paths(ids, [list(p) for p in paths])
             nodes = sum(int(np.prod(widths[:g])) for g in range(1, G + 1))
             for n, i in enumerate(ids):
-                r = SearchResult(example=i, targets=targets[n], values=values[n], path=np.array(paths[n]),
-                                 outcome=float(final["outcome"][n]), correct=bool(final["correct"][n]),
-                                 loads=final["loads"][n], balance=float(final["balance"][n]),
-                                 extra={"group_forwards": nodes, "depth": 1.0, "nodes": nodes})
+                r = SearchResult.scored(i, targets[n], values[n], paths[n], final, n,
+                                        extra={"group_forwards": nodes, "depth": 1.0, "nodes": nodes})
                 env.finish_episode(r.loads)
                 out.append(r)
         return out

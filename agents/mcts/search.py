@@ -171,11 +171,9 @@ def mcts_search(env: Any, example_ids: Sequence[int], cfg: MCTSConfig, rng: np.r
             order = np.lexsort((np.arange(A), -np.nan_to_num(q[b], nan=-np.inf), -visits[b]))
             prefixes[b] = prefixes[b] + (int(order[0]),)
     final = env.evaluate_paths(ids, [list(p) for p in prefixes])
-    return [SearchResult(example=ids[b], targets=targets[b], values=values[b], path=np.array(prefixes[b]),
-                         outcome=float(final["outcome"][b]), correct=bool(final["correct"][b]),
-                         loads=final["loads"][b], balance=float(final["balance"][b]),
-                         extra={"simulations": G * cfg.num_simulations, "depth": float(depth_reached[b]),
-                                "nodes": int(nodes[b])})
+    return [SearchResult.scored(ids[b], targets[b], values[b], prefixes[b], final, b,
+                                extra={"simulations": G * cfg.num_simulations, "depth": float(depth_reached[b]),
+                                       "nodes": int(nodes[b])})
             for b in range(B)]
 
 
