@@ -9,7 +9,8 @@ The package map, each folder importing only those above it in this list (tests/t
 * ``data/``: tasks and loaders (local first, hub fallback), your own data, the generated control task, encodings
 * ``moe/``: the LoRA-MoE layer, routing plans, adapters and checkpoints, backbones, kernels, balancing strategies
 * ``env/``: the routing MDP (one core, a model backend and a synthetic one), the vector env, the prefix cache
-* ``search/`` (and the top-level ``agents`` package): the search loop of ``train_rl.py``, routing-targets files, the gate
+* ``targets.py``: the routing-targets files, the contract between the search and stage 3
+* ``search/`` (and the top-level ``agents`` package): the search loop of ``train_rl.py``, its settings, the gate
 * ``training/``: the fine-tune loop (stages 1 and 3), routing supervision, training state, evaluation, the demo warm-up
 * ``pipeline.py``: stages 1-3 per seed and method, and the results table
 * ``studies/``: experiment drivers over the pipeline (the balancing-strategy comparison)

@@ -21,7 +21,7 @@ from routing_env.search import run as train_rl
 from routing_env import pipeline
 from routing_env.data import DataError
 from routing_env.common.safefiles import atomic_write_text, is_complete
-from routing_env.search.targets import TargetsError, TargetsWriter, load_targets
+from routing_env.targets import TargetsError, TargetsWriter, load_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

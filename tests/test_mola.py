@@ -13,7 +13,7 @@ import routing_env  # noqa: F401  (registers the ids)
 from agents.exhaustive import ExhaustiveAgent
 from agents.mcts import MCTSConfig, mcts_search
 from routing_env.studies import compare
-from routing_env.search.targets import TargetsError, load_targets
+from routing_env.targets import TargetsError, load_targets
 from tests.tolerances import LOGP_ATOL
 
 WIDTHS = [2, 4, 6]  # experts per layer group of MiniLM's 6 layers, 2,2,4,4,6,6 per layer

@@ -27,7 +27,7 @@ from routing_env.moe import load_checkpoint
 from routing_env.moe import model_fingerprint
 from routing_env.common.safefiles import RunLock, RunLockedError
 from routing_env.training.supervision import TargetTable
-from routing_env.search.targets import RoutingTargets, TargetsError
+from routing_env.targets import RoutingTargets, TargetsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from routing_env.data import encode_pairs, load_task
 from routing_env.moe import load_checkpoint
 from routing_env.moe import RoutingPlan, model_fingerprint
 from routing_env.training.supervision import TargetTable, group_agreement, routing_loss
-from routing_env.search.targets import TargetsError, TargetsWriter, load_targets
+from routing_env.targets import TargetsError, TargetsWriter, load_targets
 from tests.tolerances import PROB_ATOL
 
 
@@ -174,7 +174,7 @@ def test_paired_layermoe_with_beta_zero_is_the_lora_moe_run_bit_for_bit(data_dir
 
 
 def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferences():
-    from routing_env.search.targets import balance_targets
+    from routing_env.targets import balance_targets
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1, (40, 4))
@@ -191,7 +191,7 @@ def test_sinkhorn_targets_are_balanced_and_keep_the_questions_relative_preferenc
 
 
 def test_target_forms_from_process_values():
-    from routing_env.search.targets import target_form
+    from routing_env.targets import target_form
 
     rec = {"id": "q", "targets": np.full((2, 3), 1 / 3), "values": np.array([[-1.0, -0.5, np.nan], [-2.0, -2.0 + np.log(2), -3.0]])}
     assert target_form(rec, "file", 1.0) is rec["targets"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from routing_env.search.targets import TargetsError, TargetsWriter, check_compatible, load_targets
+from routing_env.targets import TargetsError, TargetsWriter, check_compatible, load_targets
 
 HEADER = {"env_id": "layermoe-arc", "task": "arc-easy", "split": "train", "fingerprint": "abc", "num_groups": 2,
           "num_experts": 3, "num_actions": 3, "action_mode": "primary", "agent": "mcts", "agent_config": {}}

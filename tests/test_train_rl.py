@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from routing_env.search import run as train_rl
-from routing_env.search.targets import TargetsError, load_targets
+from routing_env.targets import TargetsError, load_targets
 
 
 @pytest.fixture()

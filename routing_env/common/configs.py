@@ -57,7 +57,7 @@ METHODS = ("lora", "lora-moe")
 DEFAULT_BACKBONE = "minilm"
 #: routing / balancing strategies, in their registry's order (routing_env.moe.balancing.STRATEGIES)
 STRATEGY_NAMES = ("aux", "z-loss", "loss-free", "top-p", "sinkhorn", "bip", "loramoe", "dynmole", "mar", "rmoe")
-# Stage 3's choices, declared here once (supervision.py and search/targets.py import them):
+# Stage 3's choices, declared here once (training/supervision.py and targets.py import them):
 #: How each (example, group) term is weighted: equally, or by how much the search said the choice
 #: mattered (the spread of its process values, max Q - min Q, normalised to mean 1 over the file).
 WEIGHTINGS = ("none", "value-gap")

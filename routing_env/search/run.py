@@ -32,7 +32,7 @@ from routing_env.data import TaskSource, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
 from routing_env.common.plots import load_heatmap
 from routing_env.common.safefiles import RunLock, atomic_write_text, check_run_name
-from routing_env.search.targets import TargetsWriter
+from routing_env.targets import TargetsWriter
 from routing_env.common.utils import autocast_dtype, log_hparams, make_writer, pick_device, save_config, seed_everything
 
 __all__ = ["Config", "check_config", "hindsight_note", "main", "search", "parse_agent_kwargs"]

@@ -39,7 +39,7 @@ from routing_env.common.results import dumps_record
 from routing_env.common.identity import check_same_run, provenance
 from routing_env.common.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.training.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
-from routing_env.search.targets import TargetsError, load_targets
+from routing_env.targets import TargetsError, load_targets
 from routing_env.training.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
                                      stop_nonfinite)
 from routing_env.common.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from routing_env.common.configs import GRANULARITIES, WEIGHTINGS  # the choices, declared once
-from routing_env.search.targets import (TARGET_BALANCING, TARGET_FORMS, RoutingTargets, balance_targets,
+from routing_env.targets import (TARGET_BALANCING, TARGET_FORMS, RoutingTargets, balance_targets,
                                         check_compatible, target_form)
 
 __all__ = ["GRANULARITIES", "WEIGHTINGS", "TargetTable", "routing_loss", "group_agreement", "forced_route_bias"]

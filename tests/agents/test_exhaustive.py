@@ -11,7 +11,7 @@ import pytest
 import agents
 import routing_env  # noqa: F401  (registers the ids)
 from agents.exhaustive import exhaustive_q
-from routing_env.search.targets import q_targets
+from routing_env.targets import q_targets
 from agents.mcts import MCTSConfig, mcts_search
 from routing_env.env.synthetic import SyntheticRoutingEnv
 from tests.tolerances import LOGP_ATOL
