@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from agents.base import SearchResult, action_widths
-from routing_env.search.targets import q_targets
+from routing_env.targets import q_targets
 
 __all__ = ["ExhaustiveAgent", "exhaustive_q", "optimal_path"]
 
