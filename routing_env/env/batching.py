@@ -1,6 +1,7 @@
 """The model backend's rows and batched group forwards.
 
-An example's choices are encoded once into token rows (``example_rows``); transitions of many
+An example is encoded once into token rows (``example_rows``, as the model's backbone kind encodes
+it: an encoder's (question, choice) pairs, a causal LM's one lettered prompt); transitions of many
 ``(example, prefix)`` nodes run as length-sorted, padded chunks through one group
 (``run_batch``), and many nodes' router probabilities and choice scores reach the host in one
 transfer each (``read_nodes``). Functions of a ``RoutingEnv``, bound as its methods.
@@ -15,25 +16,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from routing_env.data import encode_pairs
 from routing_env.moe.stepper import Rows
 
 __all__ = ["BIAS_SCALE", "EncodedExample", "example_rows", "read_nodes", "run_batch", "run_padded", "selection_bias"]
 
 BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
+ROW_MAX_LENGTH = 128  # tokens per row, as finetune.py's --max-length default (the warm-up's encoding)
 
 
 @dataclass
 class EncodedExample:
-    rows: Rows  # the example's choices, length-sorted as MCModel.forward orders them
-    order: torch.Tensor  # [C] row r holds choice order[r]
+    rows: Rows  # the example's rows (an encoder's choices length-sorted as MCModel.forward orders them)
+    order: torch.Tensor  # [C] choice score r is that of choice order[r]
     answer_row: int
     id: str
 
     def nbytes(self) -> int:
         r = self.rows
-        return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids, self.order)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids,
+                                                           r.letter_ids, self.order) if t is not None)
 
 
 def example_rows(env: Any, i: int) -> EncodedExample:
@@ -41,15 +42,9 @@ def example_rows(env: Any, i: int) -> EncodedExample:
     cached = env._encoded.get(i)
     if cached is None:
         ex = env.examples[i]
-        b = encode_pairs(env.tokenizer, [ex])
-        C = len(ex.choices)
-        ids, mask = b.input_ids[0, :C], b.attention_mask[0, :C]
-        types = b.token_type_ids[0, :C] if b.token_type_ids is not None else None
-        # Rows in the length order MCModel.forward uses, so the env's scores are bit-identical to it.
-        order = torch.argsort(mask.sum(1), stable=True)
-        T = int(mask.sum(1).max())
-        rows = Rows(ids[order, :T].to(env.device), mask[order, :T].to(env.device),
-                    None if types is None else types[order, :T].to(env.device))
+        rows, order = env.model.backbone_kind.example_rows(env.tokenizer, ex, ROW_MAX_LENGTH)
+        rows = Rows(*(None if t is None else t.to(env.device)
+                      for t in (rows.input_ids, rows.attention_mask, rows.token_type_ids, rows.letter_ids)))
         cached = EncodedExample(rows, order, int((order == ex.answer).nonzero()), ex.id)
         env._encoded.put(i, cached)
     return cached

@@ -53,7 +53,8 @@ def entry_routers(env: Any) -> list[list]:
     """Per group, the MoE modules of ``env.model`` that read exactly the hidden state entering the group.
 
     Found once by tracing a forward: their routers give the observation's router probabilities
-    from cached boundary states alone, without running the group (for BERT: query, key, value).
+    from cached boundary states alone, without running the group (for BERT: query, key, value; for a
+    pre-norm decoder the projections that read the first layer's input norm, which the kind applies).
     """
     ex = env._example_rows(0)
     seen: dict[str, torch.Tensor] = {}
@@ -64,7 +65,7 @@ def entry_routers(env: Any) -> list[list]:
         for g in range(env.G):
             seen.clear()
             nxt = env.stepper.run_group(h, ex.rows.attention_mask, g, None)
-            x = env.stepper.split(h)[0]
+            x = env.stepper.router_input(g, env.stepper.split(h)[0])
             entry.append([m for m in moe_layers(env.model) if m.group == g and m.name in seen and torch.equal(seen[m.name], x)])
             h = nxt
     finally:

@@ -35,7 +35,9 @@ class RoutingEnv(RoutingMDP):
     transformer layers of a fine-tuned LoRA-MoE are cut into ``G`` contiguous layer groups; an
     episode routes one multiple-choice question through them, one group per step. The env runs
     only that group's layers (hidden states at group boundaries are cached by action prefix) and,
-    after the last group, scores the question with the model's head.
+    after the last group, scores the question as the model's backbone kind does
+    (``routing_env.moe.backbones``): an encoder runs one row per choice and scores each with its
+    head; a causal LM runs one lettered prompt and reads the answer letters' next-token logits.
 
     ## Action Space
 
@@ -67,8 +69,9 @@ class RoutingEnv(RoutingMDP):
 
     ## Rewards
 
-    Outcome: ``log p(correct answer)`` of the finished path (``info["correct"]`` says whether it is
-    the model's prediction). Balance, per group: ``-balance_weight * E * sum_e p_e (s_e - 1/E)``, with
+    Outcome: ``log p(correct answer)`` of the finished path, a softmax over the choices' scores (an
+    encoder's head scores, a causal LM's letter logits); ``info["correct"]`` says whether it is the
+    model's prediction. Balance, per group: ``-balance_weight * E * sum_e p_e (s_e - 1/E)``, with
     ``p`` this step's expert-load shares in the group and ``s`` the group's running shares: choosing
     over-used experts costs, under-used ones pay. ``reward_mode="outcome"`` pays everything at the
     last step; ``"process"`` pays the balance term at each step and the outcome at the end.
@@ -197,7 +200,7 @@ class RoutingEnv(RoutingMDP):
 
     def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E_g] float32, on the model's device
         h, _ = self._boundary(i, prefix)
-        return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)])
+        return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)], len(prefix))
 
     def _features(self, i: int, prefix: tuple) -> np.ndarray:
         """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``."""
@@ -212,7 +215,7 @@ class RoutingEnv(RoutingMDP):
     def _choice_logp_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [C] float64 log p per choice, on the device
         h, _ = self._boundary(i, prefix)
         ex = self._example_rows(i)
-        return torch.log_softmax(self.stepper.row_scores(h, ex.rows.attention_mask).double(), 0)  # in row order
+        return torch.log_softmax(self.stepper.choice_scores(h, ex.rows).double(), 0)  # in ex.order
 
     def _score(self, i: int, logp: np.ndarray) -> tuple[float, bool]:
         row = self._example_rows(i).answer_row

@@ -1,45 +1,30 @@
 """Run a multiple-choice LoRA-MoE one layer group at a time (what an env step costs: one group).
 
 ``embed`` turns rows into the hidden states entering group 0, ``run_group`` advances hidden states
-through one group's layers under a routing override, ``row_scores`` applies the head. Chaining them
-over all groups gives exactly the logits of ``MCModel.forward`` (a test checks this bit for bit), so
+through one group's layers under a routing override, ``choice_scores`` scores them. Chaining them
+over all groups gives exactly the logits of ``MCModel.forward`` (tests check this bit for bit), so
 the env's cached, step-wise execution and a plain forward are the same model.
 
-Encoder backbones only (BERT family, the default MiniLM): the env scores every (question, choice)
-row; causal-LM backbones are supported by the model and the fine-tune, not yet by the stepper.
+Every backbone kind (``routing_env.moe.backbones``): an encoder's rows are an example's (question,
+choice) pairs, a causal LM's row its lettered prompt; the kind embeds, runs layers and scores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 
 from routing_env.moe.backbone import MCModel, transformer_layers
+from routing_env.moe.backbones import Rows
 from routing_env.moe.routing import RoutingPlan, RoutingRecorder
 from routing_env.common.utils import autocast
 
 __all__ = ["Rows", "GroupStepper"]
 
 
-@dataclass
-class Rows:
-    """Token rows of one or more examples, and what every group step of them needs."""
-
-    input_ids: torch.Tensor  # [R, T]
-    attention_mask: torch.Tensor  # [R, T] 1 for real tokens
-    token_type_ids: torch.Tensor | None  # [R, T]
-
-
 class GroupStepper:
     def __init__(self, model: MCModel, amp_dtype: torch.dtype | None = None) -> None:
-        if model.kind != "encoder":
-            raise ValueError(
-                f"group-wise execution supports encoder backbones (e.g. the default 'minilm'); "
-                f"{model.backbone_name} is a {model.kind} model"
-            )
         self.model = model
+        self.kind = model.backbone_kind
         self.amp_dtype = amp_dtype  # autocast of every group step (None: fp32); outputs are fp32 either way
         self.layers = transformer_layers(model.backbone)
         self.groups = model.moe_config.layer_groups(model.num_layers)
@@ -68,7 +53,7 @@ class GroupStepper:
     @torch.no_grad()
     def embed(self, rows: Rows) -> torch.Tensor:  # [R, T, d (+ H)]
         with autocast(rows.input_ids.device, self.amp_dtype):
-            hidden = self.model.backbone.embeddings(input_ids=rows.input_ids, token_type_ids=rows.token_type_ids)
+            hidden = self.kind.embed(self.model, rows)
         return self._join(hidden.float(), None)
 
     @torch.no_grad()
@@ -93,26 +78,21 @@ class GroupStepper:
         """``run_group`` under ``plan``: the hidden states after the group and what the plan recorded."""
         ctx = self.model.routing
         hidden, state = self.split(hidden)
-        # Off the CPU the mask is always built: transformers' test for skipping it (``mask.all()``) is a
-        # host sync. On the CPU it may skip it, as ``MCModel``'s chunked forward does (bit-identical).
-        mask = create_bidirectional_mask(config=self.model.backbone.config, inputs_embeds=hidden,
-                                         attention_mask=attention_mask,
-                                         allow_is_bidirectional_skip=hidden.device.type == "cpu")
         with ctx.routed(plan) as rec:
             ctx.begin_pass(token_mask=attention_mask.bool(), router_state=state)
             with autocast(hidden.device, self.amp_dtype):
-                for layer in self.groups[group]:
-                    hidden = self.layers[layer](hidden, mask)
-                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                hidden = self.kind.run_layers(self.model, self.layers, self.groups[group], hidden, attention_mask)
             state = ctx.state.router_state
         return self._join(hidden.float(), state), rec  # cached between steps: fp32 whatever the autocast
 
     @torch.no_grad()
-    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list) -> torch.Tensor:
-        """``[E]`` mean router probabilities of ``modules`` (a group's entry routers, in forward order)
-        over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
+    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list,
+                    group: int) -> torch.Tensor:
+        """``[E]`` mean router probabilities of ``modules`` (group ``group``'s entry routers, in forward
+        order) over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
         ctx = self.model.routing
         hidden, state = self.split(boundary)
+        hidden = self.router_input(group, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])  # [R*T, d]
         w = attention_mask.reshape(-1, 1).float()  # [R*T, 1]
         with ctx.routed(RoutingPlan()):
@@ -121,7 +101,13 @@ class GroupStepper:
         return torch.stack(probs).mean(0)
 
     @torch.no_grad()
-    def row_scores(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # [R]
+    def router_input(self, group: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What group ``group``'s entry routers read when the hidden states entering it are ``hidden``."""
+        return self.kind.router_input(self.model, self.layers, self.groups[group][0], hidden)
+
+    @torch.no_grad()
+    def choice_scores(self, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:  # [C] in the rows' choice order
+        """One example's choice scores from the hidden states after the last group."""
         hidden = self.split(hidden)[0]
         with autocast(hidden.device, self.amp_dtype):
-            return self.model.score_hidden(hidden, attention_mask).float()
+            return self.kind.choice_scores(self.model, hidden, rows).float()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from routing_env.data import MCBatch, MCExample, encode_letter_prompt, encode_pairs
+from routing_env.data import MCBatch, MCExample
 from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, RoutingPlan, RoutingRecorder, load_stats
@@ -70,10 +70,8 @@ class EvalResult:
 
 
 def batch_encoder(model: MCModel, tokenizer: object, max_length: int) -> Callable[[Sequence[MCExample]], MCBatch]:
-    """The encoding that fits the backbone kind: (question, choice) pairs or one lettered prompt."""
-    if model.kind == "encoder":
-        return lambda exs: encode_pairs(tokenizer, exs, max_length=max_length)
-    return lambda exs: encode_letter_prompt(tokenizer, exs, max_length=max_length)
+    """The encoding of the model's backbone kind: (question, choice) pairs, one lettered prompt, ..."""
+    return model.encoder(tokenizer, max_length)
 
 
 def iterate_batches(
