@@ -40,6 +40,69 @@ def tiny_llama(layers: int = 4) -> tuple[torch.nn.Module, str]:
     return LlamaForCausalLM(cfg).eval(), "causal"
 
 
+#: the decoder families the tests build tiny random models of (``save_tiny_decoder``)
+DECODER_FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 1000):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on ``texts``, built locally (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    end = "<|endoftext|>"
+    return GPT2TokenizerFast(tokenizer_object=tk, eos_token=end, bos_token=end, unk_token=end)
+
+
+def save_tiny_decoder(family: str, folder: Path, tokenizer, layers: int = 4) -> Path:
+    """A tiny random causal LM of ``family`` saved with ``tokenizer`` to ``folder``: a ``--backbone`` folder.
+
+    No download: the model is built from a config object (``layers`` layers, hidden 32, ``vocab_size``
+    the tokenizer's). Qwen2 uses a sliding window from its third layer on (shorter than ARC prompts), so
+    both of its mask types are exercised.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    V, end = len(tokenizer), tokenizer.eos_token_id
+    torch.manual_seed({"llama": 11, "qwen2": 12, "gpt2": 13}[family])
+    common = dict(vocab_size=V, bos_token_id=end, eos_token_id=end)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                             intermediate_size=48, max_position_embeddings=256, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                             intermediate_size=48, max_position_embeddings=256, use_sliding_window=True,
+                                             sliding_window=24, max_window_layers=2, **common))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=layers, n_head=2, n_inner=48, n_positions=256, **common))
+    else:
+        raise ValueError(f"unknown decoder family {family!r}; valid: {DECODER_FAMILIES}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(data_dir):
+    """``tiny_bpe_tokenizer`` trained on 200 ARC-Easy training prompts (about a second)."""
+    from routing_env.data import letter_prompt_text, resolve_task
+
+    return tiny_bpe_tokenizer([letter_prompt_text(e) for e in resolve_task("arc-easy").load("train", data_dir, limit=200)])
+
+
+@pytest.fixture(scope="session")
+def decoder_dirs(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
+    """family -> a tiny random decoder's ``--backbone`` folder (``save_tiny_decoder``), for each of ``DECODER_FAMILIES``."""
+    root = tmp_path_factory.mktemp("decoders")
+    return {f: save_tiny_decoder(f, root / f, bpe_tokenizer) for f in DECODER_FAMILIES}
+
+
 def random_pairs_batch(B: int = 3, C: int = 4, T: int = 9, seed: int = 0) -> MCBatch:
     """An encoder batch of random ids with ragged lengths and one padded choice."""
     g = torch.Generator().manual_seed(seed)
