@@ -25,7 +25,8 @@ Then the routing env (``RoutingEnv`` on the LoRA-MoE model, ARC-Easy dev) scores
 prefixes as a search tree's nodes do (every path over the first ``--env-branch`` actions of each
 group, for ``--env-examples`` questions) through ``evaluate_paths``, once with the prefix cache
 (``cache_mb`` default) and once with ``cache_mb=0``. ``group_forwards_per_s`` = the (row, group)
-transitions the search needs (distinct (question, prefix) nodes x rows per question) per wall second.
+transitions the search needs (distinct (question, prefix) nodes x rows per question) per wall second; ``group_forwards_run``
+counts those the env actually ran (without the cache it recomputes shared prefixes).
 Where the env cannot run a causal LM, ``env.measured`` is false and ``env.reason`` says why.
 
 ``--dry`` runs everything on a tiny Qwen2 shape in seconds (tests). ``--device cuda`` runs the same on a GPU.
@@ -45,16 +46,22 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+# The library of the checkout this file is in, whatever the environment has installed (an editable
+# install may point at another checkout): the measured code is this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: Qwen2-0.5B (Qwen/Qwen2-0.5B config.json); ``--dry`` uses a tiny shape of the same family.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                   tie_word_embeddings=True)
+#: (The vocabulary holds the MiniLM tokenizer's 30522 ids: the env encodes its prompts with it unfolded.)
 DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=1e6,
+                 num_key_value_heads=2, vocab_size=30522, max_position_embeddings=512, rope_theta=1e6,
                  tie_word_embeddings=True)
 METHODS = ("lora", "lora-moe")
 
@@ -224,12 +231,20 @@ def env_group_forwards(model, tokenizer, args, device) -> dict:
     envs["uncached"].evaluate_paths([0], [paths[0]])  # warm-up (one path; nothing stays cached at cache_mb=0)
     results = {}
     for name in ("uncached", "cached"):
+        ran = [0]
+        batched = envs[name]._run_batch  # count the (row, group) forwards the env actually runs
+
+        def counting(hiddens, *rest, batched=batched, ran=ran):
+            ran[0] += sum(int(h.shape[0]) for h in hiddens)
+            return batched(hiddens, *rest)
+
+        envs[name]._run_batch = counting
         _sync(device)
         t0 = time.perf_counter()
         results[name] = envs[name].evaluate_paths(ids, all_paths)
         _sync(device)
         dt = time.perf_counter() - t0
-        out[name] = {"seconds": dt, "group_forwards_per_s": needed / dt}
+        out[name] = {"seconds": dt, "group_forwards_per_s": needed / dt, "group_forwards_run": ran[0]}
     import numpy as np
 
     out["max_abs_outcome_diff"] = float(np.max(np.abs(results["cached"]["outcome"] - results["uncached"]["outcome"])))
@@ -249,7 +264,9 @@ def machine(device) -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    import routing_env
+
+    info = {"routing_env": str(Path(routing_env.__file__).parent), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
             "load_average_before": list(os.getloadavg())}
     if device.type == "cuda":
@@ -379,6 +396,9 @@ def main() -> None:
     _trim_heap()
     if args.no_env:
         result["env"] = {"measured": False, "reason": "--no-env"}
+    elif shape["vocab_size"] < len(tokenizer):
+        result["env"] = {"measured": False, "reason": f"--vocab-size {shape['vocab_size']} is below the "
+                         f"tokenizer's {len(tokenizer)} ids, which the env's prompts use unfolded"}
     else:
         result["env"] = env_group_forwards(models["lora-moe"], tokenizer, args, device)
     result["machine"]["load_average_after"] = list(os.getloadavg())
