@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from contextlib import AbstractContextManager
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 from transformers import AutoConfig, AutoTokenizer
 
-from routing_env.data import MCBatch, MCExample
+from routing_env.data import MCBatch
 from routing_env.moe.backbones import BackboneKind, get_kind, kind_for
 from routing_env.moe.routing import RoutingContext, RoutingPlan, RoutingRecorder
 
@@ -112,10 +111,6 @@ class MCModel(nn.Module):
     def row_examples(self, batch: MCBatch) -> torch.Tensor:
         """``[R]`` the example of each row ``forward(batch)`` encodes: a per-row selection bias's rows."""
         return self.backbone_kind.row_examples(self, batch)
-
-    def encoder(self, tokenizer: object, max_length: int) -> Callable[[Sequence[MCExample]], MCBatch]:
-        """``examples -> MCBatch`` as this model's kind encodes them."""
-        return lambda exs: self.backbone_kind.encode(tokenizer, exs, max_length)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (adapters, routers, head): what a checkpoint holds."""

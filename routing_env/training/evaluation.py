@@ -71,7 +71,8 @@ class EvalResult:
 
 def batch_encoder(model: MCModel, tokenizer: object, max_length: int) -> Callable[[Sequence[MCExample]], MCBatch]:
     """The encoding of the model's backbone kind: (question, choice) pairs, one lettered prompt, ..."""
-    return model.encoder(tokenizer, max_length)
+    kind = model.backbone_kind
+    return lambda exs: kind.encode(tokenizer, exs, max_length)
 
 
 def iterate_batches(
