@@ -330,7 +330,11 @@ def main() -> None:
                     "machine": machine(device), "shape": shape, "real_qwen2_0_5b_shape": shape == QWEN2_0_5B,
                     "adapters": {"lora-moe": "4 experts, top-2, rank 8, alpha 16, every linear layer",
                                  "lora": "peft LoRA rank 8, alpha 16, every linear layer"},
-                    "tokenizer": "packaged MiniLM WordPiece (Qwen2's is not offline); ids folded into the vocab"}
+                    "tokenizer": "packaged MiniLM WordPiece (Qwen2's is not offline); ids folded into the vocab",
+                    "memory": ("torch.cuda.max_memory_allocated above the phase's start" if device.type == "cuda" else
+                               "peak process RSS above the phase's start (sampled every 2 ms, heap trimmed first): "
+                               "pages the phase adds; memory the allocator kept from earlier phases and reuses is "
+                               "not counted, so the eval figures are lower bounds")}
 
     t0 = time.perf_counter()
     backbone = make_backbone(shape, args.seed)
