@@ -266,7 +266,10 @@ def machine(device) -> dict:
         pass
     import routing_env
 
-    info = {"routing_env": str(Path(routing_env.__file__).parent), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    lib = Path(routing_env.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
+    # Relative to this checkout (no machine paths in committed results); absolute only if it is another one.
+    info = {"routing_env": str(lib.relative_to(root)) if lib.is_relative_to(root) else str(lib), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
             "load_average_before": list(os.getloadavg())}
     if device.type == "cuda":

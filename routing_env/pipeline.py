@@ -39,7 +39,8 @@ from routing_env.training import finetune
 from routing_env.search import gate
 from routing_env.search import run as train_rl  # stage 2, named after its command
 from routing_env.common.configs import (  # the settings, torch-free for the command line
-    DataLimits, MoEShape, PipelineConfig, PipelineSearch, Place, Schedule, SearchSettings, Stage3Settings, StudyOutput,
+    DataLimits, LayerGroups, MoEShape, PipelineConfig, PipelineSearch, Place, Schedule, SearchSettings, Stage3Settings,
+    StudyOutput,
     field_names)
 from routing_env.data import TaskSource, resolve_task
 from routing_env.registration import ENV_IDS
@@ -127,7 +128,7 @@ def _stage(cfg: PipelineConfig, root: Path, name: str, filename: str, expected, 
 #: Settings every method shares, the budget: the groups ``DataLimits``, ``Schedule`` and ``MoEShape``
 #: of the config. Any non-default value names its own task folder (``task_folder``), so runs, records
 #: and tables of different budgets never meet.
-BUDGET_FIELDS = field_names(DataLimits, Schedule, MoEShape)
+BUDGET_FIELDS = field_names(DataLimits, Schedule, MoEShape, LayerGroups)
 #: Settings of each stage beyond the shared budget, the groups ``PipelineSearch`` and
 #: ``Stage3Settings``; a non-default value gets its own run folder, so a rerun with other settings never
 #: reuses a stage computed with different ones. A field added to a group joins its tag by itself.

@@ -108,14 +108,19 @@ def test_other_stage_settings_get_their_own_run_folders():
 # ---- settings groups: the run names follow the groups, and today's names stay -----------------------
 
 def test_stage_tags_are_the_groups_fields_and_the_same_names_as_before():
-    from routing_env.common.configs import (DataLimits, MoEShape, PipelineSearch, Schedule, SearchSettings,
-                                            Stage3Settings, field_names)
+    from routing_env.common.configs import (DataLimits, LayerGroups, MoEShape, PipelineSearch, Schedule,
+                                            SearchSettings, Stage3Settings, field_names)
     assert pipeline.STAGE3_FIELDS == field_names(Stage3Settings)
     assert pipeline.SEARCH_FIELDS == field_names(PipelineSearch) and set(field_names(SearchSettings)) < set(pipeline.SEARCH_FIELDS)
-    assert pipeline.BUDGET_FIELDS == field_names(DataLimits, Schedule, MoEShape)
-    # the very names of the tuples the pipeline listed by hand before: committed results are found by them
+    assert pipeline.BUDGET_FIELDS == field_names(DataLimits, Schedule, MoEShape, LayerGroups)
+    # the very names of the tuples the pipeline listed by hand before (committed results are found by them),
+    # and the layer groups, a budget setting since decoders came (default: not in any tag, so no name changed)
     assert sorted(pipeline.BUDGET_FIELDS) == sorted(("epochs", "backbone", "balance", "num_experts", "top_k", "rank",
-                                                     "aux_loss_coef", "lr", "train_limit", "eval_limit"))
+                                                     "aux_loss_coef", "lr", "train_limit", "eval_limit",
+                                                     "num_groups", "group_sizes"))
+    grouped = pipeline.PipelineConfig(group_sizes=[6, 5, 5])
+    assert pipeline.task_folder(grouped) != "arc-easy"  # another model: its own folder, never the default's
+    assert pipeline._finetune_config(grouped, Path("x"), "lora-moe-s0", 0, method="lora-moe").group_sizes == [6, 5, 5]
     assert sorted(pipeline.SEARCH_FIELDS) == sorted(("search_examples", "num_simulations", "agent_kwargs",
                                                      "balance_weight", "warmup_epochs", "search_batch_size"))
     assert sorted(pipeline.STAGE3_FIELDS) == sorted(("beta", "route_weighting", "target_balance", "target_form",

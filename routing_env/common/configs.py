@@ -6,7 +6,8 @@ Each setting is declared once, with its help text, in a settings group (a datacl
     DataLimits      train_limit, eval_limit                       how much of it (budget)
     Schedule        epochs, lr                                    (budget)
     MoEShape        backbone, num_experts, top_k, rank, balance, aux_loss_coef   (budget)
-    AdapterDetails  alpha, dropout, backbone_dropout, target_modules, num_groups, group_sizes
+    AdapterDetails  alpha, dropout, backbone_dropout, target_modules
+    LayerGroups     num_groups, group_sizes                       the routing MDP's steps (budget)
     Stage3Settings  beta, route_weighting, target_form, ...       stage 3's routing loss and targets
     SearchSettings  agent_kwargs, num_simulations, balance_weight the search
     PipelineSearch  SearchSettings + warmup_epochs, search_examples, search_batch_size
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from routing_env.common.cli import cfg_field, cfg_like, field_names
 
 __all__ = ["FinetuneConfig", "PipelineConfig", "CompareConfig", "TaskData", "DataLimits",
-           "Schedule", "MoEShape", "AdapterDetails", "Stage3Settings", "SearchSettings", "PipelineSearch", "Place",
+           "Schedule", "MoEShape", "AdapterDetails", "LayerGroups", "Stage3Settings", "SearchSettings", "PipelineSearch", "Place",
            "RunSettings", "StudyOutput", "field_names", "PRECISIONS", "TASK_NAMES", "METHODS",
            "DEFAULT_BACKBONE", "STRATEGY_NAMES", "WEIGHTINGS", "TARGET_FORMS", "GRANULARITIES", "TARGET_BALANCING",
            "ROUTE_LOSS_GRADS"]
@@ -128,8 +129,16 @@ class AdapterDetails:
     backbone_dropout: float | None = cfg_field(None, "the backbone's own dropout (hidden states, attention) while "
                                                "training; none keeps its config's (MiniLM: 0.1)")
     target_modules: list[str] = cfg_field(["all-linear"], "linear layers to adapt: all-linear, or names (query,value,...)")
-    num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps)")
-    group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups)")
+
+
+@dataclass
+class LayerGroups:
+    """How the transformer layers are cut into the routing MDP's steps (budget: a model of its own)."""
+
+    num_groups: int = cfg_field(3, "contiguous layer groups (the routing MDP's steps); the layer count must divide by it "
+                                "unless --group-sizes is given")
+    group_sizes: list[int] | None = cfg_field(None, "explicit layer-group sizes, e.g. 2,2,1,1 (overrides num-groups; "
+                                              "a 16-layer Llama-3.2-1B: 6,5,5)")
 
 
 @dataclass
@@ -213,7 +222,8 @@ class StudyOutput:
 # ---- the commands: each composed of the groups it takes ----------------------------------------------
 
 @dataclass
-class FinetuneConfig(RunSettings, Stage3Settings, AdapterDetails, MoEShape, Schedule, DataLimits, TaskData):
+class FinetuneConfig(RunSettings, Stage3Settings, AdapterDetails, LayerGroups, MoEShape, Schedule, DataLimits,
+                     TaskData):
     """Fine-tune LoRA / LoRA-MoE adapters on a multiple-choice task."""
 
     method: str = cfg_field("lora-moe", "lora / lora-moe (stage 1), or layermoe: continue a lora-moe warm-up "
@@ -235,7 +245,8 @@ class FinetuneConfig(RunSettings, Stage3Settings, AdapterDetails, MoEShape, Sche
 
 
 @dataclass
-class PipelineConfig(StudyOutput, Place, Stage3Settings, PipelineSearch, MoEShape, Schedule, DataLimits, TaskData):
+class PipelineConfig(StudyOutput, Place, Stage3Settings, PipelineSearch, LayerGroups, MoEShape, Schedule, DataLimits,
+                     TaskData):
     """Warm-up -> search -> process-supervised fine-tune -> test, with the baselines, over seeds."""
 
     logdir: str = cfg_like(Place, "logdir", "runs/pipeline")
