@@ -8,6 +8,11 @@ An agent needs one method, ``act(obs, env) -> action``. It may also offer:
 * ``fit(env, seed)`` training before it is used (PPO);
 * ``config() -> dict`` its settings, written into the routing-targets file.
 
+The env they run on is a ``routing_env.env.RoutingMDP`` (``RoutingEnv``, ``SyntheticRoutingEnv``, or your
+own backend subclassing it): the agents read its reward terms as it reports them (``info["return_terms"]``
+at an episode's end, the ``reward`` / ``outcome`` / ``balance`` of ``evaluate_paths``) rather than adding
+them up themselves, so a reward term added to the env reaches every agent.
+
 Randomness: a stochastic agent draws each example's choices from a generator of (its seed, the
 example index, the group) only (``example_rng``), never from one stream over the run. A search that
 is killed and rerun resumes after the finished examples; with one stream the rerun would restart it
