@@ -21,6 +21,7 @@ from torch import nn
 
 from routing_env.moe.balancing import attach_reset_hook, make_strategy
 from routing_env.moe.backbone import DEFAULT_BACKBONE, MCModel, layer_of, load_backbone, transformer_layers
+from routing_env.moe.backbones import KINDS
 from routing_env.moe.config import ALL_LINEAR, MoEConfig
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.common.safefiles import COMPLETE, atomic_write, atomic_write_text, mark_complete
@@ -203,6 +204,13 @@ def load_checkpoint(directory: str | Path, backbone_module: tuple[nn.Module, str
         moe = MoEConfig(rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"], target_modules=lc["target_modules"])
     if backbone_module is None:
         module, _, kind = load_backbone(cfg["backbone"])
+        saved = cfg.get("kind", kind)  # the kind the checkpoint was trained as (older ones: decided again)
+        if saved != kind:
+            if saved not in KINDS:
+                raise ValueError(f"checkpoint {directory} was trained as backbone kind {saved!r}, which is not registered "
+                                 f"here (registered: {', '.join(KINDS)}); register it (routing_env.moe.backbones.register) "
+                                 "before loading")
+            kind = saved
         backbone_module = (module, kind)
     # Checked before the adapters are attached, so a mismatch is reported as such rather than as
     # whatever the layer grouping makes of the wrong layer count.

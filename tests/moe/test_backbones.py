@@ -85,3 +85,65 @@ def test_a_new_kind_is_one_class_and_a_register_line(registry, tmp_path):
     # Same ops on the same [C, T] rows as the plain forward of this one example: bit for bit.
     assert torch.equal(stepper.choice_scores(h, rows), expected[order])
     assert kind.calls == ["embed", "run_layers", "run_layers", "choice_scores"]
+
+
+def test_mistral_keeps_its_sliding_window():
+    """A config with a sliding window and no per-layer types (Mistral) slides in every layer, as transformers'
+    forward does: prompts longer than the window would otherwise attend too far (0.045 off on this model)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.conftest import random_prompt_batch
+    from tests.tolerances import LOGP_ATOL
+
+    torch.manual_seed(3)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=48, max_position_embeddings=64, sliding_window=3)
+    lm = MistralForCausalLM(cfg).eval()
+    batch = random_prompt_batch(T=11)  # left-padded prompts of 4 to 11 tokens: longer than the window
+    model = MCModel(lm, "causal")
+    with torch.no_grad():
+        ours = model(batch)
+        hf = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1, :].gather(1, batch.letter_ids)
+    torch.testing.assert_close(ours, hf, rtol=0, atol=LOGP_ATOL)
+
+
+def test_a_causal_lm_the_loop_does_not_know_runs_its_own_forward_and_the_env_refuses_it():
+    """GPT-NeoX (Pythia) names its final norm otherwise: the layer loop would skip it and score wrongly, so
+    such a model is scored by its own transformers forward, and the group-wise env refuses it by name."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from routing_env.moe.backbones.causal_lm import LOOP_MODEL_TYPES
+    from tests.conftest import random_prompt_batch
+
+    torch.manual_seed(4)
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                        max_position_embeddings=64, architectures=["GPTNeoXForCausalLM"])  # as a hub config names it
+    lm = GPTNeoXForCausalLM(cfg).eval()
+    assert kind_for(cfg).name == "causal" and "gpt_neox" not in LOOP_MODEL_TYPES
+    batch = random_prompt_batch(T=11)
+    model = MCModel(lm, "causal")
+    with torch.no_grad():
+        ours = model(batch)
+        hf = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1, :].gather(1, batch.letter_ids)
+    assert torch.equal(ours, hf.float())
+    rows = Rows(batch.input_ids[:1], batch.attention_mask[:1], None, batch.letter_ids[:1])
+    with pytest.raises(ValueError, match="model types llama, mistral, qwen2, qwen3, gpt2; this one is 'gpt_neox'"):
+        model.backbone_kind.embed(model, rows)  # what the env's stepper calls first
+
+
+def test_a_checkpoint_reloads_as_the_kind_it_was_trained_as(tmp_path, registry):
+    from routing_env.moe import load_checkpoint
+
+    kind = register(TracedEncoder())
+    model = build_model("lora-moe", "minilm", MoEConfig(num_experts=2, top_k=1, rank=2, num_groups=3))
+    save_checkpoint(model, tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["kind"] = kind.name  # trained as the traced kind (its ``matches`` is false for MiniLM's config)
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_checkpoint(tmp_path / "ckpt").backbone_kind is kind
+    KINDS.pop(kind.name)
+    with pytest.raises(ValueError, match="trained as backbone kind 'traced-encoder', which is not registered"):
+        load_checkpoint(tmp_path / "ckpt")

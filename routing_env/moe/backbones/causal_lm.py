@@ -26,10 +26,15 @@ from transformers.pytorch_utils import Conv1D
 from routing_env.data import MCBatch, MCExample, encode_letter_prompt
 from routing_env.moe.backbones.base import BackboneKind, Rows
 
-__all__ = ["CausalLMKind"]
+__all__ = ["CausalLMKind", "LOOP_MODEL_TYPES"]
 
 #: model types read as causal LMs even when a config names no architecture
 CAUSAL_MODEL_TYPES = {"llama", "qwen2", "qwen3", "gpt2", "mistral", "gemma", "phi3"}
+#: model types whose forward the layer loop below reproduces (embeddings, positions, masks, final norm):
+#: these run in the env group by group. Other causal LMs (Gemma scales its embeddings, OPT, GPT-NeoX,
+#: Bloom, ... name their parts otherwise) are scored by their own transformers forward in stages 1 and
+#: 3, and the env refuses them, naming this list.
+LOOP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
 def _lm(backbone: nn.Module) -> nn.Module:
@@ -88,11 +93,25 @@ class CausalLMKind(BackboneKind):
     def forward(self, model: nn.Module, batch: MCBatch) -> torch.Tensor:
         ids, mask = batch.input_ids, batch.attention_mask
         model.routing.begin_pass(token_mask=mask.bool(), row_example=self.row_examples(model, batch))
+        if not self.steppable(model):  # the model's own forward: left-padded prompts end at the last position
+            logits = model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1, :]
+            return logits.float().gather(1, batch.letter_ids).masked_fill(~batch.choice_mask, float("-inf"))
         stack = self.stack(model)
         hidden = self.embed(model, Rows(ids, mask, None))
         hidden = self.run_layers(model, stack, range(len(stack)), hidden, mask)
         scores = self.letter_logits(model, hidden, mask, batch.letter_ids)  # [B, C]
         return scores.masked_fill(~batch.choice_mask, float("-inf"))
+
+    @staticmethod
+    def steppable(model: nn.Module) -> bool:
+        """Whether the layer loop reproduces this model's forward (``LOOP_MODEL_TYPES``)."""
+        return _decoder(model.backbone).config.model_type in LOOP_MODEL_TYPES
+
+    def _check_steppable(self, model: nn.Module) -> None:
+        if not self.steppable(model):
+            raise ValueError(f"the env runs a causal LM group by group for model types {', '.join(LOOP_MODEL_TYPES)}; "
+                             f"this one is {_decoder(model.backbone).config.model_type!r}, which runs in stages 1 and 3 "
+                             "(its own transformers forward) but not in the env")
 
     def row_examples(self, model: nn.Module, batch: MCBatch) -> torch.Tensor:
         return torch.arange(batch.choice_mask.shape[0], device=batch.choice_mask.device)  # one prompt row per question
@@ -103,6 +122,7 @@ class CausalLMKind(BackboneKind):
 
     # ---- one layer group at a time ----------------------------------------------------------------
     def embed(self, model: nn.Module, rows: Rows) -> torch.Tensor:
+        self._check_steppable(model)
         decoder = _decoder(model.backbone)
         hidden = decoder.get_input_embeddings()(rows.input_ids)
         wpe = getattr(decoder, "wpe", None)  # learned positions (GPT-2)
@@ -120,6 +140,9 @@ class CausalLMKind(BackboneKind):
         args = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=pos,
                     allow_is_causal_skip=hidden.device.type == "cpu")
         layer_types = getattr(config, "layer_types", None)
+        if not layer_types and getattr(config, "sliding_window", None) is not None:
+            # Mistral: no per-layer types, a sliding window in every layer whenever one is set (as MistralModel)
+            layer_types = ["sliding_attention"] * len(stack)
         masks = {"full_attention": create_causal_mask(**args)}
         if layer_types and "sliding_attention" in layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
