@@ -21,11 +21,9 @@ see ``bench/gpu_run.sh`` and the README's "GPU" section.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,6 +34,7 @@ if "--dry" in sys.argv and not torch.cuda.is_available():
 
 from routing_env.moe.kernels import lora_moe_lowrank, lora_moe_reference
 from routing_env.moe.kernels.lora_moe import triton_enabled
+from _report import report  # bench/_report.py, beside this script
 
 #: (T tokens, d width, r rank, E experts, k) -- issue 13's anchor, a wider expert set, a long sequence
 ANCHORS = [(8192, 4096, 16, 8, 2), (8192, 2048, 16, 16, 2), (32768, 1024, 16, 8, 2)]
@@ -197,11 +196,7 @@ def main() -> None:
             continue
         result[name] = run()
         result[f"{name}_wall_s"] = time.perf_counter() - t0
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

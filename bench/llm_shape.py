@@ -41,7 +41,6 @@ import copy
 import ctypes
 import inspect
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -54,6 +53,7 @@ from pathlib import Path
 # The library of the checkout this file is in, whatever the environment has installed (an editable
 # install may point at another checkout): the measured code is this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _report import report  # noqa: E402  (bench/_report.py, beside this script)
 
 #: Qwen2-0.5B (Qwen/Qwen2-0.5B config.json); ``--dry`` uses a tiny shape of the same family.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -410,11 +410,7 @@ def main() -> None:
         result["env"] = env_group_forwards(models["lora-moe"], tokenizer, args, device)
     result["machine"]["load_average_after"] = list(os.getloadavg())
     result["seconds"] = time.perf_counter() - t0
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

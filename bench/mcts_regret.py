@@ -12,15 +12,14 @@ against the learned router's greedy paths. Prints JSON (also written to ``--outp
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
 import agents
 import routing_env  # noqa: F401  (registers the ids)
+from _report import report  # bench/_report.py, beside this script
 
 
 def _run(agent, env, ids):
@@ -75,10 +74,7 @@ def main() -> None:
                            "router_outcome_mean": float(np.mean([r.outcome for r in r_router])),
                            "mcts32_outcome_mean": float(np.mean([r.outcome for r in r_mcts])),
                            "mcts32_seconds_per_question": secs / len(big_ids)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    report(out, args.output)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ sync op inside the forward.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -33,6 +31,7 @@ from routing_env.data import load_task
 from routing_env.training.evaluation import batch_encoder
 from routing_env.moe import MoEConfig, RoutingPlan, build_model
 from routing_env.common.opcount import OpCounter
+from _report import report  # bench/_report.py, beside this script
 
 
 def count(model, batch) -> dict:
@@ -68,11 +67,7 @@ def main() -> None:
     out = {"questions": args.questions, "sequences": int(batch.choice_mask.numel()), "methods": rows,
            "ratio_lora_moe_over_lora": ratio, "goal": "ratio <= 1.5 and no sync_ops in lora-moe",
            "met": max(ratio.values()) <= 1.5 and not rows["lora-moe"]["sync_ops"], "torch": torch.__version__}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":
