@@ -180,3 +180,27 @@ def rmoe_checkpoint(tmp_path_factory, distinct_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("rmoe") / "final"
     save_checkpoint(model, out)
     return out
+
+
+def assert_exhaustive_is_brute_force(env, example_ids: list[int]) -> list:
+    """The exhaustive agent's values at the root of each example equal the best return over every one
+    of the ``E ** G`` complete paths (``evaluate_paths``), overall and per first action; returns them.
+
+    Tolerance: the same rows batched another way (per tree level vs per path), float32 rounding.
+    """
+    import itertools
+
+    import numpy as np
+
+    from agents.exhaustive import exhaustive_q
+    from tests.tolerances import LOGP_ATOL
+
+    q = exhaustive_q(env, example_ids)
+    paths = np.array(list(itertools.product(range(env.E), repeat=env.G)))
+    for n, i in enumerate(example_ids):
+        res = env.evaluate_paths([i] * len(paths), paths)
+        ret = res["outcome"] + res["balance"]
+        assert q[n][()].max() == pytest.approx(ret.max(), abs=LOGP_ATOL)
+        for a in range(env.E):
+            assert q[n][()][a] == pytest.approx(ret[paths[:, 0] == a].max(), abs=LOGP_ATOL)
+    return q

@@ -8,7 +8,6 @@ tokenizer (``tests/conftest.py``): nothing is downloaded.
 
 from __future__ import annotations
 
-import itertools
 import json
 import warnings
 
@@ -19,7 +18,6 @@ import torch
 
 import agents
 import routing_env  # noqa: F401  (registers the ids)
-from agents.exhaustive import exhaustive_q
 from routing_env.data import encode_letter_prompt
 from routing_env.env import RoutingEnv
 from routing_env.env.vector import RoutingVectorEnv
@@ -28,7 +26,7 @@ from routing_env.moe.backbones import CausalLMKind, kind_for
 from routing_env.moe.backbones.causal_lm import positions
 from routing_env.search import run as train_rl
 from routing_env.training import finetune
-from tests.conftest import DECODER_FAMILIES, save_tiny_decoder
+from tests.conftest import DECODER_FAMILIES, assert_exhaustive_is_brute_force, save_tiny_decoder
 from tests.tolerances import LOGP_ATOL
 
 
@@ -159,15 +157,7 @@ def test_stepped_env_reproduces_the_forward_and_a_forced_expert_matters(distinct
 def test_exhaustive_oracle_is_the_max_over_all_paths(distinct, data_dir):
     env = _env(distinct, data_dir, balance_weight=0.5)
     env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0
-    q = exhaustive_q(env, [1, 4])
-    paths = np.array(list(itertools.product(range(env.E), repeat=env.G)))
-    for n, i in enumerate((1, 4)):
-        res = env.evaluate_paths([i] * len(paths), paths)
-        ret = res["outcome"] + res["balance"]
-        # Same rows batched another way (per level vs per path): float32 tolerance.
-        assert q[n][()].max() == pytest.approx(ret.max(), abs=LOGP_ATOL)
-        for a in range(env.E):
-            assert q[n][()][a] == pytest.approx(ret[paths[:, 0] == a].max(), abs=LOGP_ATOL)
+    assert_exhaustive_is_brute_force(env, [1, 4])
     found = agents.make("exhaustive").search(_env(distinct, data_dir), [0, 3])
     assert all(len(r.path) == env.G and r.targets.shape == (env.G, env.E) for r in found)
 

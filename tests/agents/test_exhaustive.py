@@ -14,6 +14,7 @@ from agents.exhaustive import exhaustive_q
 from routing_env.targets import q_targets
 from agents.mcts import MCTSConfig, mcts_search
 from routing_env.env.synthetic import SyntheticRoutingEnv
+from tests.conftest import assert_exhaustive_is_brute_force
 from tests.tolerances import LOGP_ATOL
 
 
@@ -83,13 +84,6 @@ def test_exhaustive_on_the_real_env_is_the_max_over_all_64_paths(distinct_checkp
     env = gym.make("layermoe-arc", checkpoint=distinct_checkpoint, max_examples=4, data_dir=data_dir,
                    balance_weight=0.5).unwrapped
     env.load_stats[:] = np.arange(env.G * env.E).reshape(env.G, env.E) + 1.0
-    q = exhaustive_q(env, [1, 2])
-    paths = np.array(list(itertools.product(range(env.E), repeat=env.G)))
-    for n, i in enumerate((1, 2)):
-        res = env.evaluate_paths([i] * len(paths), paths)
-        ret = res["outcome"] + res["balance"]
-        # Same rows batched another way (per level vs per path): float32 tolerance.
-        assert q[n][()].max() == pytest.approx(ret.max(), abs=LOGP_ATOL)
-        for a in range(env.E):
-            assert q[n][()][a] == pytest.approx(ret[paths[:, 0] == a].max(), abs=LOGP_ATOL)
+    q = assert_exhaustive_is_brute_force(env, [1, 2])
+    for n in range(2):
         assert np.ptp(q[n][()]) > 10 * LOGP_ATOL  # the first group's choice matters on this checkpoint
