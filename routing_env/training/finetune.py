@@ -208,9 +208,7 @@ class StepLosses:
     aux: torch.Tensor
     total: torch.Tensor
     route: torch.Tensor | None = None
-    probs: torch.Tensor | None = None  # [B, G, E] the routers' example distributions
-    targets: torch.Tensor | None = None  # [B, G, E]
-    weights: torch.Tensor | None = None  # [B, G]
+    agreement: torch.Tensor | None = None  # [G] share of targeted examples whose router argmax is the target's
 
 
 def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext = DistContext()) -> dict:
@@ -390,7 +388,7 @@ def train_step(run: Run, global_exs: list, epoch: int, forcing_rng: np.random.Ge
     losses = step_losses(run, logits, batch, len(exs), len(global_exs), rec)
     if losses.route is not None:
         curve.route += losses.route.detach()
-        curve.agree += group_agreement(losses.probs.detach(), losses.targets, losses.weights).mean()
+        curve.agree += losses.agreement.mean()
     run.optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -451,7 +449,8 @@ def step_losses(run: Run, logits: torch.Tensor, batch: MCBatch, num_examples: in
     tgt, w = (x.to(run.device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
     logp = rec.example_group_probs(num_examples, log=True) if cfg.route_granularity == "token" else None
     route_loss = routing_loss(probs, tgt, w, logp)
-    return StepLosses(task_loss, aux_loss, loss + cfg.beta * route_loss, route_loss, probs, tgt, w)
+    agreement = group_agreement(probs.detach(), tgt, w)  # once a step: the epoch curve and the step's log read it
+    return StepLosses(task_loss, aux_loss, loss + cfg.beta * route_loss, route_loss, agreement)
 
 
 def log_step(run: Run, task_value: float, loss_value: float, losses: StepLosses) -> None:
@@ -462,7 +461,7 @@ def log_step(run: Run, task_value: float, loss_value: float, losses: StepLosses)
     writer.add_scalar("charts/learning_rate", run.scheduler.get_last_lr()[0], step)
     if losses.route is not None:
         writer.add_scalar("losses/route", losses.route.item(), step)
-        for g, a in enumerate(group_agreement(losses.probs.detach(), losses.targets, losses.weights).tolist()):
+        for g, a in enumerate(losses.agreement.tolist()):
             writer.add_scalar(f"routing/agreement_group_{g}", a, step)
 
 
