@@ -117,8 +117,8 @@ class RoutingEnv(RoutingMDP):
                  projection_seed: int = 0, cache_mb: float = 1024.0, num_experts: int | None = None,
                  model: MCModel | None = None, precision: str = "auto") -> None:
         check_modes(action_mode, reward_mode)
-        # Every argument, then the data, before any model is built or trained (without a checkpoint
-        # the env trains a demo warm-up first: a typo must not cost that).
+        # Every argument, then the data, before any model is loaded, or trained (a checkpoint resolver,
+        # as ``gym.make`` passes without a checkpoint, may train the demo warm-up: a typo must not cost that).
         check_env_args(balance_weight=balance_weight, num_groups=num_groups, group_sizes=group_sizes,
                        max_examples=max_examples, obs_proj_dim=obs_proj_dim, projection_seed=projection_seed,
                        cache_mb=cache_mb, num_experts=num_experts)
