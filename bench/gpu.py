@@ -34,7 +34,7 @@ if "--dry" in sys.argv and not torch.cuda.is_available():
 
 from routing_env.moe.kernels import lora_moe_lowrank, lora_moe_reference
 from routing_env.moe.kernels.lora_moe import triton_enabled
-from _report import report  # bench/_report.py, beside this script
+from routing_env.common.results import report
 
 #: (T tokens, d width, r rank, E experts, k) -- issue 13's anchor, a wider expert set, a long sequence
 ANCHORS = [(8192, 4096, 16, 8, 2), (8192, 2048, 16, 16, 2), (32768, 1024, 16, 8, 2)]

@@ -53,7 +53,7 @@ from pathlib import Path
 # The library of the checkout this file is in, whatever the environment has installed (an editable
 # install may point at another checkout): the measured code is this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _report import report  # noqa: E402  (bench/_report.py, beside this script)
+from routing_env.common.results import report  # noqa: E402  (this checkout's library, above)
 
 #: Qwen2-0.5B (Qwen/Qwen2-0.5B config.json); ``--dry`` uses a tiny shape of the same family.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -19,7 +19,7 @@ import numpy as np
 
 import agents
 import routing_env  # noqa: F401  (registers the ids)
-from _report import report  # bench/_report.py, beside this script
+from routing_env.common.results import report
 
 
 def _run(agent, env, ids):

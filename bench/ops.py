@@ -31,7 +31,7 @@ from routing_env.data import load_task
 from routing_env.training.evaluation import batch_encoder
 from routing_env.moe import MoEConfig, RoutingPlan, build_model
 from routing_env.common.opcount import OpCounter
-from _report import report  # bench/_report.py, beside this script
+from routing_env.common.results import report
 
 
 def count(model, batch) -> dict:

@@ -23,7 +23,7 @@ from routing_env.common.safefiles import atomic_write_text
 from routing_env.common.stats import (HAVE_SCIPY, detectable_across_seeds, detectable_within_seed, mcnemar_exact,
                                paired_outcomes, pooled_paired_bootstrap)
 
-__all__ = ["dumps_record", "run_metrics", "run_questions", "aggregate", "check_replace", "write_table"]
+__all__ = ["dumps_record", "run_metrics", "run_questions", "aggregate", "check_replace", "write_table", "report"]
 
 METRICS = ("accuracy", "cv", "max_over_mean", "norm_entropy")
 #: The paired tests' settings, written into the table's JSON beside their results.
@@ -281,3 +281,12 @@ def write_table(task: str, table: dict[str, dict], out_dir: str | Path, budget: 
         writer.add_text(f"results/{task}", "\n".join(lines))
     plt.close(fig)
     return out / f"{task}.md"
+
+
+def report(result: dict, out: str | None, indent: int = 2) -> None:
+    """How a benchmark reports (``bench/``): ``result`` as JSON on stdout and, with ``out``, in that file
+    (written atomically, its folder made)."""
+    text = json.dumps(result, indent=indent)
+    print(text)
+    if out:
+        atomic_write_text(out, text + "\n")
