@@ -1,20 +1,26 @@
-"""The grouped LoRA-MoE expert op as Triton kernels: forward, backward, launcher, autograd function.
+"""The grouped LoRA-MoE expert op as Triton kernels, without atomics, registered as a custom op.
 
 ``y[t] = scale * sum_j gate[t, j] * B[e_tj] @ (A[e_tj] @ x[t])`` with ``x [T, d_in]``,
-``A [E, r, d_in]``, ``B [E, d_out, r]``, ``expert_idx / gate [T, k]``; its PyTorch reference is
+``A [E, r, d_in]``, ``B [E, d_out, r]``, ``expert_idx / gates [T, k]``; its PyTorch reference is
 ``lora_moe_reference`` (``lora_moe.py``), which the tests compare outputs and all four gradients
-(x, A, B, gate) against, on CPU through ``TRITON_INTERPRET=1`` and on the GPU.
+(x, A, B, gates) against, on CPU through ``TRITON_INTERPRET=1`` and on the GPU.
 
-Layout (as in MoE kernels such as vLLM's fused_moe): the ``N = T * k`` (token, slot) assignments are
-sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``, so one program
-handles ``BLOCK_M`` assignments of one expert (``ids [num_blocks * BLOCK_M]``, -1 = padding;
-``block_expert [num_blocks]``, -1 = unused block). Everything is computed on the device with a
-static upper bound on the number of blocks, so the op needs no host synchronisation.
+Four kernels (``KERNELS``), each element of each output written by exactly one program:
 
-A program computes its rows' rank-``r`` activations ``h = x @ A_e^T`` once (``r`` padded to a power
-of two of at least 16, the smallest ``tl.dot``), then walks ``d_out`` in tiles; a token's ``k``
-contributions come from ``k`` programs, so outputs and ``dx`` / ``dA`` / ``dB`` are accumulated
-with fp32 atomics (on the GPU their order varies run to run: float rounding only).
+* ``align`` (one program): the ``N = T * k`` (token, slot) assignments sorted by expert, each
+  expert's run padded to whole blocks of ``BLOCK_M`` (``ids``, -1 = padding), the expert of each
+  block (``block_expert``, -1 = unused) and each expert's first block (``block_start [E + 1]``), in
+  one int32 buffer, the "plan". The number of blocks has a static bound, so nothing syncs the host.
+* ``fwd`` (a program per block): gathers its rows of ``x``, computes the rank activations
+  ``h = x A_e^T`` once, scales them by gate * scale, and stores ``h B_e^T`` tile by tile into a
+  per-slot output ``[N, d_out]``; the ``k`` slots of a token are summed by one reduction after.
+* ``bwd_dx`` (a program per block): ``dgate``, the per-slot ``dx [N, d_in]`` (summed over k after)
+  and the gated rank activations ``w * x A_e^T`` and ``w * dy B_e`` of its rows, kept for ``bwd_dw``.
+* ``bwd_dw`` (a program per expert and d_in or d_out tile): walks its expert's blocks and sums
+  ``dA_e`` or ``dB_e`` for its tile in fp32 registers, then stores it once (zero for an empty expert).
+
+Without atomics the results are the same run to run. ``r`` is padded to a power of two of at least 16
+(the smallest ``tl.dot``), up to 64 compiled without register spills at these tile sizes.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_M", "LoRAMoETriton", "align_assignments", "compile_report", "lora_moe_triton"]
+__all__ = ["BLOCK_M", "KERNELS", "align_assignments", "compile_report", "lora_moe_sorted", "lora_moe_triton"]
 
-BLOCK_M = 16  # assignments per program (tl.dot needs >= 16)
-BLOCK_K = 32  # d_in tile
-BLOCK_N = 32  # d_out tile
+BLOCK_M = 64  # assignments per program of fwd / bwd_dx (tl.dot needs >= 16)
+BLOCK_K = 64  # d_in tile
+BLOCK_N = 64  # d_out tile
+KERNELS = ("align", "fwd", "bwd_dx", "bwd_dw")
+# fwd / bwd_dx gather [BM, BK] tiles whose int64 addresses cost 2 registers an element: at 4 warps they
+# sit at the 255-register cap (sm_90 AOT, bf16 rank 16); 8 warps bring them to ~125-250, still no spills.
+NUM_WARPS = {"align": 4, "fwd": 8, "bwd_dx": 8, "bwd_dw": 4}
 
 
 @triton.jit
@@ -36,6 +46,52 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _align_kernel(eid_ptr, ids_ptr, bexp_ptr, bstart_ptr, N, E, NB, BM: tl.constexpr, EP: tl.constexpr,
+                  CH: tl.constexpr, CB: tl.constexpr):
+    offs_e = tl.arange(0, EP)
+    counts = tl.zeros((EP,), dtype=tl.int32)  # [EP] assignments per expert
+    for c0 in range(0, N, CH):
+        offs = c0 + tl.arange(0, CH)
+        e = tl.load(eid_ptr + offs, mask=offs < N, other=0).to(tl.int32)
+        counts += tl.histogram(e, EP, mask=offs < N)
+    nblk = (counts + BM - 1) // BM  # [EP] whole blocks per expert (0 for an empty one)
+    bend = tl.cumsum(nblk, axis=0)  # [EP] one past each expert's last block
+    bstart = bend - nblk
+    tl.store(bstart_ptr + offs_e, bstart, mask=offs_e < E)
+    tl.store(bstart_ptr + E, tl.sum(nblk, axis=0))
+    # Each block's expert and how many of its rows are real: the rest (and unused blocks) get -1.
+    # These positions are disjoint from the ones the scatter below writes, so no barrier is needed.
+    rows = tl.arange(0, BM)
+    for b0 in range(0, NB, CB):
+        offs_b = b0 + tl.arange(0, CB)  # [CB]
+        own = (offs_b[:, None] >= bstart[None, :]) & (offs_b[:, None] < bend[None, :])  # [CB, EP] one-hot
+        used = tl.sum(own.to(tl.int32), axis=1) > 0
+        expert = tl.sum(tl.where(own, offs_e[None, :], 0), axis=1)
+        fill = tl.sum(tl.where(own, counts[None, :] - (offs_b[:, None] - bstart[None, :]) * BM, 0), axis=1)
+        tl.store(bexp_ptr + offs_b, tl.where(used, expert, -1), mask=offs_b < NB)
+        tl.store(ids_ptr + offs_b[:, None] * BM + rows[None, :], tl.full((CB, BM), -1, tl.int32),
+                 mask=(rows[None, :] >= fill[:, None]) & (offs_b[:, None] < NB))
+    # Scatter: assignment n goes to its expert's next free row; chunks in order keep the sort stable.
+    seen = bstart * BM  # [EP] next free row of each expert
+    for c0 in range(0, N, CH):
+        offs = c0 + tl.arange(0, CH)
+        e = tl.load(eid_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+        hot = (e[:, None] == offs_e[None, :]).to(tl.int32)  # [CH, EP]
+        before = tl.cumsum(hot, axis=0) - hot  # same-expert assignments earlier in the chunk
+        tl.store(ids_ptr + tl.sum(hot * (before + seen[None, :]), axis=1), offs, mask=offs < N)
+        seen += tl.sum(hot, axis=0)
+
+
+@triton.jit
+def _rows(ids_ptr, blk, TOP_K, BM: tl.constexpr):
+    """A block's assignments: ``slot [BM]`` (t * k + j, 0 for padding), ``tok [BM]``, ``valid [BM]``."""
+    ids = tl.load(ids_ptr + blk * BM + tl.arange(0, BM))
+    valid = ids >= 0
+    slot = tl.where(valid, ids, 0).to(tl.int64)  # int64: slot * d can pass 2^31
+    return slot, slot // TOP_K, valid
 
 
 @triton.jit
@@ -49,25 +105,23 @@ def _down(x_ptr, a_ptr, tok, valid, e, D_IN, R, RP: tl.constexpr, BM: tl.constex
         in_k = offs_k[None, :] < D_IN
         xk = tl.load(x_ptr + tok[:, None] * D_IN + offs_k[None, :], mask=valid[:, None] & in_k, other=0.0)
         ak = tl.load(a_ptr + e * R * D_IN + offs_r[:, None] * D_IN + offs_k[None, :],
-                     mask=(offs_r[:, None] < R) & in_k, other=0.0)
+                     mask=(offs_r[:, None] < R) & in_k, other=0.0)  # [RP, BK]
         h += _mm(xk, tl.trans(ak), PREC, UPCAST)
     return h
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ids_ptr, block_expert_ptr, w_ptr, D_IN, D_OUT, R, TOP_K,
+def _fwd_kernel(x_ptr, a_ptr, b_ptr, g_ptr, ys_ptr, ids_ptr, bexp_ptr, scale, D_IN, D_OUT, R, TOP_K,
                 BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid)
+    e = tl.load(bexp_ptr + pid).to(tl.int64)
     if e >= 0:
-        ids = tl.load(ids_ptr + pid * BM + tl.arange(0, BM))  # [BM] assignment t * k + j, or -1
-        valid = ids >= 0
-        safe = tl.where(valid, ids, 0)
-        tok = safe // TOP_K
-        w = tl.load(w_ptr + safe, mask=valid, other=0.0)  # [BM] gate * scale
-        h = _down(x_ptr, a_ptr, tok, valid, e, D_IN, R, RP, BM, BK, PREC, UPCAST) * w[:, None]  # [BM, RP]
-        h = h.to(b_ptr.dtype.element_ty)
+        slot, tok, valid = _rows(ids_ptr, pid, TOP_K, BM)
+        w = tl.load(g_ptr + slot, mask=valid, other=0.0).to(tl.float32) * scale  # [BM]
+        # Gate the r-wide activations rather than the d_out-wide outputs: r multiplies instead of d_out.
+        h = (_down(x_ptr, a_ptr, tok, valid, e, D_IN, R, RP, BM, BK, PREC, UPCAST) * w[:, None])
+        h = h.to(b_ptr.dtype.element_ty)  # [BM, RP]
         offs_r = tl.arange(0, RP)
         for n0 in range(0, D_OUT, BN):
             offs_n = n0 + tl.arange(0, BN)
@@ -75,143 +129,236 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ids_ptr, block_expert_ptr, w_ptr, D_
             bn = tl.load(b_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
                          mask=in_n[:, None] & (offs_r[None, :] < R), other=0.0)  # [BN, RP]
             out = _mm(h, tl.trans(bn), PREC, UPCAST)  # [BM, BN]
-            tl.atomic_add(y_ptr + tok[:, None] * D_OUT + offs_n[None, :], out, mask=valid[:, None] & in_n[None, :])
+            tl.store(ys_ptr + slot[:, None] * D_OUT + offs_n[None, :], out.to(ys_ptr.dtype.element_ty),
+                     mask=valid[:, None] & in_n[None, :])
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, a_ptr, b_ptr, dy_ptr, ids_ptr, block_expert_ptr, w_ptr, dx_ptr, da_ptr, db_ptr, dw_ptr,
-                D_IN, D_OUT, R, TOP_K, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _bwd_dx_kernel(x_ptr, a_ptr, b_ptr, g_ptr, dy_ptr, ids_ptr, bexp_ptr, dxs_ptr, dg_ptr, wh_ptr, wg_ptr, scale,
+                   D_IN, D_OUT, R, TOP_K, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    e = tl.load(block_expert_ptr + pid)
+    e = tl.load(bexp_ptr + pid).to(tl.int64)
     if e >= 0:
-        ids = tl.load(ids_ptr + pid * BM + tl.arange(0, BM))
-        valid = ids >= 0
-        safe = tl.where(valid, ids, 0)
-        tok = safe // TOP_K
-        w = tl.load(w_ptr + safe, mask=valid, other=0.0)
+        slot, tok, valid = _rows(ids_ptr, pid, TOP_K, BM)
+        w = tl.load(g_ptr + slot, mask=valid, other=0.0).to(tl.float32) * scale  # [BM]
         offs_r = tl.arange(0, RP)
         in_r = offs_r < R
         dtype = a_ptr.dtype.element_ty
-        h = _down(x_ptr, a_ptr, tok, valid, e, D_IN, R, RP, BM, BK, PREC, UPCAST)  # [BM, RP] A_e x
-        g = tl.zeros((BM, RP), dtype=tl.float32)  # [BM, RP] B_e^T dy
+        h = _down(x_ptr, a_ptr, tok, valid, e, D_IN, R, RP, BM, BK, PREC, UPCAST)  # [BM, RP] x A_e^T
+        g = tl.zeros((BM, RP), dtype=tl.float32)  # [BM, RP] dy B_e
         for n0 in range(0, D_OUT, BN):
             offs_n = n0 + tl.arange(0, BN)
             in_n = offs_n < D_OUT
-            dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :], other=0.0)
+            dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :],
+                          other=0.0)  # [BM, BN]
             bn = tl.load(b_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
-                         mask=in_n[:, None] & in_r[None, :], other=0.0)
+                         mask=in_n[:, None] & in_r[None, :], other=0.0)  # [BN, RP]
             g += _mm(dyn, bn, PREC, UPCAST)
-        # d y / d w for w = gate * scale: one value per assignment, so a plain store.
-        tl.store(dw_ptr + safe, tl.sum(g * h, axis=1), mask=valid)
+        tl.store(dg_ptr + slot, (tl.sum(g * h, axis=1) * scale).to(dg_ptr.dtype.element_ty), mask=valid)
         wg = (g * w[:, None]).to(dtype)  # [BM, RP]
-        wh = (h * w[:, None]).to(dtype)  # [BM, RP]
+        # Padding rows hold zeros (their x and dy rows were read as zeros): bwd_dw may sum them.
+        rowp = pid * BM + tl.arange(0, BM)
+        tl.store(wh_ptr + rowp[:, None] * RP + offs_r[None, :], (h * w[:, None]).to(dtype))
+        tl.store(wg_ptr + rowp[:, None] * RP + offs_r[None, :], wg)
         for k0 in range(0, D_IN, BK):
             offs_k = k0 + tl.arange(0, BK)
             in_k = offs_k < D_IN
             ak = tl.load(a_ptr + e * R * D_IN + offs_r[:, None] * D_IN + offs_k[None, :],
                          mask=in_r[:, None] & in_k[None, :], other=0.0)  # [RP, BK]
-            dxk = _mm(wg, ak, PREC, UPCAST)  # [BM, BK]
-            tl.atomic_add(dx_ptr + tok[:, None] * D_IN + offs_k[None, :], dxk, mask=valid[:, None] & in_k[None, :])
-            xk = tl.load(x_ptr + tok[:, None] * D_IN + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
-            dak = _mm(tl.trans(wg), xk, PREC, UPCAST)  # [RP, BK]
-            tl.atomic_add(da_ptr + e * R * D_IN + offs_r[:, None] * D_IN + offs_k[None, :], dak,
-                          mask=in_r[:, None] & in_k[None, :])
-        for n0 in range(0, D_OUT, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            in_n = offs_n < D_OUT
-            dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :], other=0.0)
-            dbn = _mm(tl.trans(dyn), wh, PREC, UPCAST)  # [BN, RP]
-            tl.atomic_add(db_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :], dbn,
-                          mask=in_n[:, None] & in_r[None, :])
+            tl.store(dxs_ptr + slot[:, None] * D_IN + offs_k[None, :],
+                     _mm(wg, ak, PREC, UPCAST).to(dxs_ptr.dtype.element_ty), mask=valid[:, None] & in_k[None, :])
+
+
+@triton.jit
+def _bwd_dw_kernel(x_ptr, dy_ptr, ids_ptr, bstart_ptr, wh_ptr, wg_ptr, da_ptr, db_ptr, D_IN, D_OUT, R, TOP_K,
+                   BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    lo = tl.load(bstart_ptr + e)  # this expert's blocks: [lo, hi)
+    hi = tl.load(bstart_ptr + e + 1)
+    offs_r = tl.arange(0, RP)
+    in_r = offs_r < R
+    n_k = tl.cdiv(D_IN, BK)
+    if tile < n_k:  # dA_e[:, tile] = sum over the expert's rows of (w g)^T x
+        offs_k = tile * BK + tl.arange(0, BK)
+        in_k = offs_k < D_IN
+        da = tl.zeros((RP, BK), dtype=tl.float32)
+        for blk in range(lo, hi):
+            slot, tok, valid = _rows(ids_ptr, blk, TOP_K, BM)
+            rowp = blk * BM + tl.arange(0, BM)
+            wg = tl.load(wg_ptr + rowp[:, None] * RP + offs_r[None, :])  # [BM, RP]
+            xk = tl.load(x_ptr + tok[:, None] * D_IN + offs_k[None, :], mask=valid[:, None] & in_k[None, :],
+                         other=0.0)  # [BM, BK]
+            da += _mm(tl.trans(wg), xk, PREC, UPCAST)
+        tl.store(da_ptr + e * R * D_IN + offs_r[:, None] * D_IN + offs_k[None, :],
+                 da.to(da_ptr.dtype.element_ty), mask=in_r[:, None] & in_k[None, :])
+    else:  # dB_e[tile, :] = sum over the expert's rows of dy^T (w h)
+        offs_n = (tile - n_k) * BN + tl.arange(0, BN)
+        in_n = offs_n < D_OUT
+        db = tl.zeros((BN, RP), dtype=tl.float32)
+        for blk in range(lo, hi):
+            slot, tok, valid = _rows(ids_ptr, blk, TOP_K, BM)
+            rowp = blk * BM + tl.arange(0, BM)
+            wh = tl.load(wh_ptr + rowp[:, None] * RP + offs_r[None, :])  # [BM, RP]
+            dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :],
+                          other=0.0)  # [BM, BN]
+            db += _mm(tl.trans(dyn), wh, PREC, UPCAST)
+        tl.store(db_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
+                 db.to(db_ptr.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
+
+
+def _num_blocks(n: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the blocks: ``sum_e ceil(c_e / BM) <= (N + m (BM - 1)) / BM`` for ``m`` non-empty experts."""
+    return max(1, (n + min(n, num_experts) * (block_m - 1)) // block_m)
+
+
+def _plan_split(plan: torch.Tensor, num_blocks: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Views of the plan: ``ids [NB * BM]``, ``block_expert [NB]``, ``block_start [E + 1]``."""
+    return plan[:num_blocks * block_m], plan[num_blocks * block_m:num_blocks * (block_m + 1)], \
+        plan[num_blocks * (block_m + 1):]
+
+
+def _align_params(num_experts: int) -> dict[str, int]:
+    ep = triton.next_power_of_2(max(num_experts, 2))
+    # [CH, EP] and [CB, EP] one-hot tiles of at most 4096 elements: 32 registers a thread at 4 warps.
+    return {"EP": ep, "CH": max(16, min(1024, 4096 // ep)), "CB": max(1, min(64, 4096 // ep))}
+
+
+def _align(expert_idx: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
+    """The plan: one int32 buffer holding ``ids``, ``block_expert`` and ``block_start`` (``_plan_split``),
+    from one allocation and one launch."""
+    flat = expert_idx.reshape(-1)  # [N]
+    n = flat.numel()
+    nb = _num_blocks(n, num_experts, block_m)
+    plan = torch.empty(nb * (block_m + 1) + num_experts + 1, dtype=torch.int32, device=flat.device)
+    ids, block_expert, block_start = _plan_split(plan, nb, block_m)
+    _align_kernel[(1,)](flat if flat.is_contiguous() else flat.contiguous(), ids, block_expert, block_start, n,
+                        num_experts, nb, BM=block_m, **_align_params(num_experts), num_warps=NUM_WARPS["align"])
+    return plan
 
 
 def align_assignments(expert_idx: torch.Tensor, num_experts: int, block_m: int = BLOCK_M
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids [num_blocks * block_m]`` (assignments sorted by expert, each expert padded to whole
-    blocks, -1 = padding) and ``block_expert [num_blocks]`` (-1 = unused), on the device, no sync.
-
-    ``num_blocks`` is the static bound ``ceil((N + E * (block_m - 1)) / block_m)`` for ``N`` assignments.
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids [NB * block_m]`` (assignments ``t * k + j`` sorted by expert, stable, each expert padded to
+    whole blocks, -1 = padding), ``block_expert [NB]`` (-1 = unused) and ``block_start [E + 1]`` (each
+    expert's first block, then the number used), int32, on the device with no sync.
+    ``NB = _num_blocks(N, E, block_m)`` depends on shapes only.
     """
-    flat = expert_idx.reshape(-1)  # [N]
-    N, E, dev = flat.numel(), num_experts, flat.device
-    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))  # [E]
-    padded = (counts + block_m - 1) // block_m * block_m  # [E]
-    ends = torch.cumsum(padded, 0)  # [E] end of each expert's padded run
-    order = torch.argsort(flat, stable=True)  # [N]
-    sorted_e = flat[order]
-    rank = torch.arange(N, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]  # place within its expert
-    num_blocks = max(1, -(-(N + E * (block_m - 1)) // block_m))
-    ids = torch.full((num_blocks * block_m,), -1, dtype=torch.long, device=dev)
-    ids[(ends - padded)[sorted_e] + rank] = order
-    block_expert = torch.searchsorted(ends, torch.arange(num_blocks, device=dev) * block_m, right=True)
-    return ids, torch.where(block_expert < E, block_expert, -1)
+    nb = _num_blocks(expert_idx.numel(), num_experts, block_m)
+    return _plan_split(_align(expert_idx, num_experts, block_m), nb, block_m)
 
 
 def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact as the reference; tf32 is unused for bf16
-
-
-def _upcast(x: torch.Tensor) -> bool:
+def _consts(x: torch.Tensor, r: int, block_m: int, kernel: str) -> dict[str, object]:
+    # fp32: "ieee", exact as the reference; for bf16 the precision flag is unused.
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
     # Off the GPU the kernels run in Triton's interpreter, whose tl.dot on bf16 operands is wrong
     # (measured: error 2.5e10 on a 16 x 16 product, triton 3.9); there the dots run in fp32 on the
     # bf16 values. On the GPU bf16 operands go to the tensor cores as they are.
-    return x.device.type != "cuda" and x.dtype != torch.float32
+    upcast = x.device.type != "cuda" and x.dtype != torch.float32
+    return {"BM": block_m, "BK": BLOCK_K, "BN": BLOCK_N, "RP": _rank_pad(r), "PREC": prec, "UPCAST": upcast,
+            "num_warps": NUM_WARPS[kernel]}
 
 
-class LoRAMoETriton(torch.autograd.Function):
-    """Autograd function over the kernels: gradients for ``x``, ``A``, ``B`` and ``gates``."""
+def _forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
+             scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [T, d_out], plan)``: two launches (align, fwd), and for k > 1 the sum over slots."""
+    x, A, B, gates = x.contiguous(), A.contiguous(), B.contiguous(), gates.contiguous()
+    (T, d_in), (E, r, _), d_out, k = x.shape, A.shape, B.shape[1], expert_idx.shape[1]
+    plan = _align(expert_idx, E, block_m)
+    ids, block_expert, _ = _plan_split(plan, _num_blocks(T * k, E, block_m), block_m)
+    ys = torch.empty(T * k, d_out, dtype=x.dtype, device=x.device)  # [T*k, d_out] one row per slot
+    if T * k:
+        _fwd_kernel[(block_expert.numel(),)](x, A, B, gates, ys, ids, block_expert, scale, d_in, d_out, r, k,
+                                            **_consts(x, r, block_m, "fwd"))
+    y = ys if k == 1 else ys.view(T, k, d_out).sum(1)  # [T, d_out]
+    return y, plan
 
-    @staticmethod
-    def forward(ctx, x, A, B, expert_idx, gates, scale: float):  # type: ignore[override]
-        x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-        T, d_in = x.shape
-        E, r, _ = A.shape
-        d_out, k = B.shape[1], expert_idx.shape[1]
-        ids, block_expert = align_assignments(expert_idx, E)
-        w = (gates.reshape(-1).float() * scale).contiguous()  # [N] gate * scale
-        y = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
-        if T:
-            _fwd_kernel[(block_expert.numel(),)](x, A, B, y, ids, block_expert, w, d_in, d_out, r, k, BM=BLOCK_M,
-                                                BK=BLOCK_K, BN=BLOCK_N, RP=_rank_pad(r), PREC=_precision(x.dtype),
-                                                UPCAST=_upcast(x))
-        ctx.save_for_backward(x, A, B, ids, block_expert, w)
-        ctx.shape, ctx.scale, ctx.gates_dtype = (T, k), scale, gates.dtype
-        return y.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, A, B, ids, block_expert, w = ctx.saved_tensors
-        (T, k), (E, r, d_in), d_out = ctx.shape, A.shape, B.shape[1]
-        dy = dy.to(x.dtype).contiguous()
-        dx = torch.zeros(T, d_in, dtype=torch.float32, device=x.device)
-        dA = torch.zeros(A.shape, dtype=torch.float32, device=x.device)
-        dB = torch.zeros(B.shape, dtype=torch.float32, device=x.device)
-        dw = torch.zeros(T * k, dtype=torch.float32, device=x.device)
-        if T:
-            _bwd_kernel[(block_expert.numel(),)](x, A, B, dy, ids, block_expert, w, dx, dA, dB, dw, d_in, d_out, r, k,
-                                                BM=BLOCK_M, BK=BLOCK_K, BN=BLOCK_N, RP=_rank_pad(r),
-                                                PREC=_precision(x.dtype), UPCAST=_upcast(x))
-        dgates = (dw * ctx.scale).view(T, k).to(ctx.gates_dtype)
-        return dx.to(x.dtype), dA.to(A.dtype), dB.to(B.dtype), None, dgates, None
+@torch.library.custom_op("routing_env::lora_moe_sorted", mutates_args=())
+def lora_moe_sorted(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                    gates: torch.Tensor, scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [T, d_out], plan)``: the op and the alignment plan its backward reuses (x, A, B share a dtype)."""
+    return _forward(x, A, B, expert_idx, gates, scale, block_m)
+
+
+@lora_moe_sorted.register_fake
+def _(x, A, B, expert_idx, gates, scale, block_m):
+    n, E = expert_idx.numel(), A.shape[0]
+    nb = _num_blocks(n, E, block_m)
+    return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(nb * (block_m + 1) + E + 1, dtype=torch.int32)
+
+
+def _backward_impl(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                   gates: torch.Tensor, plan: torch.Tensor, scale: float, block_m: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dA, dB, dgates)``: two launches (bwd_dx, bwd_dw), and for k > 1 the sum of dx over slots."""
+    x, A, B, gates = x.contiguous(), A.contiguous(), B.contiguous(), gates.contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    (T, d_in), (E, r, _), d_out, k = x.shape, A.shape, B.shape[1], expert_idx.shape[1]
+    nb = _num_blocks(T * k, E, block_m)
+    ids, block_expert, block_start = _plan_split(plan, nb, block_m)
+    dxs = torch.empty(T * k, d_in, dtype=x.dtype, device=x.device)  # [T*k, d_in] one row per slot
+    dgates = torch.empty_like(gates)  # [T, k]
+    dA, dB = torch.empty_like(A), torch.empty_like(B)
+    # [NB * BM, RP] gated rank activations of each sorted row, w * x A_e^T and w * dy B_e
+    acts = torch.empty(2, nb * block_m, _rank_pad(r), dtype=x.dtype, device=x.device)
+    if T * k:
+        _bwd_dx_kernel[(nb,)](x, A, B, gates, dy, ids, block_expert, dxs, dgates, acts[0], acts[1], scale, d_in, d_out,
+                              r, k, **_consts(x, r, block_m, "bwd_dx"))
+    _bwd_dw_kernel[(E, triton.cdiv(d_in, BLOCK_K) + triton.cdiv(d_out, BLOCK_N))](
+        x, dy, ids, block_start, acts[0], acts[1], dA, dB, d_in, d_out, r, k, **_consts(x, r, block_m, "bwd_dw"))
+    return (dxs if k == 1 else dxs.view(T, k, d_in).sum(1)), dA, dB, dgates
+
+
+@torch.library.custom_op("routing_env::lora_moe_sorted_backward", mutates_args=())
+def lora_moe_sorted_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             expert_idx: torch.Tensor, gates: torch.Tensor, plan: torch.Tensor, scale: float,
+                             block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dA, dB, dgates)`` of ``lora_moe_sorted`` for the output gradient ``dy [T, d_out]``."""
+    return _backward_impl(dy, x, A, B, expert_idx, gates, plan, scale, block_m)
+
+
+@lora_moe_sorted_backward.register_fake
+def _(dy, x, A, B, expert_idx, gates, plan, scale, block_m):
+    return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(gates)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, A, B, expert_idx, gates, scale, block_m = inputs
+    ctx.save_for_backward(x, A, B, expert_idx, gates, output[1])
+    ctx.scale, ctx.block_m = scale, block_m
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the integer plan: one launch
+
+
+def _autograd_backward(ctx, dy: torch.Tensor, _dplan: torch.Tensor | None) -> tuple:  # type: ignore[no-untyped-def]
+    x, A, B, expert_idx, gates, plan = ctx.saved_tensors
+    dx, dA, dB, dgates = lora_moe_sorted_backward(dy, x, A, B, expert_idx, gates, plan, ctx.scale, ctx.block_m)
+    return dx, dA, dB, None, dgates, None, None
+
+
+lora_moe_sorted.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def lora_moe_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
-                    gates: torch.Tensor, scale: float) -> torch.Tensor:
-    """The op through the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    return LoRAMoETriton.apply(x, A, B, expert_idx, gates, scale)
+                    gates: torch.Tensor, scale: float, block_m: int = BLOCK_M) -> torch.Tensor:
+    """The op through the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+    differentiable in ``x``, ``A``, ``B`` and ``gates``; one custom op for ``torch.compile``."""
+    return lora_moe_sorted(x, A, B, expert_idx, gates, float(scale), block_m)[0]
 
 
-def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: int = 90) -> dict[str, int]:
-    """Compile one kernel ahead of time for an ``sm_<arch>`` GPU (no GPU needed) and read its resources.
-
-    Returns registers per thread, static and dynamic shared memory and local memory (register
-    spills), read from the cubin with the ``cuobjdump`` that ships with Triton. Needs Triton not in
-    interpreter mode (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
+def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: int = 90,
+                   num_experts: int = 64) -> dict[str, int]:
+    """Compile one kernel of ``KERNELS`` ahead of time for an ``sm_<arch>`` GPU (no GPU needed), at the
+    production tile sizes, and read its resources: registers per thread, static and dynamic shared
+    memory, and local memory (register spills), from the cubin with the ``cuobjdump`` that ships with
+    Triton. ``align`` depends on ``num_experts`` only. Needs Triton not in interpreter mode
+    (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
     """
     import subprocess
     import tempfile
@@ -221,17 +368,32 @@ def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}[kernel]
-    ptrs = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype}
-    ptrs |= {"y_ptr": "fp32"} if kernel == "fwd" else {"dy_ptr": dtype}
-    ptrs |= {"ids_ptr": "i64", "block_expert_ptr": "i64", "w_ptr": "fp32"}
-    if kernel == "bwd":
-        ptrs |= {"dx_ptr": "fp32", "da_ptr": "fp32", "db_ptr": "fp32", "dw_ptr": "fp32"}
-    consts = {"BM": BLOCK_M, "BK": BLOCK_K, "BN": BLOCK_N, "RP": rank_pad, "PREC": _precision(
-        torch.float32 if dtype == "fp32" else torch.bfloat16), "UPCAST": False}
-    signature = ({k: "*" + v for k, v in ptrs.items()} | {k: "i32" for k in ("D_IN", "D_OUT", "R", "TOP_K")}
+    ints = ("D_IN", "D_OUT", "R", "TOP_K")
+    consts: dict[str, object] = {"BM": BLOCK_M, "BK": BLOCK_K, "BN": BLOCK_N, "RP": rank_pad,
+                                 "PREC": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False}
+    if kernel == "align":
+        fn, ptrs, ints = _align_kernel, {"eid_ptr": "i64", "ids_ptr": "i32", "bexp_ptr": "i32", "bstart_ptr": "i32"}, (
+            "N", "E", "NB")
+        consts = {"BM": BLOCK_M} | _align_params(num_experts)
+    elif kernel == "fwd":
+        fn = _fwd_kernel
+        ptrs = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype, "g_ptr": dtype, "ys_ptr": dtype, "ids_ptr": "i32",
+                "bexp_ptr": "i32"}
+    elif kernel == "bwd_dx":
+        fn = _bwd_dx_kernel
+        ptrs = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype, "g_ptr": dtype, "dy_ptr": dtype, "ids_ptr": "i32",
+                "bexp_ptr": "i32", "dxs_ptr": dtype, "dg_ptr": dtype, "wh_ptr": dtype, "wg_ptr": dtype}
+    elif kernel == "bwd_dw":
+        fn = _bwd_dw_kernel
+        ptrs = {"x_ptr": dtype, "dy_ptr": dtype, "ids_ptr": "i32", "bstart_ptr": "i32", "wh_ptr": dtype,
+                "wg_ptr": dtype, "da_ptr": dtype, "db_ptr": dtype}
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    scalars = {"scale": "fp32"} if kernel in ("fwd", "bwd_dx") else {}
+    signature = ({k: "*" + v for k, v in ptrs.items()} | scalars | {k: "i32" for k in ints}
                  | {k: "constexpr" for k in consts})
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS[kernel]})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
