@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .encode import LETTERS, MCBatch, encode_letter_prompt, encode_pairs, letter_prompt_text
+from .encode import LETTERS, MCBatch, encode_letter_prompt, encode_pairs, letter_prompt_text, move, pad_token_id
+from .encoded import EncodedSplit
 from .tasks import (
     DATA_ENV_VAR,
     MIXTURES,
@@ -31,6 +32,7 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "DataError",
+    "EncodedSplit",
     "MCBatch",
     "MCExample",
     "TaskSpec",
@@ -40,6 +42,8 @@ __all__ = [
     "load_builtin",
     "load_file",
     "load_task",
+    "move",
+    "pad_token_id",
     "resolve_data_dir",
     "task_names",
 ]

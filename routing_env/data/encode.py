@@ -25,7 +25,28 @@ import torch
 
 from .tasks import MCExample
 
+__all__ = ["LETTERS", "MCBatch", "encode_letter_prompt", "encode_pairs", "letter_prompt_text", "move", "pad_token_id"]
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def move(t: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
+    """``t`` on ``device``: itself when already there; from the host to a GPU through pinned memory
+    with a non-blocking copy when ``non_blocking``.
+
+    A blocking host-to-GPU copy waits for the whole stream to drain (PyTorch synchronises after
+    ``cudaMemcpyAsync`` from pageable memory), so the host cannot queue the next kernels while the
+    GPU works; a copy from pinned memory with ``non_blocking=True`` is queued like a kernel. Copies
+    towards the host stay blocking: the caller reads the result right after.
+    """
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if non_blocking and t.device.type == "cpu" and device.type != "cpu":
+        if device.type == "cuda" and not t.is_pinned():
+            t = t.pin_memory()  # the caching host allocator keeps it alive until the copy has run
+        return t.to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -43,13 +64,14 @@ class MCBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def to(self, device: torch.device | str) -> MCBatch:
-        """Return a copy with every tensor moved to ``device``."""
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> MCBatch:
+        """Return a copy with every tensor on ``device`` (``move``: pinned, non-blocking copies from
+        the host to a GPU; a tensor already there is kept)."""
         moved: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                moved[f.name] = value.to(device)
+                moved[f.name] = move(value, device, non_blocking)
         return replace(self, **moved)
 
 
@@ -69,7 +91,7 @@ def _common(examples: Sequence[MCExample], num_choices: int) -> tuple[torch.Tens
     return choice_mask, labels
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
     """Pad token id, falling back to EOS for GPT-style tokenizers that have none."""
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -126,7 +148,7 @@ def _empty_pair(tokenizer: Any, max_length: int) -> dict[str, list[int]]:
     if not filler["input_ids"]:
         # A tokenizer without special tokens yields nothing for an empty pair;
         # one pad token with mask 1 keeps downstream softmaxes finite.
-        filler = {"input_ids": [_pad_id(tokenizer)], "attention_mask": [1]}
+        filler = {"input_ids": [pad_token_id(tokenizer)], "attention_mask": [1]}
     filler.setdefault("attention_mask", [1] * len(filler["input_ids"]))
     return filler
 
@@ -152,7 +174,7 @@ def encode_pairs(tokenizer: Any, examples: Sequence[MCExample], max_length: int 
 
     seq_len = max(len(e["input_ids"]) for e in [*encoded, filler])
     B = len(examples)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     input_ids = torch.full((B, num_choices, seq_len), pad, dtype=torch.long)
     attention_mask = torch.zeros(B, num_choices, seq_len, dtype=torch.long)
     has_types = "token_type_ids" in encoded[0]
@@ -234,7 +256,7 @@ def encode_letter_prompt(tokenizer: Any, examples: Sequence[MCExample], max_leng
     num_choices = _check_examples(examples)
     if num_choices > len(LETTERS):
         raise ValueError(f"at most {len(LETTERS)} choices can be lettered, got {num_choices}")
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     rows = [_fit_prompt(tokenizer, ex, max_length) for ex in examples]
     seq_len = max(len(r) for r in rows)
     B = len(examples)

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from routing_env.data import MCBatch, MCExample
+from routing_env.data import EncodedSplit, MCBatch, MCExample, pad_token_id
 from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, RoutingPlan, RoutingRecorder, load_stats
 from routing_env.common.utils import autocast
 
-__all__ = ["EvalResult", "evaluate", "batch_encoder", "iterate_batches", "layer_load_stats"]
+__all__ = ["EvalResult", "evaluate", "batch_encoder", "encode_split", "iterate_batches", "iterate_indices",
+           "layer_load_stats"]
 
 
 #: Decimals of the stored log-probabilities: records are committed (ARC-Easy's test split is 2376
@@ -75,13 +76,28 @@ def batch_encoder(model: MCModel, tokenizer: object, max_length: int) -> Callabl
     return lambda exs: kind.encode(tokenizer, exs, max_length)
 
 
+def encode_split(model: MCModel, tokenizer: object, examples: Sequence[MCExample], max_length: int,
+                 device: torch.device | str = "cpu") -> EncodedSplit:
+    """``examples`` tokenised once by the model's backbone kind; resident on ``device`` when it is a GPU
+    (each batch is then an index and a slice there, with nothing copied per batch)."""
+    split = EncodedSplit.build(batch_encoder(model, tokenizer, max_length), examples, pad_id=pad_token_id(tokenizer))
+    return split.to(device) if torch.device(device).type == "cuda" else split
+
+
+def iterate_indices(n: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+    """The example indices of consecutive batches of ``n`` examples, shuffled by ``rng`` when given
+    (seeded, so epochs are reproducible)."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
 def iterate_batches(
     examples: Sequence[MCExample], batch_size: int, rng: np.random.Generator | None = None
 ) -> Iterator[list[MCExample]]:
-    """Consecutive batches, shuffled by ``rng`` when given (seeded, so epochs are reproducible)."""
-    order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
-    for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i : i + batch_size]]
+    """The examples of ``iterate_indices``'s batches (same order for the same ``rng``)."""
+    for idx in iterate_indices(len(examples), batch_size, rng):
+        yield [examples[j] for j in idx]
 
 
 def layer_load_stats(model: MCModel, recorder: RoutingRecorder) -> dict[int, LayerStats]:
@@ -101,7 +117,7 @@ def layer_load_stats(model: MCModel, recorder: RoutingRecorder) -> dict[int, Lay
 def evaluate(
     model: MCModel,
     tokenizer: object,
-    examples: Sequence[MCExample],
+    examples: Sequence[MCExample] | EncodedSplit,
     *,
     batch_size: int = 32,
     max_length: int = 128,
@@ -114,8 +130,14 @@ def evaluate(
     per question its id, label, prediction (argmax of the logits) and log-probabilities over its choices.
 
     ``amp_dtype``: run the forwards under autocast to it (``routing_env.common.utils.autocast_dtype``).
+    ``examples`` may be a split ``encode_split`` made (with this ``max_length``): a run evaluating the
+    same split every epoch tokenises it once; plain examples are encoded here, once, before the loop.
     """
-    encode = batch_encoder(model, tokenizer, max_length)
+    split = examples if isinstance(examples, EncodedSplit) else (
+        encode_split(model, tokenizer, examples, max_length, device) if len(examples) else None)
+    examples = split.examples if split is not None else []
+    split = split.to(device) if split is not None and torch.device(device).type == "cuda" else split
+    starts = range(0, len(examples), batch_size)
     was_training = model.training
     model.eval()
     # Sums, predictions and log-probabilities stay on the device and are read once at the end: no host
@@ -123,8 +145,9 @@ def evaluate(
     losses, preds, logps = [], [], []
     try:
         with model.routed(RoutingPlan(record_loads=True)) as rec:  # expert loads of every batch, summed
-            for exs in tqdm(list(iterate_batches(examples, batch_size)), desc=desc, leave=False, disable=not progress):
-                batch = encode(exs).to(device)
+            for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
+                # Cut from the encoded split (no tokenizer, no host sync); moved when it lives on the host.
+                batch = split.batch(range(start, min(start + batch_size, len(examples)))).to(device)
                 with autocast(device, amp_dtype):
                     logits = model(batch).float()  # [B, C]
                 losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))

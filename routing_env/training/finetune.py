@@ -30,7 +30,7 @@ from routing_env.common.configs import ROUTE_LOSS_GRADS
 from routing_env.common.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import MCBatch, TaskSource, describe_split, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
-from routing_env.training.evaluation import batch_encoder, evaluate, iterate_batches
+from routing_env.training.evaluation import encode_split, evaluate, iterate_indices
 from routing_env.moe.balancing import make_strategy
 from routing_env.moe import (MoEConfig, RoutingPlan, RoutingRecorder, build_model, load_checkpoint, model_fingerprint,
                              moe_layers, save_checkpoint)
@@ -40,8 +40,8 @@ from routing_env.common.identity import check_same_run, provenance
 from routing_env.common.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.training.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
 from routing_env.targets import TargetsError, load_targets
-from routing_env.training.train_state import (NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch,
-                                     stop_nonfinite)
+from routing_env.training.step import StepRecord, finish_step, guarded_update, make_adamw, step_values, to_host
+from routing_env.training.train_state import NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch
 from routing_env.common.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything
 
 __all__ = ["Config", "NonFiniteLoss", "check_config", "main", "moe_config", "train"]
@@ -159,7 +159,7 @@ class Run:
     model: Any = None  # the MCModel
     net: Any = None  # the model, or its DDP wrapper (what the training forward calls)
     tokenizer: Any = None
-    encode: Any = None  # examples -> MCBatch
+    encoded: dict[str, Any] = field(default_factory=dict)  # split -> its EncodedSplit (tokenised once, at set-up)
     params: list = field(default_factory=list)  # the trainable parameters
     optimizer: Any = None
     scheduler: Any = None
@@ -172,6 +172,7 @@ class Run:
     step: int = 0  # optimiser steps taken
     stage3_start: int = 0  # the step this process started training at (teacher forcing anneals from it)
     use_aux: bool = False  # collect the balance terms (the Switch loss on, or a strategy with its own)
+    pending: StepRecord | None = None  # the last step, its values on their way to the host (read at the next)
 
     @property
     def ckpt_root(self) -> Path:
@@ -264,7 +265,10 @@ def build_model_and_targets(run: Run) -> None:
     if cfg.backbone_dropout is not None:
         set_backbone_dropout(run.model, cfg.backbone_dropout)
     run.tokenizer = run.model.tokenizer_for(run.model.backbone_name)
-    run.encode = batch_encoder(run.model, run.tokenizer, cfg.max_length)
+    # Each split tokenised once (on the GPU when there is one): a step's batch is then an index and a
+    # slice. Rank 0 alone evaluates, so the others encode the training split only.
+    run.encoded = {split: encode_split(run.model, run.tokenizer, exs, cfg.max_length, run.device)
+                   for split, exs in run.data.items() if exs and (split == "train" or run.ctx.is_main)}
 
 
 def load_target_table(run: Run) -> None:
@@ -300,7 +304,7 @@ def build_optimiser(run: Run) -> None:
     """AdamW over the trainable parameters and the linear warm-up schedule over every epoch's steps."""
     cfg = run.cfg
     run.params = [p for p in run.model.parameters() if p.requires_grad]
-    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.optimizer = make_adamw(run.params, cfg.lr, cfg.weight_decay)
     run.steps_per_epoch = -(-len(run.data["train"]) // cfg.batch_size)
     run.total_steps = run.steps_per_epoch * cfg.epochs
     run.scheduler = get_linear_schedule_with_warmup(run.optimizer, int(cfg.warmup_ratio * run.total_steps), run.total_steps)
@@ -363,53 +367,49 @@ def train_epoch(run: Run, epoch: int) -> EpochCurve:
     run.model.train()
     # Shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     rng = np.random.default_rng([cfg.seed, epoch])
-    bar = tqdm(iterate_batches(run.data["train"], cfg.batch_size, rng), total=run.steps_per_epoch,
+    bar = tqdm(iterate_indices(len(run.data["train"]), cfg.batch_size, rng), total=run.steps_per_epoch,
                desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not ctx.is_main)
     curve = EpochCurve(run.device)
-    for global_exs in bar:
+    for global_idx in bar:
         # The global batch is --batch-size whatever the world size; each rank takes every
         # world-th question of it (a last batch smaller than the world is skipped by all ranks).
-        if len(global_exs) < ctx.world:
+        if len(global_idx) < ctx.world:
             continue
-        task_value = train_step(run, global_exs, epoch, forcing_rng, curve)
-        bar.set_postfix(loss=f"{task_value:.3f}")
+        task_value = train_step(run, global_idx, epoch, forcing_rng, curve)
+        if task_value is not None:  # the previous step's, read without waiting for this one
+            bar.set_postfix(loss=f"{task_value:.3f}")
+    finish_step(run, curve)  # the epoch's last step: read, checked (a stop names it) and logged
     return curve
 
 
-def train_step(run: Run, global_exs: list, epoch: int, forcing_rng: np.random.Generator, curve: EpochCurve) -> float:
-    """Forward under this step's routing plan, the losses, backward, the finiteness check, the update
-    and its log; returns the task loss (mean over the ranks)."""
+def train_step(run: Run, global_idx: np.ndarray, epoch: int, forcing_rng: np.random.Generator,
+               curve: EpochCurve) -> float | None:
+    """Forward under this step's routing plan, the losses, backward, the update (a no-op on the device
+    when the loss or gradient norm is not finite) and the copy of its values to the host; no host sync.
+    In between, the previous step's values are read, checked and logged (``step.finish_step``), so
+    this returns the previous step's task loss (mean over the ranks; None at an epoch's first step)."""
     cfg, ctx, model = run.cfg, run.ctx, run.model
-    exs = global_exs[ctx.rank :: ctx.world]
-    batch = run.encode(exs).to(run.device)
-    plan = step_plan(run, batch, len(exs), forcing_rng)
+    batch = run.encoded["train"].batch(global_idx[ctx.rank :: ctx.world])
+    plan = step_plan(run, batch, len(batch), forcing_rng)
     with model.routed(plan) as rec, autocast(run.device, run.amp):
         logits = run.net(batch).float()  # [B, C]
-    losses = step_losses(run, logits, batch, len(exs), len(global_exs), rec)
+    losses = step_losses(run, logits, batch, len(batch), len(global_idx), rec)
     if losses.route is not None:
         curve.route += losses.route.detach()
         curve.agree += losses.agreement.mean()
     run.optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
-    # One host sync per step, after the backward is queued: a finite loss can still give an
-    # infinite gradient (and NaN adapters after the step), so both are checked before the update.
-    task_value, loss_value, norm_value = ctx.mean(torch.stack([
-        losses.task.detach(), losses.total.detach(), grad_norm.detach().to(losses.total.device).float()])).tolist()
-    if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
-        if not ctx.is_main:  # every rank stops; rank 0 saves the state and names the questions
-            raise NonFiniteLoss(f"non-finite loss at step {run.step + 1} (rank 0 saved the state)")
-        parts = {"task": task_value, "aux": float(losses.aux.detach()), "total": loss_value, "grad_norm": norm_value}
-        if losses.route is not None:
-            parts["route"] = float(losses.route.detach())
-        stop_nonfinite(model, run.optimizer, run.scheduler, run.run_dir, run.step + 1, epoch, batch.ids, parts, cfg)
-    run.optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
+    # A finite loss can still give an infinite gradient (NaN adapters after the step): both are checked.
+    values = step_values(ctx.mean, losses.task, losses.total, grad_norm, losses.aux, losses.route, losses.agreement)
+    previous = finish_step(run, curve)  # before this update: a stop there leaves the model as before that step
+    record = dict(scheduler_state=run.scheduler.state_dict(), lrs=[g["lr"] for g in run.optimizer.param_groups])
+    guarded_update(run.optimizer, values[3])
     run.scheduler.step()
     run.step += 1
-    curve.task, curve.steps = curve.task + task_value, curve.steps + 1
-    if run.step % cfg.log_every == 0 or run.step == run.stage3_start + 1:
-        log_step(run, task_value, loss_value, losses)
-    return task_value
+    run.pending = StepRecord(run.step, epoch, batch.ids, *to_host(values), **record,
+                             lr_after=run.scheduler.get_last_lr()[0])
+    return previous
 
 
 def step_plan(run: Run, batch: MCBatch, num_examples: int, forcing_rng: np.random.Generator) -> RoutingPlan:
@@ -438,7 +438,7 @@ def step_losses(run: Run, logits: torch.Tensor, batch: MCBatch, num_examples: in
         task_loss = F.cross_entropy(logits, batch.labels)
     else:  # this rank's sum over the global batch's size: DDP's mean of gradients is the global mean's
         task_loss = F.cross_entropy(logits, batch.labels, reduction="sum") * ctx.world / global_size
-    aux_loss = torch.stack(rec.aux_losses).mean() if rec.aux_losses else torch.zeros(())
+    aux_loss = torch.stack(rec.aux_losses).mean() if rec.aux_losses else torch.zeros((), device=logits.device)
     loss = task_loss + cfg.aux_loss_coef * aux_loss
     if rec.balance_losses:  # each strategy's own weighted term, averaged over the MoE modules
         loss = loss + torch.stack(rec.balance_losses).sum() / len(moe_layers(run.model))
@@ -453,24 +453,12 @@ def step_losses(run: Run, logits: torch.Tensor, batch: MCBatch, num_examples: in
     return StepLosses(task_loss, aux_loss, loss + cfg.beta * route_loss, route_loss, agreement)
 
 
-def log_step(run: Run, task_value: float, loss_value: float, losses: StepLosses) -> None:
-    writer, step = run.writer, run.step
-    writer.add_scalar("losses/task", task_value, step)
-    writer.add_scalar("losses/aux", losses.aux.item(), step)
-    writer.add_scalar("losses/total", loss_value, step)
-    writer.add_scalar("charts/learning_rate", run.scheduler.get_last_lr()[0], step)
-    if losses.route is not None:
-        writer.add_scalar("losses/route", losses.route.item(), step)
-        for g, a in enumerate(losses.agreement.tolist()):
-            writer.add_scalar(f"routing/agreement_group_{g}", a, step)
-
-
 # ---- evaluate, checkpoint, test --------------------------------------------------------------------
 
 def evaluate_and_checkpoint(run: Run, epoch: int, curve: EpochCurve) -> None:
     """Rank 0 after each epoch: dev accuracy and loads, the epoch's record, the epoch checkpoint."""
     cfg, writer = run.cfg, run.writer
-    res = evaluate(run.model, run.tokenizer, run.data["dev"], batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+    res = evaluate(run.model, run.tokenizer, run.encoded.get("dev", run.data["dev"]), batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
                    device=run.device, desc="dev", amp_dtype=run.amp)
     if not np.isfinite(res.loss):  # adapters gone non-finite by a path the step checks did not see
         raise NonFiniteLoss(f"the dev loss after epoch {epoch + 1} is {res.loss} (adapters not finite); no "
@@ -493,7 +481,7 @@ def test_and_report(run: Run) -> dict:
     cfg, writer, table = run.cfg, run.writer, run.table
     test_res = None
     if cfg.eval_test:
-        test_res = evaluate(run.model, run.tokenizer, run.data["test"], batch_size=cfg.eval_batch_size,
+        test_res = evaluate(run.model, run.tokenizer, run.encoded.get("test", run.data["test"]), batch_size=cfg.eval_batch_size,
                             max_length=cfg.max_length, device=run.device, desc="test", amp_dtype=run.amp)
         if not np.isfinite(test_res.loss):
             raise NonFiniteLoss(f"the test loss is {test_res.loss} (adapters not finite); no results were written")
