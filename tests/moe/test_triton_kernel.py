@@ -116,7 +116,7 @@ def test_no_tokens():
 
 
 @pytest.mark.parametrize("block_m", [16, BLOCK_M])
-@pytest.mark.parametrize("T, k, E", [(5, 2, 6), (40, 3, 4), (9, 4, 64), (100, 1, 2)])
+@pytest.mark.parametrize("T, k, E", [(5, 2, 6), (40, 3, 4), (9, 4, 64), (100, 1, 2), (700, 3, 16)])  # last: 3 programs
 def test_align_assignments_covers_every_slot_once_in_its_experts_blocks(T, k, E, block_m):
     g = torch.Generator().manual_seed(T)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])

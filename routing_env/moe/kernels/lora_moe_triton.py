@@ -7,10 +7,10 @@
 
 Four kernels (``KERNELS``), each element of each output written by exactly one program:
 
-* ``align`` (one program): the ``N = T * k`` (token, slot) assignments sorted by expert, each
-  expert's run padded to whole blocks of ``BLOCK_M`` (``ids``, -1 = padding), the expert of each
-  block (``block_expert``, -1 = unused) and each expert's first block (``block_start [E + 1]``), in
-  one int32 buffer, the "plan". The number of blocks has a static bound, so nothing syncs the host.
+* ``align`` (one launch, a program per 1024 or more assignments): the ``N = T * k`` (token, slot)
+  assignments sorted by expert, each expert's run padded to whole blocks of ``BLOCK_M`` (``ids``,
+  -1 = padding), the expert of each block (``block_expert``, -1 = unused) and each expert's first
+  block (``block_start [E + 1]``), in one int32 buffer, the "plan". The number of blocks has a static bound, so nothing syncs the host.
 * ``fwd`` (a program per block): gathers its rows of ``x``, computes the rank activations
   ``h = x A_e^T`` once, scales them by gate * scale, and stores ``h B_e^T`` tile by tile into a
   per-slot output ``[N, d_out]``; the ``k`` slots of a token are summed by one reduction after.
@@ -50,22 +50,31 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _align_kernel(eid_ptr, ids_ptr, bexp_ptr, bstart_ptr, N, E, NB, BM: tl.constexpr, EP: tl.constexpr,
-                  CH: tl.constexpr, CB: tl.constexpr):
+                  CN: tl.constexpr, CS: tl.constexpr, CH: tl.constexpr, CB: tl.constexpr):
+    # Program p scatters assignments [p * CS, (p + 1) * CS). Without atomics it needs every expert's
+    # count and the counts before its chunk, so each program histograms all N (CN at a time): the
+    # latency of one pass over N ids, the scatter itself spread over the programs.
+    pid = tl.program_id(0)
+    start = pid * CS
     offs_e = tl.arange(0, EP)
     counts = tl.zeros((EP,), dtype=tl.int32)  # [EP] assignments per expert
-    for c0 in range(0, N, CH):
-        offs = c0 + tl.arange(0, CH)
+    before = tl.zeros((EP,), dtype=tl.int32)  # [EP] of those, before this program's chunk
+    for c0 in range(0, N, CN):
+        offs = c0 + tl.arange(0, CN)
         e = tl.load(eid_ptr + offs, mask=offs < N, other=0).to(tl.int32)
-        counts += tl.histogram(e, EP, mask=offs < N)
+        h = tl.histogram(e, EP, mask=offs < N)
+        counts += h
+        before += tl.where(c0 < start, h, 0)  # CN divides CS: a chunk lies wholly before or not
     nblk = (counts + BM - 1) // BM  # [EP] whole blocks per expert (0 for an empty one)
     bend = tl.cumsum(nblk, axis=0)  # [EP] one past each expert's last block
     bstart = bend - nblk
-    tl.store(bstart_ptr + offs_e, bstart, mask=offs_e < E)
-    tl.store(bstart_ptr + E, tl.sum(nblk, axis=0))
+    if pid == 0:
+        tl.store(bstart_ptr + offs_e, bstart, mask=offs_e < E)
+        tl.store(bstart_ptr + E, tl.sum(nblk, axis=0))
     # Each block's expert and how many of its rows are real: the rest (and unused blocks) get -1.
     # These positions are disjoint from the ones the scatter below writes, so no barrier is needed.
     rows = tl.arange(0, BM)
-    for b0 in range(0, NB, CB):
+    for b0 in range(pid * CB, NB, tl.num_programs(0) * CB):
         offs_b = b0 + tl.arange(0, CB)  # [CB]
         own = (offs_b[:, None] >= bstart[None, :]) & (offs_b[:, None] < bend[None, :])  # [CB, EP] one-hot
         used = tl.sum(own.to(tl.int32), axis=1) > 0
@@ -74,14 +83,14 @@ def _align_kernel(eid_ptr, ids_ptr, bexp_ptr, bstart_ptr, N, E, NB, BM: tl.const
         tl.store(bexp_ptr + offs_b, tl.where(used, expert, -1), mask=offs_b < NB)
         tl.store(ids_ptr + offs_b[:, None] * BM + rows[None, :], tl.full((CB, BM), -1, tl.int32),
                  mask=(rows[None, :] >= fill[:, None]) & (offs_b[:, None] < NB))
-    # Scatter: assignment n goes to its expert's next free row; chunks in order keep the sort stable.
-    seen = bstart * BM  # [EP] next free row of each expert
-    for c0 in range(0, N, CH):
+    # Scatter: assignment n goes to its expert's next free row; sub-chunks in order keep the sort stable.
+    seen = bstart * BM + before  # [EP] next free row of each expert
+    for c0 in range(start, tl.minimum(start + CS, N), CH):
         offs = c0 + tl.arange(0, CH)
         e = tl.load(eid_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
         hot = (e[:, None] == offs_e[None, :]).to(tl.int32)  # [CH, EP]
-        before = tl.cumsum(hot, axis=0) - hot  # same-expert assignments earlier in the chunk
-        tl.store(ids_ptr + tl.sum(hot * (before + seen[None, :]), axis=1), offs, mask=offs < N)
+        earlier = tl.cumsum(hot, axis=0) - hot  # same-expert assignments earlier in the sub-chunk
+        tl.store(ids_ptr + tl.sum(hot * (earlier + seen[None, :]), axis=1), offs, mask=offs < N)
         seen += tl.sum(hot, axis=0)
 
 
@@ -220,10 +229,12 @@ def _plan_split(plan: torch.Tensor, num_blocks: int, block_m: int) -> tuple[torc
         plan[num_blocks * (block_m + 1):]
 
 
-def _align_params(num_experts: int) -> dict[str, int]:
+def _align_params(num_experts: int, n: int = 0) -> dict[str, int]:
     ep = triton.next_power_of_2(max(num_experts, 2))
+    # At most 128 programs (each reads all n ids), each scattering CS >= 1024 of them.
+    cs = 1024 * triton.next_power_of_2(max(1, triton.cdiv(n, 1024 * 128)))
     # [CH, EP] and [CB, EP] one-hot tiles of at most 4096 elements: 32 registers a thread at 4 warps.
-    return {"EP": ep, "CH": max(16, min(1024, 4096 // ep)), "CB": max(1, min(64, 4096 // ep))}
+    return {"EP": ep, "CN": 1024, "CS": cs, "CH": max(16, min(1024, 4096 // ep)), "CB": max(1, min(64, 4096 // ep))}
 
 
 def _align(expert_idx: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
@@ -234,8 +245,10 @@ def _align(expert_idx: torch.Tensor, num_experts: int, block_m: int) -> torch.Te
     nb = _num_blocks(n, num_experts, block_m)
     plan = torch.empty(nb * (block_m + 1) + num_experts + 1, dtype=torch.int32, device=flat.device)
     ids, block_expert, block_start = _plan_split(plan, nb, block_m)
-    _align_kernel[(1,)](flat if flat.is_contiguous() else flat.contiguous(), ids, block_expert, block_start, n,
-                        num_experts, nb, BM=block_m, **_align_params(num_experts), num_warps=NUM_WARPS["align"])
+    params = _align_params(num_experts, n)
+    _align_kernel[(max(1, triton.cdiv(n, params["CS"])),)](
+        flat if flat.is_contiguous() else flat.contiguous(), ids, block_expert, block_start, n, num_experts, nb,
+        BM=block_m, **params, num_warps=NUM_WARPS["align"])
     return plan
 
 
