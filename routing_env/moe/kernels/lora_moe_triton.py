@@ -10,7 +10,8 @@ Four kernels (``KERNELS``), each element of each output written by exactly one p
 * ``align`` (one launch, a program per 1024 or more assignments): the ``N = T * k`` (token, slot)
   assignments sorted by expert, each expert's run padded to whole blocks of ``BLOCK_M`` (``ids``,
   -1 = padding), the expert of each block (``block_expert``, -1 = unused) and each expert's first
-  block (``block_start [E + 1]``), in one int32 buffer, the "plan". The number of blocks has a static bound, so nothing syncs the host.
+  block (``block_start [E + 1]``), in one int32 buffer, the "plan". The number of blocks has a
+  static bound, so nothing syncs the host.
 * ``fwd`` (a program per block): gathers its rows of ``x``, computes the rank activations
   ``h = x A_e^T`` once, scales them by gate * scale, and stores ``h B_e^T`` tile by tile into a
   per-slot output ``[N, d_out]``; the ``k`` slots of a token are summed by one reduction after.
@@ -25,6 +26,8 @@ Without atomics the results are the same run to run. ``r`` is padded to a power 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -35,8 +38,8 @@ BLOCK_M = 64  # assignments per program of fwd / bwd_dx (tl.dot needs >= 16)
 BLOCK_K = 64  # d_in tile
 BLOCK_N = 64  # d_out tile
 KERNELS = ("align", "fwd", "bwd_dx", "bwd_dw")
-# fwd / bwd_dx gather [BM, BK] tiles whose int64 addresses cost 2 registers an element: at 4 warps they
-# sit at the 255-register cap (sm_90 AOT, bf16 rank 16); 8 warps bring them to ~125-250, still no spills.
+# Measured by compile_report (sm_90, triton 3.9): at 4 warps fwd / bwd_dx sit at the 255-register cap
+# even for bf16 at rank 16 (gathered [BM, BK] row tiles); at 8 warps they take 123-255, with no spills.
 NUM_WARPS = {"align": 4, "fwd": 8, "bwd_dx": 8, "bwd_dw": 4}
 
 
@@ -247,7 +250,7 @@ def _align(expert_idx: torch.Tensor, num_experts: int, block_m: int) -> torch.Te
     ids, block_expert, block_start = _plan_split(plan, nb, block_m)
     params = _align_params(num_experts, n)
     _align_kernel[(max(1, triton.cdiv(n, params["CS"])),)](
-        flat if flat.is_contiguous() else flat.contiguous(), ids, block_expert, block_start, n, num_experts, nb,
+        flat.contiguous(), ids, block_expert, block_start, n, num_experts, nb,
         BM=block_m, **params, num_warps=NUM_WARPS["align"])
     return plan
 
@@ -301,7 +304,8 @@ def lora_moe_sorted(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_id
 
 
 @lora_moe_sorted.register_fake
-def _(x, A, B, expert_idx, gates, scale, block_m):
+def _fake_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
+                  scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, E = expert_idx.numel(), A.shape[0]
     nb = _num_blocks(n, E, block_m)
     return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(nb * (block_m + 1) + E + 1, dtype=torch.int32)
@@ -338,18 +342,20 @@ def lora_moe_sorted_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
 
 
 @lora_moe_sorted_backward.register_fake
-def _(dy, x, A, B, expert_idx, gates, plan, scale, block_m):
-    return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(gates)
+def _fake_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                   gates: torch.Tensor, plan: torch.Tensor, scale: float, block_m: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape), gates.new_empty(gates.shape)  # contiguous
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, A, B, expert_idx, gates, scale, block_m = inputs
     ctx.save_for_backward(x, A, B, expert_idx, gates, output[1])
     ctx.scale, ctx.block_m = scale, block_m
     ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the integer plan: one launch
 
 
-def _autograd_backward(ctx, dy: torch.Tensor, _dplan: torch.Tensor | None) -> tuple:  # type: ignore[no-untyped-def]
+def _autograd_backward(ctx: Any, dy: torch.Tensor, _dplan: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     x, A, B, expert_idx, gates, plan = ctx.saved_tensors
     dx, dA, dB, dgates = lora_moe_sorted_backward(dy, x, A, B, expert_idx, gates, plan, ctx.scale, ctx.block_m)
     return dx, dA, dB, None, dgates, None, None
@@ -381,30 +387,12 @@ def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ints = ("D_IN", "D_OUT", "R", "TOP_K")
-    consts: dict[str, object] = {"BM": BLOCK_M, "BK": BLOCK_K, "BN": BLOCK_N, "RP": rank_pad,
-                                 "PREC": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False}
-    if kernel == "align":
-        fn, ptrs, ints = _align_kernel, {"eid_ptr": "i64", "ids_ptr": "i32", "bexp_ptr": "i32", "bstart_ptr": "i32"}, (
-            "N", "E", "NB")
-        consts = {"BM": BLOCK_M} | _align_params(num_experts)
-    elif kernel == "fwd":
-        fn = _fwd_kernel
-        ptrs = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype, "g_ptr": dtype, "ys_ptr": dtype, "ids_ptr": "i32",
-                "bexp_ptr": "i32"}
-    elif kernel == "bwd_dx":
-        fn = _bwd_dx_kernel
-        ptrs = {"x_ptr": dtype, "a_ptr": dtype, "b_ptr": dtype, "g_ptr": dtype, "dy_ptr": dtype, "ids_ptr": "i32",
-                "bexp_ptr": "i32", "dxs_ptr": dtype, "dg_ptr": dtype, "wh_ptr": dtype, "wg_ptr": dtype}
-    elif kernel == "bwd_dw":
-        fn = _bwd_dw_kernel
-        ptrs = {"x_ptr": dtype, "dy_ptr": dtype, "ids_ptr": "i32", "bstart_ptr": "i32", "wh_ptr": dtype,
-                "wg_ptr": dtype, "da_ptr": dtype, "db_ptr": dtype}
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
-    scalars = {"scale": "fp32"} if kernel in ("fwd", "bwd_dx") else {}
-    signature = ({k: "*" + v for k, v in ptrs.items()} | scalars | {k: "i32" for k in ints}
-                 | {k: "constexpr" for k in consts})
+    fn = {"align": _align_kernel, "fwd": _fwd_kernel, "bwd_dx": _bwd_dx_kernel, "bwd_dw": _bwd_dw_kernel}[kernel]
+    consts: dict[str, object] = {"BM": BLOCK_M} | (_align_params(num_experts) if kernel == "align" else {
+        "BK": BLOCK_K, "BN": BLOCK_N, "RP": rank_pad, "PREC": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False})
+    index_ptrs = {"eid_ptr": "*i64", "ids_ptr": "*i32", "bexp_ptr": "*i32", "bstart_ptr": "*i32"}
+    signature = {a: "constexpr" if a in consts else index_ptrs.get(a, "*" + dtype) if a.endswith("_ptr")
+                 else "fp32" if a == "scale" else "i32" for a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS[kernel]})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
