@@ -20,7 +20,7 @@ from routing_env.data import EncodedSplit, MCBatch, load_task, pad_token_id
 from routing_env.moe import MoEConfig, build_model
 from routing_env.training import finetune
 from routing_env.training.evaluation import encode_split, evaluate, iterate_batches, iterate_indices
-from routing_env.training.step import guarded_update, make_adamw
+from routing_env.training.step import guarded_update, load_optimizer_state, make_adamw
 
 from tests.conftest import save_tiny_decoder
 
@@ -190,6 +190,21 @@ def test_fused_adamw_skips_on_the_device_when_the_flag_is_set():
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     assert all(torch.equal(m, opt.state[p]["exp_avg"]) and float(opt.state[p]["step"]) == 1.0
                for m, p in zip(moments, params))
+
+
+def test_a_checkpoint_of_the_per_parameter_adamw_resumes_into_the_fused_one():
+    """Loading a state dict restores its param groups' flags: an older checkpoint would otherwise turn
+    the fused optimiser back into the loop, which rejects ``found_inf``."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(2)]
+    old = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    opt = make_adamw(params, 0.1, 0.01)
+    load_optimizer_state(opt, old.state_dict())
+    assert all(g["fused"] for g in opt.param_groups) and float(opt.state[params[0]]["step"]) == 1.0
+    guarded_update(opt, torch.tensor(0.0))
+    assert float(opt.state[params[0]]["step"]) == 2.0
 
 
 def _cfg(tmp_path: Path, data_dir: Path, **kw: Any) -> finetune.Config:

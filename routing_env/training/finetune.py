@@ -40,7 +40,8 @@ from routing_env.common.identity import check_same_run, provenance
 from routing_env.common.safefiles import RunLock, atomic_write_text, check_run_name
 from routing_env.training.supervision import TargetTable, forced_route_bias, group_agreement, routing_loss
 from routing_env.targets import TargetsError, load_targets
-from routing_env.training.step import StepRecord, finish_step, guarded_update, make_adamw, step_values, to_host
+from routing_env.training.step import (StepRecord, finish_step, guarded_update, load_optimizer_state, make_adamw,
+                                       step_values, to_host)
 from routing_env.training.train_state import NonFiniteLoss, check_paired, last_checkpoint, load_training_state, save_epoch
 from routing_env.common.utils import autocast, autocast_dtype, log_hparams, make_writer, save_config, seed_everything
 
@@ -327,7 +328,7 @@ def resume(run: Run) -> None:
         elif state.get("config") is not None:  # this run's own checkpoint: made with these settings?
             check_same_run(cfg, state["config"], last, "give these settings another --name, or pass --resume false "
                            "to discard that run and start again")
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run.optimizer, state["optimizer"])  # (a checkpoint of the per-parameter AdamW too)
         run.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and run.device.type == "cuda":  # dropout on the GPU draws from here

@@ -21,8 +21,8 @@ import torch
 
 from routing_env.training.train_state import NonFiniteLoss, stop_nonfinite
 
-__all__ = ["StepRecord", "StepValues", "finish_step", "guarded_update", "log_step", "make_adamw", "step_values",
-           "to_host"]
+__all__ = ["StepRecord", "StepValues", "finish_step", "guarded_update", "load_optimizer_state", "log_step", "make_adamw",
+           "step_values", "to_host"]
 
 
 def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -32,6 +32,18 @@ def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float)
 
     fused = bool(params) and params[0].device.type in _get_fused_kernels_supported_devices()
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {"foreach": True}))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this optimiser's implementation (fused / foreach).
+
+    A saved param group carries the flags it was made with, and loading it replaces the group's: a
+    checkpoint of the per-parameter AdamW would turn the fused one back into it (which rejects
+    ``found_inf``), with its step counts left on the host where the fused kernels want them on the
+    parameters' device. The flags are set before loading, so the states are placed for the fused kernels.
+    """
+    impl = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**g, **impl} for g in state["param_groups"]]})
 
 
 def guarded_update(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
