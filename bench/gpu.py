@@ -33,7 +33,7 @@ if "--dry" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from routing_env.moe.kernels import lora_moe_lowrank, lora_moe_reference
-from routing_env.moe.kernels.lora_moe import triton_enabled
+from routing_env.moe.kernels.backend import triton_enabled
 from routing_env.common.results import report
 
 #: (T tokens, d width, r rank, E experts, k) -- issue 13's anchor, a wider expert set, a long sequence

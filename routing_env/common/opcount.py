@@ -15,12 +15,18 @@ from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SYNC_OPS", "OpCounter"]
+__all__ = ["NO_LAUNCH_OPS", "SYNC_OPS", "OpCounter"]
 
 #: backend ops that make the host wait for a GPU: value reads and data-dependent output shapes
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "nonzero_numpy", "masked_select",
                       "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave",
                       "bincount", "histc", "masked_scatter"})
+
+#: backend ops that launch no kernel: allocations without a fill, and metadata-only ops (views,
+#: ``detach``, lifting a constant); every other op is counted as at least one launch.
+NO_LAUNCH_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
+                           "lift_fresh", "_unsafe_view", "alias", "set_", "resize_", "squeeze_", "unsqueeze_",
+                           "transpose_", "t_", "as_strided_", "_record_function_enter_new", "_record_function_exit"})
 
 
 class OpCounter(TorchDispatchMode):
@@ -37,14 +43,27 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.launch_ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.ops[func._schema.name.split("::")[-1]] += 1
+        name = func._schema.name.split("::")[-1]
+        self.ops[name] += 1
+        if not (func.is_view or name in NO_LAUNCH_OPS):
+            self.launch_ops[name] += 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def launches(self) -> int:
+        """Counted ops that launch a kernel on a GPU: all but views and bare allocations (``NO_LAUNCH_OPS``).
+
+        A custom op (``routing_env::expert_gate``) counts once: on a GPU it is one Triton kernel, and
+        its CPU reference's inner ops do not reach this mode.
+        """
+        return sum(self.launch_ops.values())
 
     @property
     def syncs(self) -> dict[str, int]:

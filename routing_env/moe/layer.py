@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
 
 from routing_env.moe.balancing.aux import SwitchAux
 from routing_env.moe.kernels import lora_moe, use_lowrank
+from routing_env.moe.kernels.backend import fused_enabled
+from routing_env.moe.kernels.lowrank import lowrank_experts
 from routing_env.moe.routing import RoutingContext
 
 __all__ = ["LoRAMoELinear"]
@@ -49,9 +52,14 @@ class LoRAMoELinear(nn.Module):
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.scale = alpha / rank
         self.layer, self.group, self.name = layer, group, name
+        # Keys this layer's dropout draw in the fused path (seed + salt): a stable number per module name.
+        self.salt = zlib.crc32(name.encode()) & 0x3FFFFFFF
         dtype, device = base.weight.dtype, base.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, d_in, dtype=dtype, device=device))  # [E, r, d_in]
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank, dtype=dtype, device=device))  # [E, d_out, r]
+        # [E, d_out, r], stored rank-major ([E, r, d_out] in memory): all experts' up-projections are then
+        # one [E*r, d_out] matrix as a view, with no copy in the forward and a gradient in the same layout
+        # (so none in the backward either). Values, checkpoints and optimiser steps are unchanged by it.
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, d_out, dtype=dtype, device=device).transpose(1, 2))
         self.router = nn.Linear(d_in, num_experts, bias=False, dtype=dtype, device=device)  # [E, d_in]
         for e in range(num_experts):
             nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
@@ -133,11 +141,16 @@ class LoRAMoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, d_in], T = R * S
+        E, r, d_in = self.lora_A.shape
+        dev = flat.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else flat.dtype
+        lowrank = use_lowrank(E, r, d_in, flat.device, dt)
+        if lowrank and self._fusable(flat):
+            return self._forward_fused(flat, dt, shape).view(*shape[:-1], -1)
         out = self.base(flat)  # [T, d_out]
         logits, probs, chosen, expert_idx = self._route(flat)  # chosen [T, E]: 1 where a token uses an expert
         strategy = self.context.strategy
-        E, r, d_in = self.lora_A.shape
-        if use_lowrank(E, r, d_in):  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
+        if lowrank:  # the low-rank form (see kernels.lora_moe): every op has a fixed shape
             dense = probs * chosen
             if self._renormalise():
                 dense = dense / dense.sum(dim=-1, keepdim=True)  # [T, E] gates renormalised over the chosen, 0 elsewhere
@@ -148,8 +161,6 @@ class LoRAMoELinear(nn.Module):
         else:
             expert_idx, gates = self._sparse_gates(probs, chosen, expert_idx)
             # Under autocast the grouped op (a custom kernel, which autocast does not see) runs in its dtype.
-            dev = flat.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else flat.dtype
             delta = lora_moe(self.dropout(flat).to(dt), self.lora_A.to(dt), self.lora_B.to(dt), expert_idx, gates.to(dt),
                              self.scale)
             out = out + delta.to(out.dtype)
@@ -162,6 +173,55 @@ class LoRAMoELinear(nn.Module):
             with torch.no_grad():  # the strategy's state (loss-free bias, ...) learns from this forward
                 strategy.update(self, flat, logits, probs, chosen, ctx.token_weight(probs.shape[0], probs))
         return out.view(*shape[:-1], -1)
+
+    def _fusable(self, flat: torch.Tensor) -> bool:
+        """Whether this forward takes the fused low-rank ops (``kernels.lowrank``): on their device, for the
+        learned top-k router (a strategy's own scores, selection and losses run the composite form), and
+        not for a route loss whose gradient must stop at the router (that needs the router's own map)."""
+        plan = self.context.plan
+        return (fused_enabled(flat.device) and self.context.strategy is None
+                and not (plan.collect_route and plan.route_grad_router_only))
+
+    def _forward_fused(self, flat: torch.Tensor, dt: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """The low-rank forward as ``lowrank_experts``: base GEMM, ``route_shrink``, the gate kernel and the
+        expand into the base output; loads and Switch statistics come out of the gate kernel itself."""
+        ctx, E, T = self.context, self.num_experts, flat.shape[0]
+        plan, rec = ctx.plan, ctx.recorder
+        w = ctx.token_weight(T, torch.empty((), device=flat.device)) if plan.records else None  # [T] fp32
+        loads = None
+        if plan.record_loads:  # float64 counts on the device, added to by the gate kernel itself
+            loads = rec.loads.get(self.name)
+            if loads is None:
+                loads = rec.loads[self.name] = torch.zeros(E, dtype=torch.float64, device=flat.device)
+        p_drop = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        base = self.base
+        r, d_in = self.rank, self.lora_A.shape[2]
+        with torch.autocast(flat.device.type, enabled=False):  # every operand is cast to ``dt`` here
+            out, pc, stats = lowrank_experts(
+                flat.to(dt), base.weight.to(dt), None if base.bias is None else base.bias.to(dt),
+                self.router.weight.to(dt), self.lora_A.to(dt).reshape(E * r, d_in),
+                self.lora_B.to(dt).permute(0, 2, 1).reshape(E * r, -1),  # a view: see __init__
+                seed=ctx.state.dropout_seed(flat.device) if p_drop > 0 else None, salt=self.salt,
+                sel_bias=self._row_bias(T), w=w, loads=loads, top_k=self.top_k, renorm=self._renormalise(),
+                scale=self.scale, p_drop=p_drop, want_stats=plan.compute_aux)
+        if plan.compute_aux:
+            rec.switch_stats.append((stats, self.top_k))
+        if plan.record_rows or plan.collect_route:
+            with torch.autocast(flat.device.type, enabled=False):
+                self._record_rows_and_route(pc[:, :E], pc[:, E:], shape, w, pc[:, :E])
+        return out
+
+    def _row_bias(self, T: int) -> torch.Tensor | None:
+        """``[R, E]`` the group's selection bias for this pass's rows (None: no override)."""
+        bias = self.context.plan.selection_bias.get(self.group)
+        if bias is None:
+            return None
+        state = self.context.state
+        if state.row_index is not None and bias.shape[0] == state.num_rows:
+            bias = bias[state.row_index.to(bias.device)]
+        if T % bias.shape[0]:
+            raise ValueError(f"{self.name}: {T} tokens do not split into the override's {bias.shape[0]} rows")
+        return bias.to(device=self.lora_A.device, dtype=torch.float32)
 
     def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``A^T [d_in, E*r]``, ``B [E*r, d_out]`` and the gate spreader ``[E, E*r]``.
@@ -214,12 +274,20 @@ class LoRAMoELinear(nn.Module):
             terms = ctx.strategy.losses(self, logits, probs, chosen, w) if ctx.strategy is not None else \
                 [("aux", _SWITCH.loss(self, logits, probs, chosen, w))]
             for kind, value in terms:
-                (rec.aux_losses if kind == "aux" else rec.balance_losses).append(value)
+                (rec.aux_terms if kind == "aux" else rec.balance_losses).append(value)
         if plan.record_loads:
             # Accumulated in float64 on the model's device; read once per evaluation (no host sync here).
             counts = w @ chosen.detach()  # [E]
             prev = rec.loads.get(self.name)
             rec.loads[self.name] = counts.double() if prev is None else prev.add_(counts)
+        self._record_rows_and_route(probs, chosen, shape, w, route_probs)
+
+    def _record_rows_and_route(self, probs: torch.Tensor, chosen: torch.Tensor, shape: torch.Size, w: torch.Tensor,
+                               route_probs: torch.Tensor) -> None:
+        """Stage 3's per-row route sums (with gradient, from ``route_probs``) and the env's per-row statistics."""
+        ctx, E = self.context, self.num_experts
+        plan, rec, state = ctx.plan, ctx.recorder, ctx.state
+        T = probs.shape[0]
         if plan.collect_route:
             R = shape[0] if len(shape) == 3 else T
             wr = w.reshape(R, -1, 1)  # [R, S, 1]

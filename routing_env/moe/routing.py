@@ -77,7 +77,11 @@ NO_PLAN = RoutingPlan()
 class RoutingRecorder:
     """What the forwards of one ``routed`` block did, kept on the device (read them after the block)."""
 
-    aux_losses: list[torch.Tensor] = field(default_factory=list)  # Switch loss per module (x --aux-loss-coef)
+    aux_terms: list[torch.Tensor] = field(default_factory=list)  # Switch loss per module, computed by the module
+    # The fused low-rank layers' Switch statistics per module, ``([num_blocks, 2E], top_k)``: per block of tokens
+    # (sum_t w_t p_t, sum_t w_t chosen_t); their losses are computed for all modules at once (``aux_losses``):
+    # a few launches in all instead of ~10 per module.
+    switch_stats: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     balance_losses: list[torch.Tensor] = field(default_factory=list)  # other strategies' weighted terms per module
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
     row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
@@ -87,6 +91,15 @@ class RoutingRecorder:
     route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
     route_logsum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of log probs (grad)
     row_example: torch.Tensor | None = None  # [rows] example of each row of the last MCModel forward
+
+    @property
+    def aux_losses(self) -> list[torch.Tensor]:
+        """The Switch loss of every module that recorded one (x ``--aux-loss-coef``), as 0-d tensors."""
+        cached = self.__dict__.get("_switch_cache")
+        if cached is None or cached[0] != len(self.switch_stats):
+            cached = (len(self.switch_stats), _switch_losses(self.switch_stats))
+            self.__dict__["_switch_cache"] = cached
+        return self.aux_terms + cached[1]
 
     def add_route(self, group: int, prob_sum: torch.Tensor, count: torch.Tensor, logprob_sum: torch.Tensor,
                   row_index: torch.Tensor | None, num_rows: int | None) -> None:
@@ -130,6 +143,28 @@ class RoutingRecorder:
         return self.row_probs[group] / self.row_modules[group]
 
 
+def _switch_losses(stats: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """``E * sum_e f_e P_e`` per module from its ``[num_blocks, 2E]`` statistics (``SwitchAux.loss``, batched by shape).
+
+    ``f_e = c_e / (n k)`` and ``P_e = p_e / n`` with ``n`` the weighted token count; every real token
+    makes exactly ``k`` choices, so ``n = sum_e c_e / k`` (clamped to 1 like the module's own form).
+    """
+    out: list[torch.Tensor | None] = [None] * len(stats)
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, (s, k) in enumerate(stats):
+        shapes.setdefault((*s.shape, k), []).append(i)
+    for (_, two_e, k), idx in shapes.items():
+        E = two_e // 2
+        # [M, 2, E]: every module's block sums summed over the blocks, one stack and one sum for all.
+        S = torch.stack([stats[i][0] for i in idx]).sum(1).view(len(idx), 2, E)
+        n = (S[:, 1].sum(-1) / k).clamp_min(1.0)  # [M]
+        losses = (S[:, 0] * S[:, 1]).sum(-1) * (E / k) / n.square()  # [M]
+        out_m = losses.unbind()
+        for i, value in zip(idx, out_m):
+            out[i] = value
+    return out  # type: ignore[return-value]
+
+
 @dataclass(eq=False)
 class PassState:
     """Bookkeeping of the pass in progress, set by ``MCModel.forward`` and the group stepper alone."""
@@ -143,6 +178,15 @@ class PassState:
     # env's stepper to the state cached at a group boundary.
     router_state: torch.Tensor | None = None
     _weight: tuple | None = field(default=None, repr=False)  # (mask, its [T] weights): one conversion per mask
+    _seed: torch.Tensor | None = field(default=None, repr=False)  # [1] int64: the fused layers' dropout seed
+
+    def dropout_seed(self, device: torch.device) -> torch.Tensor:
+        """``[1]`` int64 on ``device``: the seed of this pass's adapter-input dropout in the fused layers (each
+        layer adds its own salt), drawn once per pass from torch's generator on that device (seeded runs
+        repeat; on a GPU a device op, so no host sync and safe under CUDA-graph capture)."""
+        if self._seed is None or self._seed.device != device:
+            self._seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        return self._seed
 
     def token_weight(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
         """``[T]`` 1.0 for the real tokens of the current pass (``token_mask``), 0.0 for padding.
@@ -160,7 +204,7 @@ class PassState:
 
     def clear(self) -> None:
         self.token_mask = self.row_index = self.num_rows = self.row_example = self.router_state = None
-        self._weight = None
+        self._weight = self._seed = None
 
     def snapshot(self) -> dict:
         return dict(vars(self))

@@ -129,7 +129,7 @@ def test_stepper_leaves_no_plan_behind(model):
 def test_layer_and_kernel_ask_one_dispatch_rule(model, monkeypatch):
     layer = moe_layers(model)[0]
     E, r, d_in = layer.lora_A.shape
-    assert kernels.use_lowrank(E, r, d_in) == (E * r * 4 <= d_in)
+    assert kernels.use_lowrank(E, r, d_in) == (E * r * 4 <= d_in)  # on a CPU (the GPU's rule: test_lowrank_kernels)
     x = torch.randn(2, 5, d_in, generator=torch.Generator().manual_seed(1))
     asked = []
     import routing_env.moe.layer as layer_module
@@ -142,4 +142,5 @@ def test_layer_and_kernel_ask_one_dispatch_rule(model, monkeypatch):
         if form:
             lowrank = y
     torch.testing.assert_close(y, lowrank, rtol=1e-5, atol=1e-5)  # the two forms compute the same op
-    assert asked == [(E, r, d_in), (E, r, d_in), (E, r, d_in)]  # lowrank: the layer; sorted: layer, then lora_moe
+    # lowrank: the layer; sorted: layer, then lora_moe; each with the device and dtype the op runs in
+    assert asked == [(E, r, d_in, x.device, x.dtype)] * 3

@@ -12,31 +12,19 @@ experts ``e_tj``, with ``A [E, r, d_in]`` and ``B [E, d_out, r]``.
   MiniLM) that memory traffic is what costs on a CPU, so this form is about 3x faster there.
 * ``lora_moe_triton`` (``lora_moe_triton.py``): the sorted grouped form as Triton kernels, forward and
   backward, for CUDA tensors.
-* ``use_lowrank``: the one rule choosing the low-rank form over the sorted one (``lora_moe`` and the
-  layer's own fused low-rank path both ask it).
+* ``use_lowrank`` (``lowrank.py``): the one rule, by device and dtype, choosing the low-rank form over
+  the sorted one (``lora_moe`` and the layer both ask it).
 * ``lora_moe``: the one function every layer calls; picks between them.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
+from routing_env.moe.kernels.backend import triton_enabled
+from routing_env.moe.kernels.lowrank import use_lowrank
+
 __all__ = ["lora_moe", "lora_moe_reference", "lora_moe_lowrank", "lora_moe_naive", "triton_enabled", "use_lowrank"]
-
-
-def use_lowrank(num_experts: int, rank: int, d_in: int) -> bool:
-    """Whether an expert op of ``num_experts`` experts of rank ``rank`` on ``d_in``-wide inputs takes the
-    low-rank all-experts form (every expert's down-projection, gated) rather than the sorted grouped one.
-
-    While all experts' ranks together stay well below the input width, computing every expert's
-    down-projection moves less memory than sorting and gathering ``d``-wide rows (see the module
-    docstring); beyond it (many or wide experts) it would waste real FLOPs.
-    """
-    return num_experts * rank * 4 <= d_in
 
 
 def lora_moe_reference(
@@ -106,16 +94,10 @@ def lora_moe(
     Triton kernels for CUDA tensors when Triton is installed, else the PyTorch reference.
     """
     E, r, d_in = A.shape
-    if use_lowrank(E, r, d_in):
+    if use_lowrank(E, r, d_in, x.device, x.dtype):
         return lora_moe_lowrank(x, A, B, expert_idx, gates, scale)
     if x.is_cuda and triton_enabled():
         from routing_env.moe.kernels.lora_moe_triton import lora_moe_triton  # imports triton: GPU path only
 
         return lora_moe_triton(x, A, B, expert_idx, gates, scale)
     return lora_moe_reference(x, A, B, expert_idx, gates, scale)
-
-
-@functools.lru_cache(maxsize=1)
-def triton_enabled() -> bool:
-    """Triton is installed and not switched off (``ROUTING_GYM_TRITON=0`` falls back to the reference)."""
-    return importlib.util.find_spec("triton") is not None and os.environ.get("ROUTING_GYM_TRITON", "1") != "0"

@@ -379,13 +379,7 @@ def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: i
     Triton. ``align`` depends on ``num_experts`` only. Needs Triton not in interpreter mode
     (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
     """
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton.backends.nvidia as nv
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from routing_env.moe.kernels.aot import cubin_usage
 
     fn = {"align": _align_kernel, "fwd": _fwd_kernel, "bwd_dx": _bwd_dx_kernel, "bwd_dw": _bwd_dw_kernel}[kernel]
     consts: dict[str, object] = {"BM": BLOCK_M} | (_align_params(num_experts) if kernel == "align" else {
@@ -393,13 +387,4 @@ def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: i
     index_ptrs = {"eid_ptr": "*i64", "ids_ptr": "*i32", "bexp_ptr": "*i32", "bstart_ptr": "*i32"}
     signature = {a: "constexpr" if a in consts else index_ptrs.get(a, "*" + dtype) if a.endswith("_ptr")
                  else "fp32" if a == "scale" else "i32" for a in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS[kernel]})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([str(Path(nv.__file__).parent / "bin" / "cuobjdump"), "-res-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    usage = dict(field.split(":") for field in next(ln for ln in out.splitlines() if "REG:" in ln).split())
-    return {"registers": int(usage["REG"]), "static_shared": int(usage["SHARED"]),
-            "dynamic_shared": int(compiled.metadata.shared), "spill_bytes": int(usage["LOCAL"])}
+    return cubin_usage(fn, signature, consts, arch, num_warps=NUM_WARPS[kernel])
