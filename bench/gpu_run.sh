@@ -3,7 +3,11 @@
 # installs the bundle's wheels (no network), expands MiniLM to fp32, runs the GPU tests and
 # bench/gpu.py. Results: $OUT/gpu.json (OUT defaults to ./results/bench).
 #   bash bench/gpu_run.sh [bundle folder, default .gpu-bundle] [extra bench/gpu.py args]
+# The whole script fits a 6-minute slot (TOTAL_S, default 300, leaves a minute's margin): the tests get at
+# most TESTS_S, and bench/gpu.py's --budget-s is what is left of TOTAL_S when it starts (it runs its parts
+# by priority and skips those that would not fit).
 set -eu
+TOTAL_S=${TOTAL_S:-300} TESTS_S=${TESTS_S:-120}
 cd "$(dirname "$0")/.."
 BUNDLE=$(cd "${1:-.gpu-bundle}" && pwd); shift || true
 OUT=${OUT:-results/bench}; mkdir -p "$OUT"
@@ -25,5 +29,12 @@ export PYTHONPATH=$SITE:$BUNDLE/shim:$PWD ROUTING_ENV_DATA=$BUNDLE/data PYTHONUN
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 # Compiled, not interpreted: tests/conftest.py defaults TRITON_INTERPRET to 1 (CPU CI), and the compiled-kernel
 # tests skip themselves under the interpreter.
-TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/moe 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.txt"
-python3 bench/gpu.py --out "$OUT/gpu.json" "$@"
+# The GPU tests of the fused low-rank ops, the sorted Triton kernels and the sync-free forward, under a
+# timeout so that a compile storm cannot eat the benchmark's time.
+timeout "$TESTS_S" env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/moe/test_lowrank_kernels.py tests/moe/test_triton_kernel.py tests/moe/test_sync_free.py 2>&1 \
+  | tail -n 15 | tee "$OUT/gpu_tests.txt"
+[ "${PIPESTATUS[0]}" != 124 ] || echo "GPU tests stopped after ${TESTS_S}s (TESTS_S)" | tee -a "$OUT/gpu_tests.txt"
+BUDGET=$((TOTAL_S - SECONDS)); [ "$BUDGET" -ge 30 ] || BUDGET=30
+echo "bench/gpu.py --budget-s $BUDGET (${SECONDS}s spent)"
+python3 bench/gpu.py --out "$OUT/gpu.json" --budget-s "$BUDGET" "$@"
