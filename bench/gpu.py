@@ -39,23 +39,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
-import torch
+#: the budget counts from here, so that importing torch and triton (seconds on a cold machine) is in it
+STARTED = time.perf_counter()
+
+import torch  # noqa: E402
 
 if "--dry" in sys.argv and not torch.cuda.is_available():
     # A dry run on a CPU runs the Triton kernels through the interpreter (set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from routing_env.common.results import report
-from routing_env.moe.kernels import lora_moe_reference
-from routing_env.moe.kernels.backend import fused_everywhere
-from routing_env.moe.kernels.lowrank import lowrank_experts, use_lowrank
+from routing_env.common.results import report  # noqa: E402
+from routing_env.common.safefiles import atomic_write_text  # noqa: E402
+from routing_env.moe.kernels import lora_moe_reference  # noqa: E402
+from routing_env.moe.kernels.backend import fused_everywhere  # noqa: E402
+from routing_env.moe.kernels.lowrank import lowrank_experts, use_lowrank  # noqa: E402
 
 #: (T tokens, d width, r rank, E experts, k): issue 13's anchor, a wider expert set, a long sequence (all
 #: low-rank on a GPU in bf16), and one beyond the low-rank regime (E*r = 1024: the sorted kernels).
@@ -73,7 +79,7 @@ class Budget:
     parts are seconds each and all of them are what it checks, so a slow CI machine skips none."""
 
     def __init__(self, seconds: float, dry: bool) -> None:
-        self.t0, self.seconds, self.dry = time.perf_counter(), seconds, dry
+        self.t0, self.seconds, self.dry = STARTED, seconds, dry
         self.skipped: list[str] = []  # what did not start, in order
 
     def elapsed(self) -> float:
@@ -81,6 +87,11 @@ class Budget:
 
     def allows(self, estimate_s: float) -> bool:
         return self.dry or self.elapsed() + estimate_s <= self.seconds
+
+
+def error_text(e: BaseException) -> str:
+    """The end of an exception's traceback, for the JSON."""
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])[-2000:]
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -153,8 +164,9 @@ def timings(fwd: Callable[[], torch.Tensor], inputs: tuple, dy: torch.Tensor, de
     both = lambda: torch.autograd.grad(fwd(), inputs, dy)  # noqa: E731
     out = {}
     for phase, fn in (("fwd", fwd), ("fwd_bwd", both)):
+        eager = time_us(fn)  # first: a failed capture must not cost the eager number
         us, err = graph_us(fn, device, time_us) if graphs else (None, "not captured (reference only)")
-        out[phase] = {"eager_us": time_us(fn), "graph_us": us, **({"graph_error": err} if err else {})}
+        out[phase] = {"eager_us": eager, "graph_us": us, **({"graph_error": err} if err else {})}
     return out
 
 
@@ -173,10 +185,7 @@ def judge(row: dict, regime: str) -> None:
 
 
 def op_rows(device: torch.device, shapes, time_us, bandwidth: float, peak: float, budget: Budget) -> list:
-    """One row per anchor: the dispatched op, its roofline and the goal (see the module docstring)."""
-    from routing_env.moe.kernels.lora_moe_triton import lora_moe_triton
-
-    dtype, size = torch.bfloat16, 2
+    """One row per anchor (see ``op_row``); an anchor that fails on the GPU is recorded, the next still run."""
     rows = []
     for i, (T, d, r, E, k) in enumerate(shapes):
         # ~10 s per anchor on an H200 (compiles, captures, eight timings); the reference forms add a few.
@@ -184,69 +193,80 @@ def op_rows(device: torch.device, shapes, time_us, bandwidth: float, peak: float
             rows.append({"T": T, "d": d, "r": r, "E": E, "k": k, "skipped": "budget"})
             budget.skipped.append(f"ops {(T, d, r, E, k)}")
             continue
-        g = torch.Generator(device=device).manual_seed(0)
-        rnd = lambda *s, std=1.0: (torch.randn(*s, device=device, dtype=dtype, generator=g) * std)  # noqa: E731
-        x = rnd(T, d).requires_grad_()
-        dy = rnd(T, d)
-        # The GPU's dispatch rule also in a dry run on a CPU (whose own rule differs), so that the dry run
-        # runs the ops the GPU run will.
-        lowrank = use_lowrank(E, r, d, device if device.type == "cuda" else "cuda", dtype)
-        row: dict = {"T": T, "d": d, "r": r, "E": E, "k": k, "dtype": "bfloat16",
-                     "regime": "lowrank" if lowrank else "sorted"}
-        if lowrank:
-            W, b = rnd(d, d, std=d**-0.5), rnd(d)  # the frozen base
-            router = rnd(E, d, std=d**-0.5).requires_grad_()
-            a_flat = rnd(E * r, d, std=d**-0.5).requires_grad_()
-            b_flat = rnd(E * r, d, std=0.01).requires_grad_()
-            inputs = (x, router, a_flat, b_flat)
-            fwd = lambda: lowrank_experts(x, W, b, router, a_flat, b_flat, top_k=k, renorm=True,  # noqa: E731
-                                          scale=SCALE)[0]
-            weights = (d * d + d + E * d + 2 * E * r * d) * size  # W, b, router, A, B
-            grads = (E * d + 2 * E * r * d) * size  # dRouter, dA, dB (the base is frozen)
-            fwd_bytes = weights + 2 * T * d * size + T * 2 * E * 4  # + read x, write out, the fp32 gate output
-            bwd_bytes = 2 * T * d * size + grads  # read dy, write dx
-            # forward: base, router, down-projections, expand; backward: dx through W, router and A, dB,
-            # dRouter, dA, and dhg through B (the base weight gets no gradient)
-            fwd_flops = 2 * T * (d * d + E * d + E * r * d + E * r * d)
-            bwd_flops = 2 * T * (d * d + 2 * E * r * d + 2 * E * d + 2 * E * r * d)
-            row["op_name"] = "lowrank_experts (base GEMM + router + experts + gate + expand)"
-        else:
-            A = rnd(E, r, d, std=d**-0.5).requires_grad_()
-            B = rnd(E, d, r, std=0.01).requires_grad_()
-            idx = torch.rand(T, E, device=device, generator=g).topk(k, dim=1).indices
-            gates = torch.rand(T, k, device=device, generator=g).softmax(-1).to(dtype).requires_grad_()
-            inputs = (x, A, B, gates)
-            fwd = lambda: lora_moe_triton(x, A, B, idx, gates, SCALE)  # noqa: E731
-            weights = E * r * 2 * d * size
-            fwd_bytes = 2 * T * d * size + weights + T * k * (8 + size)  # read x, write y, A, B, ids, gates
-            bwd_bytes = 3 * T * d * size + 2 * weights + T * k * (8 + 2 * size)  # read dy and x, write dx, dA/dB, dgates
-            fwd_flops = 2 * T * k * r * 2 * d
-            bwd_flops = 2 * fwd_flops
-            row["op_name"] = "lora_moe_triton (the sorted adapter delta, random top-k routing)"
-        both = {"fwd": (fwd_bytes, fwd_flops), "fwd_bwd": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)}
-        row["bytes"] = {p: nb for p, (nb, _) in both.items()}
-        row["flops"] = {p: nf for p, (_, nf) in both.items()}
-        row["memory_us"] = {p: 1e6 * nb / bandwidth for p, (nb, _) in both.items()}
-        row["compute_us"] = {p: 1e6 * nf / peak for p, (_, nf) in both.items()}
-        row["roofline_us"] = {p: max(row["memory_us"][p], row["compute_us"][p]) for p in both}
-        row["bound"] = {p: "memory" if row["memory_us"][p] >= row["compute_us"][p] else "compute" for p in both}
-        row["op"] = timings(fwd, inputs, dy, device, time_us, graphs=True)
-        judge(row, row["regime"])
-        if i == 0:  # for reference, the sorted forms of the adapter delta alone (no base GEMM), eager
-            A = rnd(E, r, d, std=d**-0.5).requires_grad_()
-            B = rnd(E, d, r, std=0.01).requires_grad_()
-            idx = torch.rand(T, E, device=device, generator=g).topk(k, dim=1).indices
-            gates = torch.rand(T, k, device=device, generator=g).softmax(-1).to(dtype).requires_grad_()
-            row["reference_delta_only"] = {
-                name: timings(lambda fn=fn: fn(x, A, B, idx, gates, SCALE), (x, A, B, gates), dy, device, time_us,
-                              graphs=False)
-                for name, fn in (("lora_moe_triton", lora_moe_triton), ("lora_moe_reference", lora_moe_reference),
-                                 ("expert_loop", expert_loop))}
-        rows.append(row)
-        del x, dy, fwd, inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        try:
+            rows.append(op_row(device, (T, d, r, E, k), time_us, bandwidth, peak, with_reference=i == 0))
+        except Exception as e:
+            if budget.dry:
+                raise
+            rows.append({"T": T, "d": d, "r": r, "E": E, "k": k, "error": error_text(e)})
     return rows
+
+
+def op_row(device: torch.device, shape: tuple, time_us, bandwidth: float, peak: float, with_reference: bool) -> dict:
+    """The dispatched op at one anchor in bf16, its roofline and the goal (see the module docstring)."""
+    from routing_env.moe.kernels.lora_moe_triton import lora_moe_triton
+
+    T, d, r, E, k = shape
+    dtype, size = torch.bfloat16, 2
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s, std=1.0: (torch.randn(*s, device=device, dtype=dtype, generator=g) * std)  # noqa: E731
+    x = rnd(T, d).requires_grad_()
+    dy = rnd(T, d)
+    # The GPU's dispatch rule also in a dry run on a CPU (whose own rule differs), so that the dry run
+    # runs the ops the GPU run will.
+    lowrank = use_lowrank(E, r, d, device if device.type == "cuda" else "cuda", dtype)
+    row: dict = {"T": T, "d": d, "r": r, "E": E, "k": k, "dtype": "bfloat16",
+                 "regime": "lowrank" if lowrank else "sorted"}
+    if lowrank:
+        W, b = rnd(d, d, std=d**-0.5), rnd(d)  # the frozen base
+        router = rnd(E, d, std=d**-0.5).requires_grad_()
+        a_flat = rnd(E * r, d, std=d**-0.5).requires_grad_()
+        b_flat = rnd(E * r, d, std=0.01).requires_grad_()
+        inputs = (x, router, a_flat, b_flat)
+        fwd = lambda: lowrank_experts(x, W, b, router, a_flat, b_flat, top_k=k, renorm=True,  # noqa: E731
+                                      scale=SCALE)[0]
+        weights = (d * d + d + E * d + 2 * E * r * d) * size  # W, b, router, A, B
+        grads = (E * d + 2 * E * r * d) * size  # dRouter, dA, dB (the base is frozen)
+        fwd_bytes = weights + 2 * T * d * size + T * 2 * E * 4  # + read x, write out, the fp32 gate output
+        bwd_bytes = 2 * T * d * size + grads  # read dy, write dx
+        # forward: base, router, down-projections, expand; backward: dx through W, router and A, dB,
+        # dRouter, dA, and dhg through B (the base weight gets no gradient)
+        fwd_flops = 2 * T * (d * d + E * d + E * r * d + E * r * d)
+        bwd_flops = 2 * T * (d * d + 2 * E * r * d + 2 * E * d + 2 * E * r * d)
+        row["op_name"] = "lowrank_experts (base GEMM + router + experts + gate + expand)"
+    else:
+        A = rnd(E, r, d, std=d**-0.5).requires_grad_()
+        B = rnd(E, d, r, std=0.01).requires_grad_()
+        idx = torch.rand(T, E, device=device, generator=g).topk(k, dim=1).indices
+        gates = torch.rand(T, k, device=device, generator=g).softmax(-1).to(dtype).requires_grad_()
+        inputs = (x, A, B, gates)
+        fwd = lambda: lora_moe_triton(x, A, B, idx, gates, SCALE)  # noqa: E731
+        weights = E * r * 2 * d * size
+        fwd_bytes = 2 * T * d * size + weights + T * k * (8 + size)  # read x, write y, A, B, ids, gates
+        bwd_bytes = 3 * T * d * size + 2 * weights + T * k * (8 + 2 * size)  # read dy and x, write dx, dA/dB, dgates
+        fwd_flops = 2 * T * k * r * 2 * d
+        bwd_flops = 2 * fwd_flops
+        row["op_name"] = "lora_moe_triton (the sorted adapter delta, random top-k routing)"
+    both = {"fwd": (fwd_bytes, fwd_flops), "fwd_bwd": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)}
+    row["bytes"] = {p: nb for p, (nb, _) in both.items()}
+    row["flops"] = {p: nf for p, (_, nf) in both.items()}
+    row["memory_us"] = {p: 1e6 * nb / bandwidth for p, (nb, _) in both.items()}
+    row["compute_us"] = {p: 1e6 * nf / peak for p, (_, nf) in both.items()}
+    row["roofline_us"] = {p: max(row["memory_us"][p], row["compute_us"][p]) for p in both}
+    row["bound"] = {p: "memory" if row["memory_us"][p] >= row["compute_us"][p] else "compute" for p in both}
+    row["op"] = timings(fwd, inputs, dy, device, time_us, graphs=True)
+    judge(row, row["regime"])
+    if with_reference:  # for reference, the sorted forms of the adapter delta alone (no base GEMM), eager
+        A = rnd(E, r, d, std=d**-0.5).requires_grad_()
+        B = rnd(E, d, r, std=0.01).requires_grad_()
+        idx = torch.rand(T, E, device=device, generator=g).topk(k, dim=1).indices
+        gates = torch.rand(T, k, device=device, generator=g).softmax(-1).to(dtype).requires_grad_()
+        row["reference_delta_only"] = {
+            name: timings(lambda fn=fn: fn(x, A, B, idx, gates, SCALE), (x, A, B, gates), dy, device, time_us,
+                          graphs=False)
+            for name, fn in (("lora_moe_triton", lora_moe_triton), ("lora_moe_reference", lora_moe_reference),
+                             ("expert_loop", expert_loop))}
+    return row
 
 
 class MiniLM:
@@ -372,6 +392,17 @@ def search_part(mini: MiniLM, precision: str, agents_run=("exhaustive", "mcts"))
     return out
 
 
+def grouped_part(mini: MiniLM) -> dict:
+    """Evaluation with 32 experts of rank 16 (``E*r = 512``, beyond the GPU's low-rank regime: the layers
+    take the sorted kernels), in bf16."""
+    from routing_env.moe import moe_layers
+
+    E, r, d = moe_layers(mini.model(32, 16))[0].lora_A.shape
+    lowrank = use_lowrank(E, r, d, mini.device, torch.bfloat16)
+    return {"num_experts": E, "rank": r, "regime_here": "lowrank" if lowrank else "sorted",
+            "eval": eval_part(mini, torch.bfloat16, num_experts=E, rank=r)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry", action="store_true", help="tiny sizes on any device (CI): checks that everything runs")
@@ -399,8 +430,7 @@ def main() -> None:
              ("finetune_epoch", 40, lambda: finetune_epoch_part(mini)),
              ("search", 25, lambda: search_part(mini, "bf16")),
              ("fp32", 20, lambda: {"eval": eval_part(mini, None), "search": search_part(mini, "fp32", ("exhaustive",))}),
-             ("grouped", 20, lambda: {"num_experts": 32, "rank": 16,
-                                      "eval": eval_part(mini, torch.bfloat16, num_experts=32, rank=16)})]
+             ("grouped", 20, lambda: grouped_part(mini))]
     # On a CPU the layers keep their composite form unless told otherwise; the dry run forces the fused
     # low-rank path a GPU takes.
     with fused_everywhere() if device.type != "cuda" else contextlib.nullcontext():
@@ -409,8 +439,23 @@ def main() -> None:
                 budget.skipped.append(name)
                 continue
             t0 = time.perf_counter()
-            result[name] = run()
+            try:
+                result[name] = run()
+            except Exception as e:
+                # The GPU run happens once, unattended: a part that fails is recorded and the others still
+                # run. A dry run is the check that every part works, so there it fails.
+                if args.dry:
+                    raise
+                result[name] = {"error": error_text(e)}
             result[f"{name}_s"] = time.perf_counter() - t0
+            if args.out:  # what is done so far survives a run killed at the end of its slot
+                atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    # Every goal in one place (None: the part did not run); in a dry run they mean nothing.
+    result["goals_met"] = {
+        **{f"ops {(row['T'], row['d'], row['r'], row['E'], row['k'])} {row['regime']}": row["goal_met"]
+           for row in result.get("ops", []) if "goal_met" in row},
+        **{part: result[part]["goal_met"] if part in result else None
+           for part in ("eval", "finetune_epoch", "search")}}
     result["wall_s"] = budget.elapsed()
     report(result, args.out, indent=1)
 
