@@ -25,9 +25,19 @@ import torch
 
 from .tasks import MCExample
 
-__all__ = ["LETTERS", "MCBatch", "encode_letter_prompt", "encode_pairs", "letter_prompt_text", "move", "pad_token_id"]
+__all__ = ["LETTERS", "MCBatch", "encode_letter_prompt", "encode_pairs", "letter_prompt_text", "move", "pad_token_id",
+           "resolve_device"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with the index a bare ``cuda`` stands for (the current one), so that a tensor already
+    there compares equal to it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def move(t: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
@@ -39,7 +49,7 @@ def move(t: torch.Tensor, device: torch.device | str, non_blocking: bool = True)
     GPU works; a copy from pinned memory with ``non_blocking=True`` is queued like a kernel. Copies
     towards the host stay blocking: the caller reads the result right after.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     if t.device == device:
         return t
     if non_blocking and t.device.type == "cpu" and device.type != "cpu":

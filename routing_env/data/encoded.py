@@ -19,7 +19,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from .encode import MCBatch, move
+from .encode import MCBatch, move, resolve_device
 from .tasks import MCExample
 
 __all__ = ["EncodedSplit", "SEQ_FIELDS"]
@@ -143,7 +143,7 @@ class EncodedSplit:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> EncodedSplit:
         """The split with its tensors on ``device`` (once: the batches are then cut there)."""
-        if torch.device(device) == self.device:
+        if resolve_device(device) == self.device:
             return self
         stored = {k: None if v is None else move(v, device, non_blocking) for k, v in self.stored.items()}
         return EncodedSplit(self.examples, stored, self.dtypes, self.lengths, self.choices, self.floor, self.side)

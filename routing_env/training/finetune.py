@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from routing_env.common.configs import ROUTE_LOSS_GRADS
 from routing_env.common.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
-from routing_env.data import MCBatch, TaskSource, describe_split, resolve_task
+from routing_env.data import MCBatch, TaskSource, describe_split, move, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
 from routing_env.training.evaluation import encode_split, evaluate, iterate_indices
 from routing_env.moe.balancing import make_strategy
@@ -426,7 +426,7 @@ def step_plan(run: Run, batch: MCBatch, num_examples: int, forcing_rng: np.rando
         paths = table.batch_paths(batch.ids)  # [B, G]
         paths[torch.from_numpy(forcing_rng.random(num_examples) >= share)] = -1
         row_example = run.model.row_examples(batch)  # [R]
-        bias = forced_route_bias(paths.to(run.device), row_example, table.group_experts)
+        bias = forced_route_bias(move(paths, run.device), row_example, table.group_experts)  # (non-blocking)
     return RoutingPlan(selection_bias=bias, compute_aux=run.use_aux, collect_route=table is not None,
                        route_grad_router_only=cfg.route_loss_grad == "router")
 
@@ -447,7 +447,7 @@ def step_losses(run: Run, logits: torch.Tensor, batch: MCBatch, num_examples: in
         return StepLosses(task_loss, aux_loss, loss)
     # Stage 3: pull each group's router toward the example's target.
     probs = rec.example_group_probs(num_examples)  # [B, G, E]
-    tgt, w = (x.to(run.device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]
+    tgt, w = (move(x, run.device) for x in table.batch(batch.ids))  # [B, G, E], [B, G]; non-blocking copies
     logp = rec.example_group_probs(num_examples, log=True) if cfg.route_granularity == "token" else None
     route_loss = routing_loss(probs, tgt, w, logp)
     agreement = group_agreement(probs.detach(), tgt, w)  # once a step: the epoch curve and the step's log read it
