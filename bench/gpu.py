@@ -3,19 +3,23 @@ one H100/H200. JSON out. Parts, in the order they run (a GPU run skips what its 
 no time for, so the first matter most):
 
 1. ``ops``: the expert op that ``LoRAMoELinear`` dispatches, in bf16, at the anchor shapes ``(T, d, r, E,
-   k)``, forward and forward+backward (``torch.autograd.grad``), timed eagerly and as a replayed CUDA
-   graph (launch overhead gone), against its roofline measured in the same run:
+   k)``, forward (with gradients on, as in training) and forward+backward (``torch.autograd.grad``),
+   timed eagerly and as a replayed CUDA graph (launch overhead gone; a capture that fails leaves
+   ``graph_us`` null and its error), against its roofline measured in the same run:
 
    * the low-rank regime (``use_lowrank``: ``E*r <= 256`` in bf16 on a GPU): ``lowrank_experts``, the
      whole layer (base GEMM ``x W^T + b``, router, every expert's down-projection, top-k gates, the
      expand). Roofline: the larger of the bytes that must move (read x, W, b, router, A, B; write out
      and the gate output; forward+backward also read dy, write dx and the three weight gradients)
-     over the copy bandwidth, and the FLOPs over the dense bf16 peak (a [8192, 8192] ``torch.mm``);
+     over the copy bandwidth, and the FLOPs (forward: base, router, down-projections, expand; backward:
+     dx through W, router and A, the router's and adapters' weight gradients, dhg through B; the base
+     weight is frozen) over the dense bf16 peak (a [8192, 8192] ``torch.mm``);
    * beyond it (``E*r > 256``): the sorted Triton op ``lora_moe_triton`` (the adapter delta alone, with
      random top-k routing), against its byte model.
 
    Goal (issue 26), on the graph timing: the low-rank op within 2x of its roofline forward and 3x
-   forward+backward; the sorted kernels within 3x / 4x. ``goal_met`` per row. At the first anchor,
+   forward+backward; the sorted kernels within 3x / 4x. ``goal_met`` per row (``goals_met`` collects
+   every part's). At the first anchor,
    for reference, the sorted PyTorch reference and the per-expert loop of MoLA/MixLoRA-style code.
 2. ``eval``: MiniLM-L6 LoRA-MoE (``finetune.py``'s default adapters) evaluating the ARC-Easy dev split
    through ``routing_env.training.evaluation.evaluate`` in bf16: sequences/s (goal: >= 50,000).
@@ -26,7 +30,8 @@ no time for, so the first matter most):
 5. If time is left: ``fp32`` (evaluation and exhaustive search without autocast, for comparison) and
    ``grouped`` (evaluation with 32 experts of rank 16, where the layers take the sorted kernels).
 
-``--dry`` runs every part at tiny sizes on whatever device there is (CPU in CI; Triton through its
+On the GPU a part (or an anchor) that raises is recorded as its error and the others still run, and
+the JSON is written after each part. ``--dry`` runs every part at tiny sizes on whatever device there is (CPU in CI; Triton through its
 interpreter; the layers' fused low-rank path forced on, as a GPU takes it), so the script cannot rot;
 there CUDA graphs are not captured (``graph_us`` null) and no timing means anything. Offline on a GPU
 machine it needs, besides the checkout, a bundle that ``make gpu-bundle`` prepares (wheels the machine
@@ -95,7 +100,7 @@ def error_text(e: BaseException) -> str:
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Microseconds per call: triton's ``do_bench`` on a GPU (L2 flushed, median), wall clock on CPU."""
+    """Microseconds per call: triton's ``do_bench`` on a GPU (L2 flushed between calls), wall clock on CPU."""
     if device.type == "cuda":
         import triton.testing
 
