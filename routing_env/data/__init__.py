@@ -1,4 +1,4 @@
-"""Multiple-choice QA data: task loading (:mod:`.tasks`) and tensor encoding (:mod:`.encode`)."""
+"""Multiple-choice QA data: task loading (:mod:`.tasks`), tensor encoding (:mod:`.encode`) and a split encoded once (:mod:`.encoded`)."""
 
 from __future__ import annotations
 
