@@ -452,7 +452,7 @@ def main() -> None:
                 if args.dry:
                     raise
                 result[name] = {"error": error_text(e)}
-            result[f"{name}_s"] = time.perf_counter() - t0
+            result[f"{name}_wall_s"] = time.perf_counter() - t0
             if args.out:  # what is done so far survives a run killed at the end of its slot
                 atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     # Every goal in one place (None: the part did not run); in a dry run they mean nothing.
