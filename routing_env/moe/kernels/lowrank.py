@@ -26,11 +26,12 @@ from routing_env.moe.kernels.route_shrink import adapter_dx, route_shrink
 
 __all__ = ["LowRankExperts", "fused_everywhere", "fused_enabled", "lowrank_experts", "use_lowrank"]
 
-#: Largest ``E * r`` for which the all-experts form is taken on a GPU, by element size. There the two
-#: thin GEMMs stay memory-bound (arithmetic intensity below the H100/H200 ridge of ~300 FLOP/B in
-#: bf16, ~30 in fp32 without TF32) whatever the width, so computing every expert costs no time;
-#: beyond it the unchosen experts' FLOPs start to show and the sorted kernels win.
-GPU_LOWRANK_MAX = {2: 256, 4: 128}
+#: Largest ``E * r`` for which the all-experts form is taken on a GPU, by element size. Its two thin GEMMs
+#: do about ``E r`` FLOP per byte of ``x`` in bf16 (``E r / 2`` in fp32); they stay memory-bound, so
+#: computing every expert costs no time, below the ridge of peak FLOP/s over bandwidth: H100/H200
+#: ~990 TFLOP/s bf16 / ~4.8 TB/s ~ 200 (issue 26 estimated 150-256), fp32 without TF32 ~67 / 4.8 ~ 14.
+#: Beyond it the unchosen experts' FLOPs start to show and the sorted kernels win.
+GPU_LOWRANK_MAX = {2: 256, 4: 32}
 
 
 def use_lowrank(num_experts: int, rank: int, d_in: int, device: torch.device | str = "cpu",
