@@ -267,15 +267,26 @@ def test_lowrank_kernels_compile_for_sm90_without_spills(sm90, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compiled_lowrank_op_on_the_gpu_matches_the_cpu_reference(dtype):
+    """The compiled kernels against the CPU references on the same (rounded) values, with the experts the
+    GPU chose forced on the CPU: logits computed by other kernels can swap two experts whose logits
+    tie to rounding (measured on an H200: a few of 4096 tokens among 16 experts), which is O(1) on
+    that token's output and says nothing about the kernels. Such swaps must be near-ties."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("run this file with TRITON_INTERPRET=0 on the GPU")
     for T, d_in, d_out, E, r in [(41, 23, 19, 4, 3), (4096, 1024, 1024, 16, 16)]:
-        x, W, b, Wr, A, B = _layer_case(T, d_in, d_out, E, r)
+        x, W, b, Wr, A, B = (t.to(dtype) for t in _layer_case(T, d_in, d_out, E, r))
         w = torch.ones(T)
-        cpu = lowrank_experts(x.to(dtype).float(), W.to(dtype).float(), b.to(dtype).float(), Wr.to(dtype).float(),
-                              A.to(dtype).float(), B.to(dtype).float(), w=w, top_k=2, renorm=True, scale=2.0,
+        gpu = lowrank_experts(*(t.cuda() for t in (x, W, b, Wr, A, B)), w=w.cuda(), top_k=2, renorm=True, scale=2.0,
                               want_stats=True)
-        gpu = lowrank_experts(*(t.to("cuda", dtype) for t in (x, W, b, Wr, A, B)), w=w.cuda(), top_k=2, renorm=True,
+        chosen = gpu[1][:, E:].cpu().bool()
+        forced = torch.where(chosen, 0.0, float("-inf"))  # [T, E]: one row per token, the GPU's experts
+        cpu = lowrank_experts(*(t.float() for t in (x, W, b, Wr, A, B)), sel_bias=forced, w=w, top_k=2, renorm=True,
                               scale=2.0, want_stats=True)
+        own = lowrank_experts(*(t.float() for t in (x, W, b, Wr, A, B)), w=w, top_k=2, renorm=True, scale=2.0)
         assert _rel(gpu[0].cpu(), cpu[0]) < RTOL[dtype]
-        assert torch.equal(gpu[1][:, E:].cpu(), cpu[1][:, E:]) or dtype == torch.bfloat16  # ties may round apart
+        assert _rel(gpu[1][:, :E].cpu(), cpu[1][:, :E]) < RTOL[dtype] and _rel(gpu[2].cpu(), cpu[2]) < RTOL[dtype]
+        swapped = (own[1][:, E:] != cpu[1][:, E:]).any(1)
+        assert swapped.float().mean() < 0.01  # rare
+        logits = (x.float() @ Wr.float().t())[swapped]
+        top = logits.topk(3, dim=1).values  # the 2nd and 3rd logits of a swapped token are within rounding
+        assert ((top[:, 1] - top[:, 2]).abs() < 0.05 * top.abs().max().clamp_min(1)).all()
