@@ -323,10 +323,18 @@ def eval_part(mini: MiniLM, amp: torch.dtype | None, num_experts: int | None = N
     evaluate(model, tok, dev, **kw)
     mini.sync()
     with_tok = time.perf_counter() - t0
+    # The same without the CUDA graphs evaluate replays on a GPU: the Python-issued launches alone.
+    evaluate(model, tok, split, graphs=False, **kw)
+    mini.sync()
+    t0 = time.perf_counter()
+    evaluate(model, tok, split, graphs=False, **kw)
+    mini.sync()
+    eager = time.perf_counter() - t0
     seq_s = n_seq / best
     return {"questions": len(dev), "sequences": n_seq, "batch_questions": cfg.eval_batch_size,
             "amp": str(amp).split(".")[-1] if amp else "fp32", "eval_s": best, "eval_sequences_per_s": seq_s,
-            "eval_sequences_per_s_with_tokenising": n_seq / with_tok, "goal_sequences_per_s": EVAL_GOAL_SEQ_S,
+            "eval_sequences_per_s_with_tokenising": n_seq / with_tok, "eval_sequences_per_s_without_graphs": n_seq / eager,
+            "graphs": device.type == "cuda", "goal_sequences_per_s": EVAL_GOAL_SEQ_S,
             "goal_met": seq_s >= EVAL_GOAL_SEQ_S, "dev_accuracy_untrained": res.accuracy}
 
 
@@ -416,6 +424,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240,
                     help="skip the parts (and anchors) whose estimate would end after this many seconds "
                          "(not in --dry, which runs every part)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated parts to run (default: all): ops, eval, finetune_epoch, search, fp32, grouped")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.dry:
@@ -439,7 +449,10 @@ def main() -> None:
     # On a CPU the layers keep their composite form unless told otherwise; the dry run forces the fused
     # low-rank path a GPU takes.
     with fused_everywhere() if device.type != "cuda" else contextlib.nullcontext():
+        wanted = set(args.parts.split(",")) if args.parts else {name for name, _, _ in parts}
         for name, estimate, run in parts:
+            if name not in wanted:
+                continue
             if not budget.allows(estimate):
                 budget.skipped.append(name)
                 continue

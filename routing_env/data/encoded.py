@@ -148,8 +148,12 @@ class EncodedSplit:
         stored = {k: None if v is None else move(v, device, non_blocking) for k, v in self.stored.items()}
         return EncodedSplit(self.examples, stored, self.dtypes, self.lengths, self.choices, self.floor, self.side)
 
-    def batch(self, indices: Sequence[int] | np.ndarray | range) -> MCBatch:
-        """The batch of these examples, as ``encode`` makes it; its shape is read from the host lengths."""
+    def batch(self, indices: Sequence[int] | np.ndarray | range, width_multiple: int = 1) -> MCBatch:
+        """The batch of these examples, as ``encode`` makes it; its shape is read from the host lengths.
+
+        ``width_multiple``: the width rounded up to a multiple of it (at most the split's), the extra
+        columns padding as any other (a bucketed shape: replayed graphs need few distinct shapes).
+        """
         if isinstance(indices, range):  # consecutive examples (evaluation): the index is made on the device
             idx = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
             index = torch.arange(indices.start, indices.stop, indices.step, device=self.device)
@@ -159,6 +163,7 @@ class EncodedSplit:
         if len(idx) == 0:
             raise ValueError("cannot make an empty batch")
         T = max(int(self.lengths[idx].max()), self.floor)
+        T = min(-(-T // width_multiple) * width_multiple, self.width)
         C = int(self.choices[idx].max())
         cols = slice(0, T) if self.side == "right" else slice(self.width - T, self.width)
         out: dict[str, object] = {"ids": [self.ids[i] for i in idx]}

@@ -21,6 +21,7 @@ from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, RoutingPlan, RoutingRecorder, load_stats
 from routing_env.common.utils import autocast
+from routing_env.training.graphs import BUCKET, GraphedForward, graphed_forward
 
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "encode_split", "iterate_batches", "iterate_indices",
            "layer_load_stats"]
@@ -113,6 +114,17 @@ def layer_load_stats(model: MCModel, recorder: RoutingRecorder) -> dict[int, Lay
     return {layer: load_stats(c) for layer, c in sorted(per_layer.items())}
 
 
+def _graph_load_stats(forward: GraphedForward, total: torch.Tensor | None) -> dict[int, LayerStats]:
+    """``layer_load_stats`` of the ``[M, E]`` loads a ``GraphedForward`` returned, summed over batches."""
+    if total is None:
+        return {}
+    per_layer: dict[int, torch.Tensor] = {}
+    for m, counts in zip(forward.layers, total):
+        c = counts[: m.num_experts]
+        per_layer[m.layer] = c if m.layer not in per_layer else per_layer[m.layer] + c
+    return {layer: load_stats(c) for layer, c in sorted(per_layer.items())}
+
+
 @torch.no_grad()
 def evaluate(
     model: MCModel,
@@ -125,6 +137,7 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
     amp_dtype: torch.dtype | None = None,
+    graphs: bool | None = None,
 ) -> EvalResult:
     """Accuracy, mean cross-entropy and per-layer expert loads (recorded during the same forwards), and
     per question its id, label, prediction (argmax of the logits) and log-probabilities over its choices.
@@ -132,6 +145,8 @@ def evaluate(
     ``amp_dtype``: run the forwards under autocast to it (``routing_env.common.utils.autocast_dtype``).
     ``examples`` may be a split ``encode_split`` made (with this ``max_length``): a run evaluating the
     same split every epoch tokenises it once; plain examples are encoded here, once, before the loop.
+    ``graphs``: replay the forwards from CUDA graphs (``routing_env.training.graphs``; widths bucketed,
+    loads returned by the graph); None: on a CUDA device with the one-pass forward.
     """
     split = examples if isinstance(examples, EncodedSplit) else (
         encode_split(model, tokenizer, examples, max_length, device) if len(examples) else None)
@@ -143,17 +158,27 @@ def evaluate(
     # Sums, predictions and log-probabilities stay on the device and are read once at the end: no host
     # sync per batch.
     losses, preds, logps = [], [], []
+    if graphs is None:
+        graphs = torch.device(device).type == "cuda" and model._one_pass(torch.device(device))
+    forward = graphed_forward(model, amp_dtype, capture=torch.device(device).type == "cuda") if graphs else None
+    total = None  # [M, E] the graphs' loads, summed over the batches
     try:
         with model.routed(RoutingPlan(record_loads=True)) as rec:  # expert loads of every batch, summed
             for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
                 # Cut from the encoded split (no tokenizer, no host sync); moved when it lives on the host.
-                batch = split.batch(range(start, min(start + batch_size, len(examples)))).to(device)
-                with autocast(device, amp_dtype):
-                    logits = model(batch).float()  # [B, C]
+                idx = range(start, min(start + batch_size, len(examples)))
+                if forward is not None:  # the graph's outputs are its buffers: used before the next replay
+                    batch = split.batch(idx, width_multiple=BUCKET).to(device)
+                    logits, loads = forward(batch)
+                    total = loads.clone() if total is None else total.add_(loads)
+                else:
+                    batch = split.batch(idx).to(device)
+                    with autocast(device, amp_dtype):
+                        logits = model(batch).float()  # [B, C]
                 losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
                 preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
                 logps.append(F.log_softmax(logits, dim=1))  # [B, C_batch]; padded choices stay -inf
-        stats = layer_load_stats(model, rec)
+        stats = layer_load_stats(model, rec) if forward is None else _graph_load_stats(forward, total)
     finally:
         model.train(was_training)
     n = len(examples)
