@@ -103,6 +103,20 @@ def decoder_dirs(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
     return {f: save_tiny_decoder(f, root / f, bpe_tokenizer) for f in DECODER_FAMILIES}
 
 
+def tiny_moe_with_distinct_experts(moe, seed: int = 0):
+    """A LoRA-MoE on ``tiny_bert`` whose trainable tensors are random (scale 0.3) instead of LoRA's zero ``B``:
+    experts that differ, so a wrong expert or gate changes the output (by ~1e-1)."""
+    from routing_env.moe import build_model
+
+    model = build_model("lora-moe", backbone_module=tiny_bert(), moe=moe, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 def random_pairs_batch(B: int = 3, C: int = 4, T: int = 9, seed: int = 0) -> MCBatch:
     """An encoder batch of random ids with ragged lengths and one padded choice."""
     g = torch.Generator().manual_seed(seed)

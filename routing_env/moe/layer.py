@@ -266,7 +266,7 @@ class LoRAMoELinear(nn.Module):
 
         ``route_probs``: ``probs`` as the routing loss sees them (``_route_probs``).
         """
-        ctx, E = self.context, self.num_experts
+        ctx = self.context
         plan, rec, state = ctx.plan, ctx.recorder, ctx.state
         T = probs.shape[0]
         w = state.token_weight(T, probs)  # [T] 1 for real tokens

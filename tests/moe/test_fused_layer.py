@@ -18,16 +18,11 @@ from routing_env.common.opcount import OpCounter
 from routing_env.moe import MoEConfig, RoutingPlan, build_model, moe_layers
 from routing_env.moe.kernels.backend import fused_everywhere
 from routing_env.moe.routing import combo_bias, primary_bias
-from tests.conftest import random_pairs_batch, tiny_bert
+from tests.conftest import random_pairs_batch, tiny_bert, tiny_moe_with_distinct_experts
 
 
 def _model(moe: MoEConfig = MoEConfig(num_groups=2, rank=2), dropout: float = 0.0, seed: int = 0):
-    model = build_model("lora-moe", backbone_module=tiny_bert(), moe=moe, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # experts that differ, so a wrong expert or gate changes the output
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = tiny_moe_with_distinct_experts(moe, seed)
     for m in moe_layers(model):
         m.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
     model.one_pass = True

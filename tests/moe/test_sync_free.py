@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from routing_env.training.evaluation import evaluate, layer_load_stats
 from routing_env.moe import MoEConfig, RoutingPlan, build_model, moe_layers
 from routing_env.common.opcount import OpCounter
-from tests.conftest import random_pairs_batch, tiny_bert
+from tests.conftest import random_pairs_batch, tiny_moe_with_distinct_experts
 
 # rank 2: E * r * 4 = 32 <= d = 32, so every module takes the low-rank form MiniLM's modules take
 # (384-wide, 4 experts of rank 8); the grouped form runs the Triton kernel on a GPU.
@@ -20,12 +20,7 @@ MINILM_LIKE = MoEConfig(num_groups=2, rank=2)
 
 
 def _model(one_pass: bool, seed: int = 0):
-    model = build_model("lora-moe", backbone_module=tiny_bert(), moe=MINILM_LIKE, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # experts that differ, so a wrong expert or gate changes the output
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = tiny_moe_with_distinct_experts(MINILM_LIKE, seed)
     model.one_pass = one_pass
     return model.eval()
 
