@@ -6,8 +6,8 @@ allocations, and some ops wait for the device: reading a value (``.item()``, ``i
 ``unique``). At MiniLM's shapes those launches and waits, not the arithmetic, set a GPU's speed, so
 they are counted here on a CPU (``routing_env.common.opcount.OpCounter``):
 
-* ``launches``: ops that launch a kernel (``OpCounter.launches``; a ``routing_env::`` custom op is one
-  Triton kernel on the GPU and counts once), ``backend_ops``: every op incl. views;
+* ``launches``: ops that launch a kernel (``OpCounter.launches``; the fused low-rank ops MiniLM's
+  layers run are one Triton kernel each on the GPU and count once), ``backend_ops``: every op incl. views;
 * ``sync_ops``: ops that synchronise with the host on a GPU, by name.
 
 Measured for MiniLM-L6 LoRA-MoE (4 experts, top-2, rank 8, every linear layer) on ARC-Easy:
@@ -20,9 +20,10 @@ Measured for MiniLM-L6 LoRA-MoE (4 experts, top-2, rank 8, every linear layer) o
   a batch of ``--batch-size`` questions, after a first step has warmed up; fused and composite paths.
 
 Goals (issue 26): at most 250 launches per eval forward and 800 per training step on the GPU path,
-no sync op in either. CPU-only decompositions inflate the training count: with dropout on, the CPU's
-attention falls back to its unfused math path and its dropout to three ops (one kernel each on the
-GPU); they are counted as they are.
+no sync op in either. What differs on a GPU is not in the count: there the CPU's unfused attention
+(with dropout on, ~100 ops) and three-op dropout are one kernel each, and a few copies the CPU skips
+are launches (the step's values to pinned host memory, a training batch's index to the device), as
+are the fused AdamW's multi-tensor chunks.
 
     python bench/ops.py [--questions 16] [--out results/bench/ops.json]
 """

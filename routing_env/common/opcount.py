@@ -60,8 +60,10 @@ class OpCounter(TorchDispatchMode):
     def launches(self) -> int:
         """Counted ops that launch a kernel on a GPU: all but views and bare allocations (``NO_LAUNCH_OPS``).
 
-        A custom op (``routing_env::expert_gate``) counts once: on a GPU it is one Triton kernel, and
-        its CPU reference's inner ops do not reach this mode.
+        A custom op counts once (its CPU reference's inner ops do not reach this mode). The fused
+        low-rank ops (``routing_env::route_shrink``, ``expert_gate``, ``expert_gate_backward``,
+        ``adapter_dx``) are one Triton kernel each on a GPU; the sorted ``lora_moe_sorted`` is two or
+        three (align, forward, and the sum over slots for k > 1), and its backward the same.
         """
         return sum(self.launch_ops.values())
 

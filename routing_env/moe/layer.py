@@ -177,9 +177,10 @@ class LoRAMoELinear(nn.Module):
     def _fusable(self, flat: torch.Tensor) -> bool:
         """Whether this forward takes the fused low-rank ops (``kernels.lowrank``): on their device, for the
         learned top-k router (a strategy's own scores, selection and losses run the composite form), and
-        not for a route loss whose gradient must stop at the router (that needs the router's own map)."""
+        not for a route loss whose gradient must stop at the router (that needs the router's own map), and with
+        the base layer frozen (its backward computes no gradient for the base)."""
         plan = self.context.plan
-        return (fused_enabled(flat.device) and self.context.strategy is None
+        return (fused_enabled(flat.device) and self.context.strategy is None and not self.base.weight.requires_grad
                 and not (plan.collect_route and plan.route_grad_router_only))
 
     def _forward_fused(self, flat: torch.Tensor, dt: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -221,7 +222,7 @@ class LoRAMoELinear(nn.Module):
             bias = bias[state.row_index.to(bias.device)]
         if T % bias.shape[0]:
             raise ValueError(f"{self.name}: {T} tokens do not split into the override's {bias.shape[0]} rows")
-        return bias.to(device=self.lora_A.device, dtype=torch.float32)
+        return bias.to(device=self.lora_A.device, dtype=torch.float32).contiguous()  # the gate reads [R, E] rows
 
     def _flat_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``A^T [d_in, E*r]``, ``B [E*r, d_out]`` and the gate spreader ``[E, E*r]``.

@@ -266,6 +266,7 @@ class RoutingContext:
         s = self._state
         s.token_mask, s.row_example, s.row_index, s.num_rows = token_mask, row_example, row_index, num_rows
         s.router_state = router_state
+        s._seed = None  # each pass (each chunk of a chunked one) draws its own dropout seed
         if row_example is not None and self._recorder is not None:
             self._recorder.row_example = row_example
         return s

@@ -53,7 +53,9 @@ class GraphedForward:
                              cache_enabled=False)
         with self.model.routed(RoutingPlan(record_loads=True)) as rec, amp:
             logits = self.model(batch).float()
-        loads = [F.pad(rec.loads[m.name], (0, self.width - m.num_experts)) for m in self.layers if m.name in rec.loads]
+        # One row per module of ``self.layers``, in order (zeros for one that recorded nothing).
+        loads = [F.pad(rec.loads[m.name], (0, self.width - m.num_experts)) if m.name in rec.loads
+                 else logits.new_zeros(self.width, dtype=torch.float64) for m in self.layers]
         return logits, torch.stack(loads) if loads else logits.new_zeros(0, self.width, dtype=torch.float64)
 
     def __call__(self, batch: MCBatch) -> tuple[torch.Tensor, torch.Tensor]:

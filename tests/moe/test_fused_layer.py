@@ -95,7 +95,7 @@ def test_training_losses_and_all_gradients_equal_the_composite():
                                        msg=name)
 
 
-def test_dropout_is_drawn_from_torch_seed_and_reaches_only_the_adapter():
+def test_dropout_is_drawn_from_torchs_seed_and_off_in_evaluation():
     model = _model(dropout=0.5).train()
     batch = random_pairs_batch(B=2, C=4, T=9)
     out = []

@@ -233,6 +233,39 @@ def test_gate_op_is_one_custom_op_the_counter_sees_once():
     assert ops.launch_ops["expert_gate"] == 1 and ops.launches == 3  # two GEMMs and the gate
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_each_low_rank_op_is_one_triton_launch_and_nothing_else(monkeypatch, p):
+    """The launchers allocate their outputs and launch their kernel: no other op (a zero-filled seed
+    placeholder, a copy) that would be a GPU launch the CPU's count of the custom op cannot see."""
+    import routing_env.moe.kernels.expert_gate_triton as gate_module
+    import routing_env.moe.kernels.route_shrink_triton as shrink_module
+    from routing_env.common.opcount import OpCounter
+
+    launched: list[str] = []
+
+    class Stub:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):  # kernel[grid](...): record the launch, run nothing
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for module, name in ((shrink_module, "_route_shrink"), (shrink_module, "_adapter_dx"), (gate_module, "_gate_fwd"),
+                         (gate_module, "_gate_bwd")):
+        monkeypatch.setattr(module, name, Stub(name))
+    x, _, _, Wr, A, _ = _layer_case()
+    T, E, seed = x.shape[0], Wr.shape[0], torch.tensor([3])
+    bias, w, dstats, dx = torch.zeros(1, E), torch.ones(T), torch.ones(2, 2 * E), torch.zeros_like(x)
+    dh, dlogits = torch.ones(T, A.shape[0]), torch.ones(T, E)
+    with OpCounter() as ops:
+        z, _ = route_shrink_triton(x, Wr, A, seed, 1, p, True)
+        _, pc, _ = gate_forward_triton(z[:, :E], z[:, E:], bias, w, None, 2, True, 1.0, True)
+        gate_backward_triton(dh, z[:, E:], pc, None, w, dstats, True, 1.0, torch.float32)
+        adapter_dx_triton(dx, dh, A, dlogits, Wr, seed, 1, p)
+    assert launched == ["_route_shrink", "_gate_fwd", "_gate_bwd", "_adapter_dx"]
+    assert ops.launches == 0, ops.launch_ops
+
+
 @pytest.fixture(scope="module")
 def sm90() -> dict:
     """Every low-rank kernel compiled for sm_90 in a fresh process (here Triton runs interpreted)."""

@@ -175,8 +175,10 @@ def _count(monkeypatch, fn, *args) -> tuple[Counter, Counter, dict]:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_launch_counts_and_no_sync(monkeypatch, k):
-    """align is one Triton launch; forward and backward are two each, plus the sum over k slots."""
+    """align is one Triton launch; forward and backward are two each, plus the sum over k slots (B stored
+    rank-major, as ``LoRAMoELinear`` holds it: read as it is, no copy)."""
     (x, A, B, gates, dy), idx = _case(9, 20, 30, 8, 5, k, torch.float32)
+    B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [E, d_out, r] over [E, r, d_out] memory
     launches, ops, syncs = _count(monkeypatch, align_assignments, idx, 8)
     assert launches == {"_align_kernel": 1} and sum(ops.values()) == 0 and syncs == {}
     launches, ops, syncs = _count(monkeypatch, module._forward, x, A, B, idx, gates, 2.0, BLOCK_M)

@@ -146,6 +146,8 @@ def gate_forward_triton(logits: torch.Tensor, h: torch.Tensor, bias: torch.Tenso
     # Rows may be strided (logits and h as column slices of one GEMM's output); columns must be dense.
     if logits.stride(1) != 1 or h.stride(1) != 1:
         logits, h = logits.contiguous(), h.contiguous()
+    if bias is not None:  # read as [R, E] rows (an env's bias may be a broadcast view)
+        bias = bias.float().contiguous()
     hg = torch.empty(T, E * R, dtype=h.dtype, device=h.device)
     pc = torch.empty(T, 2 * E, dtype=torch.float32, device=h.device)
     blocks = triton.cdiv(T, BLOCK_T)

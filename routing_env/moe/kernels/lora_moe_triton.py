@@ -20,7 +20,9 @@ Four kernels (``KERNELS``), each element of each output written by exactly one p
 * ``bwd_dw`` (a program per expert and d_in or d_out tile): walks its expert's blocks and sums
   ``dA_e`` or ``dB_e`` for its tile in fp32 registers, then stores it once (zero for an empty expert).
 
-Without atomics the results are the same run to run. ``r`` is padded to a power of two of at least 16
+The kernels read ``B`` rank-major (``[E, r, d_out]`` in memory, as ``LoRAMoELinear`` stores it, so the
+layer's ``B`` goes in without a copy and ``dB`` comes out in its layout; along ``d_out`` the loads
+are contiguous). Without atomics the results are the same run to run. ``r`` is padded to a power of two of at least 16
 (the smallest ``tl.dot``), up to 64 compiled without register spills at these tile sizes.
 """
 
@@ -138,7 +140,7 @@ def _fwd_kernel(x_ptr, a_ptr, b_ptr, g_ptr, ys_ptr, ids_ptr, bexp_ptr, scale, D_
         for n0 in range(0, D_OUT, BN):
             offs_n = n0 + tl.arange(0, BN)
             in_n = offs_n < D_OUT
-            bn = tl.load(b_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
+            bn = tl.load(b_ptr + e * R * D_OUT + offs_r[None, :] * D_OUT + offs_n[:, None],
                          mask=in_n[:, None] & (offs_r[None, :] < R), other=0.0)  # [BN, RP]
             out = _mm(h, tl.trans(bn), PREC, UPCAST)  # [BM, BN]
             tl.store(ys_ptr + slot[:, None] * D_OUT + offs_n[None, :], out.to(ys_ptr.dtype.element_ty),
@@ -164,7 +166,7 @@ def _bwd_dx_kernel(x_ptr, a_ptr, b_ptr, g_ptr, dy_ptr, ids_ptr, bexp_ptr, dxs_pt
             in_n = offs_n < D_OUT
             dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :],
                           other=0.0)  # [BM, BN]
-            bn = tl.load(b_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
+            bn = tl.load(b_ptr + e * R * D_OUT + offs_r[None, :] * D_OUT + offs_n[:, None],
                          mask=in_n[:, None] & in_r[None, :], other=0.0)  # [BN, RP]
             g += _mm(dyn, bn, PREC, UPCAST)
         tl.store(dg_ptr + slot, (tl.sum(g * h, axis=1) * scale).to(dg_ptr.dtype.element_ty), mask=valid)
@@ -217,7 +219,7 @@ def _bwd_dw_kernel(x_ptr, dy_ptr, ids_ptr, bstart_ptr, wh_ptr, wg_ptr, da_ptr, d
             dyn = tl.load(dy_ptr + tok[:, None] * D_OUT + offs_n[None, :], mask=valid[:, None] & in_n[None, :],
                           other=0.0)  # [BM, BN]
             db += _mm(tl.trans(dyn), wh, PREC, UPCAST)
-        tl.store(db_ptr + e * D_OUT * R + offs_n[:, None] * R + offs_r[None, :],
+        tl.store(db_ptr + e * R * D_OUT + offs_r[None, :] * D_OUT + offs_n[:, None],
                  db.to(db_ptr.dtype.element_ty), mask=in_n[:, None] & in_r[None, :])
 
 
@@ -284,13 +286,14 @@ def _consts(x: torch.Tensor, r: int, block_m: int, kernel: str) -> dict[str, obj
 def _forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
              scale: float, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [T, d_out], plan)``: two launches (align, fwd), and for k > 1 the sum over slots."""
-    x, A, B, gates = x.contiguous(), A.contiguous(), B.contiguous(), gates.contiguous()
+    x, A, gates = x.contiguous(), A.contiguous(), gates.contiguous()
+    Bt = B.transpose(1, 2).contiguous()  # [E, r, d_out]: the layer's rank-major B as it is, no copy
     (T, d_in), (E, r, _), d_out, k = x.shape, A.shape, B.shape[1], expert_idx.shape[1]
     plan = _align(expert_idx, E, block_m)
     ids, block_expert, _ = _plan_split(plan, _num_blocks(T * k, E, block_m), block_m)
     ys = torch.empty(T * k, d_out, dtype=x.dtype, device=x.device)  # [T*k, d_out] one row per slot
     if T * k:
-        _fwd_kernel[(block_expert.numel(),)](x, A, B, gates, ys, ids, block_expert, scale, d_in, d_out, r, k,
+        _fwd_kernel[(block_expert.numel(),)](x, A, Bt, gates, ys, ids, block_expert, scale, d_in, d_out, r, k,
                                             **_consts(x, r, block_m, "fwd"))
     y = ys if k == 1 else ys.view(T, k, d_out).sum(1)  # [T, d_out]
     return y, plan
@@ -314,23 +317,25 @@ def _fake_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx:
 def _backward_impl(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                    gates: torch.Tensor, plan: torch.Tensor, scale: float, block_m: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dA, dB, dgates)``: two launches (bwd_dx, bwd_dw), and for k > 1 the sum of dx over slots."""
-    x, A, B, gates = x.contiguous(), A.contiguous(), B.contiguous(), gates.contiguous()
+    """``(dx, dA, dB, dgates)``: two launches (bwd_dx, bwd_dw), and for k > 1 the sum of dx over slots.
+    ``dB`` is rank-major as the layer's ``B`` is (a transposed view), so it accumulates without a copy."""
+    x, A, gates = x.contiguous(), A.contiguous(), gates.contiguous()
+    Bt = B.transpose(1, 2).contiguous()  # [E, r, d_out]
     dy = dy.to(x.dtype).contiguous()
     (T, d_in), (E, r, _), d_out, k = x.shape, A.shape, B.shape[1], expert_idx.shape[1]
     nb = _num_blocks(T * k, E, block_m)
     ids, block_expert, block_start = _plan_split(plan, nb, block_m)
     dxs = torch.empty(T * k, d_in, dtype=x.dtype, device=x.device)  # [T*k, d_in] one row per slot
     dgates = torch.empty_like(gates)  # [T, k]
-    dA, dB = torch.empty_like(A), torch.empty_like(B)
+    dA, dBt = torch.empty_like(A), torch.empty(E, r, d_out, dtype=B.dtype, device=B.device)
     # [NB * BM, RP] gated rank activations of each sorted row, w * x A_e^T and w * dy B_e
     acts = torch.empty(2, nb * block_m, _rank_pad(r), dtype=x.dtype, device=x.device)
     if T * k:
-        _bwd_dx_kernel[(nb,)](x, A, B, gates, dy, ids, block_expert, dxs, dgates, acts[0], acts[1], scale, d_in, d_out,
+        _bwd_dx_kernel[(nb,)](x, A, Bt, gates, dy, ids, block_expert, dxs, dgates, acts[0], acts[1], scale, d_in, d_out,
                               r, k, **_consts(x, r, block_m, "bwd_dx"))
     _bwd_dw_kernel[(E, triton.cdiv(d_in, BLOCK_K) + triton.cdiv(d_out, BLOCK_N))](
-        x, dy, ids, block_start, acts[0], acts[1], dA, dB, d_in, d_out, r, k, **_consts(x, r, block_m, "bwd_dw"))
-    return (dxs if k == 1 else dxs.view(T, k, d_in).sum(1)), dA, dB, dgates
+        x, dy, ids, block_start, acts[0], acts[1], dA, dBt, d_in, d_out, r, k, **_consts(x, r, block_m, "bwd_dw"))
+    return (dxs if k == 1 else dxs.view(T, k, d_in).sum(1)), dA, dBt.transpose(1, 2), dgates
 
 
 @torch.library.custom_op("routing_env::lora_moe_sorted_backward", mutates_args=())
@@ -345,7 +350,8 @@ def lora_moe_sorted_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
 def _fake_backward(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                    gates: torch.Tensor, plan: torch.Tensor, scale: float, block_m: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape), gates.new_empty(gates.shape)  # contiguous
+    dB = B.new_empty(B.shape[0], B.shape[2], B.shape[1]).transpose(1, 2)  # rank-major, as the real one
+    return x.new_empty(x.shape), A.new_empty(A.shape), dB, gates.new_empty(gates.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:

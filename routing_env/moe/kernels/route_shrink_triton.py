@@ -99,8 +99,17 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.device.type != "cuda" and x.dtype != torch.float32
 
 
-def _seed(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=like.device)
+def _seed(seed: torch.Tensor | None, p: float, placeholder: torch.Tensor) -> torch.Tensor:
+    """The seed pointer; without dropout the kernels never read it, so any tensor will do (no allocation
+    and fill, which on a GPU would be one more launch per call)."""
+    if p > 0 and seed is None:
+        raise ValueError("dropout needs a seed tensor (int64 [1]) on the device")
+    return seed if p > 0 else placeholder
+
+
+def _check_offsets(T: int, D: int) -> None:
+    if T * D >= 2**31:  # the dropout draw and the loads index with int32
+        raise ValueError(f"{T} tokens x {D} features is past the int32 offsets of these kernels; split the batch")
 
 
 def route_shrink_triton(x: torch.Tensor, router_w: torch.Tensor, a_flat: torch.Tensor, seed: torch.Tensor | None,
@@ -108,12 +117,13 @@ def route_shrink_triton(x: torch.Tensor, router_w: torch.Tensor, a_flat: torch.T
     x, router_w, a_flat = x.contiguous(), router_w.contiguous(), a_flat.contiguous()
     T, D = x.shape
     E, NR = router_w.shape[0], a_flat.shape[0]
+    _check_offsets(T, D)
     z = torch.empty(T, E + NR, dtype=x.dtype, device=x.device)
     dropout = p > 0
     xd = torch.empty(T if keep_xd and dropout else 0, D, dtype=x.dtype, device=x.device)
     if T:
         grid = (triton.cdiv(T, BM), triton.cdiv(E + NR, BN))
-        _route_shrink[grid](x, router_w, a_flat, z, xd if xd.numel() else z, _seed(seed, x), salt, T, D, E, NR,
+        _route_shrink[grid](x, router_w, a_flat, z, xd if xd.numel() else z, _seed(seed, p, z), salt, T, D, E, NR,
                             float(p), 1.0 / (1.0 - p), DROPOUT=dropout, WRITE_XD=bool(xd.numel()), BM=BM, BN=BN,
                             BK=BK, UPCAST=_upcast(x), num_warps=NUM_WARPS)
     return z, xd
@@ -124,13 +134,14 @@ def adapter_dx_triton(dx: torch.Tensor, dh: torch.Tensor, a_flat: torch.Tensor, 
     if not dx.is_contiguous():
         raise ValueError("adapter_dx accumulates into a contiguous dx")
     T, D = dx.shape
+    _check_offsets(T, D)
     E, NR = router_w.shape[0], a_flat.shape[0]
     dh, a_flat, router_w = dh.contiguous(), a_flat.contiguous(), router_w.contiguous()
     if dlogits.stride(1) != 1:
         dlogits = dlogits.contiguous()
     if T:
         _adapter_dx[(triton.cdiv(T, BM), triton.cdiv(D, BD))](
-            dx, dh, a_flat, dlogits, router_w, _seed(seed, dx), salt, T, D, E, NR, dlogits.stride(0), float(p),
+            dx, dh, a_flat, dlogits, router_w, _seed(seed, p, dx), salt, T, D, E, NR, dlogits.stride(0), float(p),
             1.0 / (1.0 - p), DROPOUT=p > 0, BM=BM, BD=BD, BR=BR, UPCAST=_upcast(dx), num_warps=NUM_WARPS)
 
 
