@@ -27,7 +27,9 @@ no time for, so the first matter most):
    ``train_epoch`` of ``routing_env.training.finetune``, bf16): seconds per epoch (goal: <= 3 s).
 4. ``search``: exhaustive and MCTS routing search questions/s through ``RoutingEnv`` (goal:
    exhaustive >= 300 questions/s).
-5. If time is left: ``fp32`` (evaluation and exhaustive search without autocast, for comparison) and
+5. ``finetune_epoch_graphs``: the epoch of 3 with ``--compile graphs`` (the training step under
+   ``torch.compile``, replayed from CUDA graphs; the first epoch includes the compile).
+6. If time is left: ``fp32`` (evaluation and exhaustive search without autocast, for comparison) and
    ``grouped`` (evaluation with 32 experts of rank 16, where the layers take the sorted kernels).
 
 On the GPU a part (or an anchor) that raises is recorded as its error and the others still run, and
@@ -338,20 +340,21 @@ def eval_part(mini: MiniLM, amp: torch.dtype | None, num_experts: int | None = N
             "goal_met": seq_s >= EVAL_GOAL_SEQ_S, "dev_accuracy_untrained": res.accuracy}
 
 
-def finetune_epoch_part(mini: MiniLM) -> dict:
+def finetune_epoch_part(mini: MiniLM, compile_mode: str = "none") -> dict:
     """``finetune.py``'s training epochs, through its own code: ``train`` of ``routing_env.training.finetune``
     step by step (``set_up``, ``build_model_and_targets``, ``build_optimiser``, ``resume``,
     ``start_training``), then ``train_epoch`` timed for each of its two default epochs, the first with the
     kernels' compile and autotuning, the second warm. Not timed: the dev evaluation and checkpoint after
     each epoch and the final test (``evaluate_and_checkpoint`` / ``test_and_report``; ``eval`` times
-    evaluation)."""
+    evaluation). ``compile_mode``: ``finetune --compile`` (``graphs``: the step replayed as CUDA graphs)."""
     from routing_env.common.distributed import DistContext
     from routing_env.training import finetune as ft
 
     with tempfile.TemporaryDirectory() as tmp:
         limits = {"train_limit": 6, "eval_limit": 2, "batch_size": 2} if mini.dry else {"eval_limit": 8}
         cfg = ft.Config(method="lora-moe", task="arc-easy", epochs=2, precision="bf16", data_dir=mini.data_dir,
-                        logdir=tmp, resume=False, eval_test=False, device=str(mini.device), **limits)
+                        logdir=tmp, resume=False, eval_test=False, device=str(mini.device), compile=compile_mode,
+                        **limits)
         source = ft.check_config(cfg)
         t0 = time.perf_counter()
         run = ft.set_up(cfg, source, "bench", Path(tmp) / "bench", DistContext())
@@ -373,7 +376,7 @@ def finetune_epoch_part(mini: MiniLM) -> dict:
     return {"timed": "routing_env.training.finetune.train_epoch per epoch after set_up/build_model_and_targets/"
                      "build_optimiser/resume/start_training (no dev evaluation, checkpoint or test)",
             "train_questions": n, "batch_size": cfg.batch_size, "steps_per_epoch": run.steps_per_epoch,
-            "precision": cfg.precision, "setup_s": setup_s, "epoch_s": epochs, "first_epoch_s": epochs[0],
+            "precision": cfg.precision, "compile": compile_mode, "setup_s": setup_s, "epoch_s": epochs, "first_epoch_s": epochs[0],
             "warm_epoch_s": epochs[-1], "train_questions_per_s": n / epochs[-1], "goal_epoch_s": EPOCH_GOAL_S,
             "goal_met": epochs[-1] <= EPOCH_GOAL_S}
 
@@ -425,7 +428,8 @@ def main() -> None:
                     help="skip the parts (and anchors) whose estimate would end after this many seconds "
                          "(not in --dry, which runs every part)")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated parts to run (default: all): ops, eval, finetune_epoch, search, fp32, grouped")
+                    help="comma-separated parts to run (default: all): ops, eval, finetune_epoch, search, "
+                         "finetune_epoch_graphs, fp32, grouped")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.dry:
@@ -444,6 +448,8 @@ def main() -> None:
              ("eval", 25, lambda: eval_part(mini, torch.bfloat16)),
              ("finetune_epoch", 40, lambda: finetune_epoch_part(mini)),
              ("search", 25, lambda: search_part(mini, "bf16")),
+             # The step under torch.compile replaying CUDA graphs (a dry run only traces it: no inductor in CI).
+             ("finetune_epoch_graphs", 90, lambda: finetune_epoch_part(mini, "trace" if args.dry else "graphs")),
              ("fp32", 20, lambda: {"eval": eval_part(mini, None), "search": search_part(mini, "fp32", ("exhaustive",))}),
              ("grouped", 20, lambda: grouped_part(mini))]
     # On a CPU the layers keep their composite form unless told otherwise; the dry run forces the fused
@@ -473,7 +479,7 @@ def main() -> None:
         **{f"ops {(row['T'], row['d'], row['r'], row['E'], row['k'])} {row['regime']}": row["goal_met"]
            for row in result.get("ops", []) if "goal_met" in row},
         **{part: result[part]["goal_met"] if part in result else None
-           for part in ("eval", "finetune_epoch", "search")}}
+           for part in ("eval", "finetune_epoch", "finetune_epoch_graphs", "search")}}
     result["wall_s"] = budget.elapsed()
     report(result, args.out, indent=1)
 

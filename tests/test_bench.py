@@ -54,7 +54,8 @@ def test_gpu_benchmark_dry_mode_runs_every_part(tmp_path, data_dir):
                for p in ("fwd", "fwd_bwd"))
     for ev in (res["eval"], res["fp32"]["eval"], res["grouped"]["eval"]):
         assert ev["eval_sequences_per_s"] > 0 and ev["eval_sequences_per_s_with_tokenising"] > 0 and ev["sequences"] > 0
-    ft = res["finetune_epoch"]
-    assert len(ft["epoch_s"]) == 2 and min(ft["epoch_s"]) > 0 and ft["steps_per_epoch"] > 0
+    for ft in (res["finetune_epoch"], res["finetune_epoch_graphs"]):
+        assert len(ft["epoch_s"]) == 2 and min(ft["epoch_s"]) > 0 and ft["steps_per_epoch"] > 0
+    assert res["finetune_epoch_graphs"]["compile"] == "trace"  # a dry run traces the step; the GPU replays graphs
     assert res["search"]["mcts_questions_per_s"] > 0 and res["search"]["exhaustive_questions_per_s"] > 0
     assert res["fp32"]["search"]["exhaustive_questions_per_s"] > 0

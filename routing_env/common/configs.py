@@ -50,6 +50,8 @@ __all__ = ["FinetuneConfig", "PipelineConfig", "CompareConfig", "TaskData", "Dat
 
 #: ``--precision`` values (routing_env.common.utils.autocast_dtype maps them to a dtype)
 PRECISIONS = ("auto", "fp32", "bf16")
+#: finetune --compile: how the training forward and backward run (routing_env.training.finetune.compile_net)
+COMPILE_MODES = ("none", "default", "graphs", "trace")
 #: built-in task names (routing_env.data.task_names())
 TASK_NAMES = ("arc-easy", "arc-challenge", "obqa", "race", "mix4")
 #: fine-tune methods of stage 1 (routing_env.moe.METHODS); finetune also takes "layermoe" (stage 3)
@@ -242,6 +244,10 @@ class FinetuneConfig(RunSettings, Stage3Settings, AdapterDetails, LayerGroups, M
                              "does); false starts again, overwriting it")
     eval_test: bool = cfg_field(True, "score the test split at the end (ablations select on dev and leave it unread)")
     log_every: int = cfg_field(1, "optimiser steps between TensorBoard loss points")
+    compile: str = cfg_field("none", "torch.compile the training forward and backward, batch widths bucketed to 32 "
+                             "tokens: none; default (inductor); graphs (inductor replaying CUDA graphs, for a GPU); "
+                             "trace (traced but run eagerly: a check). Under inductor the adapters' dropout draws "
+                             "other masks, so it is a setting of the run", choices=COMPILE_MODES)
 
 
 @dataclass

@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from routing_env.common.configs import ROUTE_LOSS_GRADS
+from routing_env.common.configs import COMPILE_MODES, ROUTE_LOSS_GRADS
 from routing_env.common.configs import FinetuneConfig as Config  # the settings, torch-free for the command line
 from routing_env.data import MCBatch, TaskSource, describe_split, move, resolve_task
 from routing_env.common.distributed import DistContext, NullWriter, setup
 from routing_env.training.evaluation import encode_split, evaluate, iterate_indices
+from routing_env.training.graphs import compile_net
 from routing_env.moe.balancing import make_strategy
 from routing_env.moe import (MoEConfig, RoutingPlan, RoutingRecorder, build_model, load_checkpoint, model_fingerprint,
                              moe_layers, save_checkpoint)
@@ -99,6 +100,8 @@ def check_config(cfg: Config) -> TaskSource:
     make_strategy(cfg.balance)  # an unknown --balance or a clash, before any work
     if not cfg.lr > 0 or not np.isfinite(cfg.lr):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"unknown --compile {cfg.compile!r}; valid: {', '.join(COMPILE_MODES)}")
     if cfg.route_loss_grad not in ROUTE_LOSS_GRADS:
         raise ValueError(f"--route-loss-grad {cfg.route_loss_grad!r} is not one of {', '.join(ROUTE_LOSS_GRADS)}")
     if cfg.method == "layermoe" and (not cfg.init_checkpoint or not cfg.targets):
@@ -158,7 +161,8 @@ class Run:
     t_start: float
     data: dict[str, list] = field(default_factory=dict)  # "train", "dev", "test" examples
     model: Any = None  # the MCModel
-    net: Any = None  # the model, or its DDP wrapper (what the training forward calls)
+    net: Any = None  # the model, or its DDP wrapper, compiled under --compile (what the training forward calls)
+    width_multiple: int = 1  # training batches' widths rounded up to a multiple of it (--compile: few shapes)
     tokenizer: Any = None
     encoded: dict[str, Any] = field(default_factory=dict)  # split -> its EncodedSplit (tokenised once, at set-up)
     params: list = field(default_factory=list)  # the trainable parameters
@@ -351,6 +355,8 @@ def start_training(run: Run) -> None:
     run.net = model
     if run.ctx.world > 1:
         run.net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    run.net, run.width_multiple = compile_net(run.net, cfg.compile)
+
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -390,7 +396,7 @@ def train_step(run: Run, global_idx: np.ndarray, epoch: int, forcing_rng: np.ran
     In between, the previous step's values are read, checked and logged (``step.finish_step``), so
     this returns the previous step's task loss (mean over the ranks; None at an epoch's first step)."""
     cfg, ctx, model = run.cfg, run.ctx, run.model
-    batch = run.encoded["train"].batch(global_idx[ctx.rank :: ctx.world])
+    batch = run.encoded["train"].batch(global_idx[ctx.rank :: ctx.world], width_multiple=run.width_multiple)
     plan = step_plan(run, batch, len(batch), forcing_rng)
     with model.routed(plan) as rec, autocast(run.device, run.amp):
         logits = run.net(batch).float()  # [B, C]

@@ -17,6 +17,10 @@ the parameters where they live: training in place between evaluations needs no n
 
 The outputs are the graph's own buffers, overwritten by the next replay: use them (or copy them)
 before calling again. ``capture=False`` runs the same bookkeeping eagerly (any device; the tests).
+
+The training step (``finetune --compile``, ``compile_net``) goes through ``torch.compile`` instead:
+its backward and the recorder's statistics make a hand-captured graph fragile, and PyTorch's
+``reduce-overhead`` mode captures the compiled forward and backward as CUDA graphs itself.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import RoutingPlan
 
-__all__ = ["BUCKET", "GraphedForward", "graphed_forward"]
+__all__ = ["BUCKET", "GraphedForward", "compile_net", "graphed_forward"]
 
 BUCKET = 32  # width multiple of a captured batch: MiniLM's 128-token rows give at most four widths
 
@@ -95,3 +99,14 @@ def graphed_forward(model: MCModel, amp_dtype: torch.dtype | None, capture: bool
         cached.clear()
         cached[key] = GraphedForward(model, amp_dtype, capture)
     return cached[key]
+
+
+def compile_net(net: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, int]:
+    """``(net, width multiple of a training batch)`` for ``finetune --compile``: ``torch.compile`` with batch
+    widths bucketed to ``BUCKET`` tokens, so a split needs a few shapes. ``graphs`` replays CUDA graphs
+    (PyTorch's ``reduce-overhead``: the Python that issues a step's launches runs once per shape);
+    ``trace`` traces forward and backward but runs them eagerly (a check that nothing breaks the graph)."""
+    if mode == "none":
+        return net, 1
+    options = {"default": {}, "graphs": {"mode": "reduce-overhead"}, "trace": {"backend": "aot_eager"}}[mode]
+    return torch.compile(net, **options), BUCKET
