@@ -13,7 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cubin_usage"]
+__all__ = ["cubin_usage", "signature"]
+
+
+def signature(fn: Any, constexprs: dict[str, Any], dtype: str, pointers: dict[str, str] | None = None,
+              floats: tuple[str, ...] = ()) -> dict[str, str]:
+    """The compile signature of ``fn``'s arguments, in order: ``constexpr`` for ``constexprs``; a pointer to
+    ``dtype`` for a ``*_ptr`` argument (or to ``pointers[name]``); ``fp32`` for ``floats``; else ``i32``."""
+    pointers = pointers or {}
+    return {a: "constexpr" if a in constexprs else "*" + pointers.get(a, dtype) if a.endswith("_ptr")
+            else "fp32" if a in floats else "i32" for a in fn.arg_names}
 
 
 def cubin_usage(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], arch: int = 90,

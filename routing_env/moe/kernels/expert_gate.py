@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from routing_env.moe.kernels.backend import GATE_BLOCK, triton_enabled
+from routing_env.moe.kernels.backend import GATE_BLOCK, use_triton
 
 __all__ = ["BLOCK_T", "block_sums", "expert_gate", "expert_gate_backward", "expert_gate_reference", "gate_values"]
 
@@ -66,17 +66,13 @@ def block_sums(v: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(v, (0, 0, 0, blocks * BLOCK_T - T)).view(blocks, BLOCK_T, -1).sum(1)
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_enabled()
-
-
 @torch.library.custom_op("routing_env::expert_gate", mutates_args=("loads",))
 def expert_gate(logits: torch.Tensor, h: torch.Tensor, bias: Optional[torch.Tensor], w: Optional[torch.Tensor],
                 loads: Optional[torch.Tensor], top_k: int, renorm: bool, scale: float, stats: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hg [T, E*r] like h, pc [T, 2E] fp32, block stats [num_blocks, 2E] fp32 (empty unless ``stats``))``;
     one kernel on CUDA. See the module docstring."""
-    if _triton(h):
+    if use_triton(h):
         from routing_env.moe.kernels.expert_gate_triton import gate_forward_triton
 
         return gate_forward_triton(logits, h, bias, w, loads, top_k, renorm, scale, stats)
@@ -104,7 +100,7 @@ def expert_gate_backward(dhg: torch.Tensor, h: torch.Tensor, pc: torch.Tensor, d
     """``(dlogits [T, E], dh [T, E*r])`` from ``dhg``, the gradient of the probabilities ``dprobs [T, E]``
     and that of the block statistics ``dstats [num_blocks, 2E]`` (its probability half; rows may be a
     broadcast, stride 0); one kernel on CUDA."""
-    if _triton(h):
+    if use_triton(h):
         from routing_env.moe.kernels.expert_gate_triton import gate_backward_triton
 
         return gate_backward_triton(dhg, h, pc, dprobs, w, dstats, renorm, scale, logit_dtype)

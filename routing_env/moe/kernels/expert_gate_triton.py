@@ -181,7 +181,8 @@ def gate_backward_triton(dhg: torch.Tensor, h: torch.Tensor, pc: torch.Tensor, d
         _gate_bwd[(triton.cdiv(T, BLOCK_T),)](
             dhg.contiguous(), h, pc, dprobs if dprobs is not None else pc, w if has_ds else pc,
             dstats if has_ds else pc, dlogits, dh, T, E, R, h.stride(0), dprobs.stride(0) if dprobs is not None else E,
-            dstats.stride(0) if has_ds else 0, float(scale), HAS_DPROBS=dprobs is not None, HAS_DSTATS=has_ds, RENORM=renorm, EP=_pow2(E), RP=_pow2(R), BT=BLOCK_T)
+            dstats.stride(0) if has_ds else 0, float(scale), HAS_DPROBS=dprobs is not None, HAS_DSTATS=has_ds,
+            RENORM=renorm, EP=_pow2(E), RP=_pow2(R), BT=BLOCK_T)
     return dlogits, dh
 
 
@@ -192,20 +193,11 @@ def compile_report(kernel: str, dtype: str = "bf16", experts: int = 16, rank: in
 
     Needs Triton not in interpreter mode (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
     """
-    from routing_env.moe.kernels.aot import cubin_usage
+    from routing_env.moe.kernels.aot import cubin_usage, signature
 
     fn = {"gate_fwd": _gate_fwd, "gate_bwd": _gate_bwd}[kernel]
-    common = {"RENORM": True, "EP": _pow2(experts), "RP": _pow2(rank), "BT": BLOCK_T}
-    if kernel == "gate_fwd":
-        ptrs = {"logit_ptr": dtype, "h_ptr": dtype, "bias_ptr": "fp32", "w_ptr": "fp32", "loads_ptr": "fp64",
-                "stats_ptr": "fp32", "hg_ptr": dtype, "pc_ptr": "fp32"}
-        ints = ("T", "E", "R", "ROWS_PER_BIAS", "STRIDE_L", "STRIDE_H")
-        consts = {"HAS_BIAS": True, "HAS_LOADS": True, "HAS_STATS": True, "TOP_K": 2} | common
-    else:
-        ptrs = {"dhg_ptr": dtype, "h_ptr": dtype, "pc_ptr": "fp32", "dprobs_ptr": "fp32", "w_ptr": "fp32",
-                "dstats_ptr": "fp32", "dlogit_ptr": dtype, "dh_ptr": dtype}
-        ints = ("T", "E", "R", "STRIDE_H", "STRIDE_DP", "STRIDE_DS")
-        consts = {"HAS_DPROBS": True, "HAS_DSTATS": True} | common
-    signature = {k: "*" + v for k, v in ptrs.items()} | {k: "i32" for k in ints} | {"scale": "fp32"} | \
-        {k: "constexpr" for k in consts}
-    return cubin_usage(fn, signature, consts, arch)
+    consts = {"RENORM": True, "EP": _pow2(experts), "RP": _pow2(rank), "BT": BLOCK_T}
+    consts |= {"HAS_BIAS": True, "HAS_LOADS": True, "HAS_STATS": True, "TOP_K": 2} if kernel == "gate_fwd" else \
+        {"HAS_DPROBS": True, "HAS_DSTATS": True}
+    fp32 = {n: "fp32" for n in ("bias_ptr", "w_ptr", "stats_ptr", "pc_ptr", "dprobs_ptr", "dstats_ptr")}
+    return cubin_usage(fn, signature(fn, consts, dtype, fp32 | {"loads_ptr": "fp64"}, ("scale",)), consts, arch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from routing_env.moe.kernels.backend import triton_enabled
+from routing_env.moe.kernels.backend import triton_enabled, use_triton
 from routing_env.moe.kernels.lowrank import use_lowrank
 
 __all__ = ["lora_moe", "lora_moe_reference", "lora_moe_lowrank", "lora_moe_naive", "triton_enabled", "use_lowrank"]
@@ -96,7 +96,7 @@ def lora_moe(
     E, r, d_in = A.shape
     if use_lowrank(E, r, d_in, x.device, x.dtype):
         return lora_moe_lowrank(x, A, B, expert_idx, gates, scale)
-    if x.is_cuda and triton_enabled():
+    if use_triton(x):
         from routing_env.moe.kernels.lora_moe_triton import lora_moe_triton  # imports triton: GPU path only
 
         return lora_moe_triton(x, A, B, expert_idx, gates, scale)

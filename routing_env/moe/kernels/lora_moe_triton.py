@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from routing_env.moe.kernels.backend import interpreter_upcast
+
 __all__ = ["BLOCK_M", "KERNELS", "align_assignments", "compile_report", "lora_moe_sorted", "lora_moe_triton"]
 
 BLOCK_M = 64  # assignments per program of fwd / bwd_dx (tl.dot needs >= 16)
@@ -275,11 +277,7 @@ def _rank_pad(r: int) -> int:
 def _consts(x: torch.Tensor, r: int, block_m: int, kernel: str) -> dict[str, object]:
     # fp32: "ieee", exact as the reference; for bf16 the precision flag is unused.
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    # Off the GPU the kernels run in Triton's interpreter, whose tl.dot on bf16 operands is wrong
-    # (measured: error 2.5e10 on a 16 x 16 product, triton 3.9); there the dots run in fp32 on the
-    # bf16 values. On the GPU bf16 operands go to the tensor cores as they are.
-    upcast = x.device.type != "cuda" and x.dtype != torch.float32
-    return {"BM": block_m, "BK": BLOCK_K, "BN": BLOCK_N, "RP": _rank_pad(r), "PREC": prec, "UPCAST": upcast,
+    return {"BM": block_m, "BK": BLOCK_K, "BN": BLOCK_N, "RP": _rank_pad(r), "PREC": prec, "UPCAST": interpreter_upcast(x),
             "num_warps": NUM_WARPS[kernel]}
 
 
@@ -385,12 +383,11 @@ def compile_report(kernel: str, dtype: str = "bf16", rank_pad: int = 16, arch: i
     Triton. ``align`` depends on ``num_experts`` only. Needs Triton not in interpreter mode
     (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
     """
-    from routing_env.moe.kernels.aot import cubin_usage
+    from routing_env.moe.kernels.aot import cubin_usage, signature
 
     fn = {"align": _align_kernel, "fwd": _fwd_kernel, "bwd_dx": _bwd_dx_kernel, "bwd_dw": _bwd_dw_kernel}[kernel]
     consts: dict[str, object] = {"BM": BLOCK_M} | (_align_params(num_experts) if kernel == "align" else {
         "BK": BLOCK_K, "BN": BLOCK_N, "RP": rank_pad, "PREC": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False})
-    index_ptrs = {"eid_ptr": "*i64", "ids_ptr": "*i32", "bexp_ptr": "*i32", "bstart_ptr": "*i32"}
-    signature = {a: "constexpr" if a in consts else index_ptrs.get(a, "*" + dtype) if a.endswith("_ptr")
-                 else "fp32" if a == "scale" else "i32" for a in fn.arg_names}
-    return cubin_usage(fn, signature, consts, arch, num_warps=NUM_WARPS[kernel])
+    index_ptrs = {"eid_ptr": "i64", "ids_ptr": "i32", "bexp_ptr": "i32", "bstart_ptr": "i32"}
+    return cubin_usage(fn, signature(fn, consts, dtype, index_ptrs, ("scale",)), consts, arch,
+                       num_warps=NUM_WARPS[kernel])

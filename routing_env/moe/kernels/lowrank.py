@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from routing_env.moe.kernels.backend import fused_enabled, fused_everywhere
 from routing_env.moe.kernels.expert_gate import expert_gate, expert_gate_backward
 from routing_env.moe.kernels.route_shrink import adapter_dx, route_shrink
 
-__all__ = ["LowRankExperts", "fused_everywhere", "fused_enabled", "lowrank_experts", "use_lowrank"]
+__all__ = ["LowRankExperts", "lowrank_experts", "use_lowrank"]
 
 #: Largest ``E * r`` for which the all-experts form is taken on a GPU, by element size. Its two thin GEMMs
 #: do about ``E r`` FLOP per byte of ``x`` in bf16 (``E r / 2`` in fp32); they stay memory-bound, so

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from routing_env.moe.kernels.backend import triton_enabled
+from routing_env.moe.kernels.backend import use_triton
 
 __all__ = ["adapter_dx", "adapter_dx_reference", "dropout_keep", "route_shrink", "route_shrink_reference"]
 
@@ -46,16 +46,12 @@ def adapter_dx_reference(dh: torch.Tensor, a_flat: torch.Tensor, dlogits: torch.
     return da + dlogits.float() @ router_w.float()
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_enabled()
-
-
 @torch.library.custom_op("routing_env::route_shrink", mutates_args=())
 def route_shrink(x: torch.Tensor, router_w: torch.Tensor, a_flat: torch.Tensor, seed: Optional[torch.Tensor], salt: int,
                  p: float, keep_xd: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z [T, E + E*r], xd [T, d] or [0, d])``: router logits and down-projections of dropout(x) in one
     pass over ``x``; ``seed`` (int64 ``[1]``) is needed when ``p > 0``. See the module docstring."""
-    if _triton(x):
+    if use_triton(x):
         from routing_env.moe.kernels.route_shrink_triton import route_shrink_triton
 
         return route_shrink_triton(x, router_w, a_flat, seed, salt, p, keep_xd)
@@ -75,7 +71,7 @@ def _(x, router_w, a_flat, seed, salt, p, keep_xd):
 def adapter_dx(dx: torch.Tensor, dh: torch.Tensor, a_flat: torch.Tensor, dlogits: torch.Tensor, router_w: torch.Tensor,
                seed: Optional[torch.Tensor], salt: int, p: float) -> None:
     """``dx += dropout'(dh @ A) + dlogits @ Wr`` in place (the mask of ``route_shrink`` with the same seed)."""
-    if _triton(dx):
+    if use_triton(dx):
         from routing_env.moe.kernels.route_shrink_triton import adapter_dx_triton
 
         adapter_dx_triton(dx, dh, a_flat, dlogits, router_w, seed, salt, p)

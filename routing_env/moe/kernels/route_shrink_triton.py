@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from routing_env.moe.kernels.backend import interpreter_upcast
+
 __all__ = ["KERNELS", "adapter_dx_triton", "compile_report", "route_shrink_triton"]
 
 KERNELS = ("route_shrink", "adapter_dx")
@@ -94,11 +96,6 @@ def _adapter_dx(dx_ptr, dh_ptr, a_ptr, dl_ptr, wr_ptr, seed_ptr, salt, T, D, E, 
     tl.store(at, (tl.load(at, mask=both, other=0.0).to(tl.float32) + acc).to(dx_ptr.dtype.element_ty), mask=both)
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    # Off the GPU the kernels run in Triton's interpreter, whose bf16 tl.dot is wrong: dots in fp32 there.
-    return x.device.type != "cuda" and x.dtype != torch.float32
-
-
 def _seed(seed: torch.Tensor | None, p: float, placeholder: torch.Tensor) -> torch.Tensor:
     """The seed pointer; without dropout the kernels never read it, so any tensor will do (no allocation
     and fill, which on a GPU would be one more launch per call)."""
@@ -125,7 +122,7 @@ def route_shrink_triton(x: torch.Tensor, router_w: torch.Tensor, a_flat: torch.T
         grid = (triton.cdiv(T, BM), triton.cdiv(E + NR, BN))
         _route_shrink[grid](x, router_w, a_flat, z, xd if xd.numel() else z, _seed(seed, p, z), salt, T, D, E, NR,
                             float(p), 1.0 / (1.0 - p), DROPOUT=dropout, WRITE_XD=bool(xd.numel()), BM=BM, BN=BN,
-                            BK=BK, UPCAST=_upcast(x), num_warps=NUM_WARPS)
+                            BK=BK, UPCAST=interpreter_upcast(x), num_warps=NUM_WARPS)
     return z, xd
 
 
@@ -142,7 +139,7 @@ def adapter_dx_triton(dx: torch.Tensor, dh: torch.Tensor, a_flat: torch.Tensor, 
     if T:
         _adapter_dx[(triton.cdiv(T, BM), triton.cdiv(D, BD))](
             dx, dh, a_flat, dlogits, router_w, _seed(seed, p, dx), salt, T, D, E, NR, dlogits.stride(0), float(p),
-            1.0 / (1.0 - p), DROPOUT=p > 0, BM=BM, BD=BD, BR=BR, UPCAST=_upcast(dx), num_warps=NUM_WARPS)
+            1.0 / (1.0 - p), DROPOUT=p > 0, BM=BM, BD=BD, BR=BR, UPCAST=interpreter_upcast(dx), num_warps=NUM_WARPS)
 
 
 def compile_report(kernel: str, dtype: str = "bf16", arch: int = 90) -> dict[str, int]:
@@ -150,18 +147,10 @@ def compile_report(kernel: str, dtype: str = "bf16", arch: int = 90) -> dict[str
 
     Needs Triton not in interpreter mode (``TRITON_INTERPRET`` unset or 0 when Triton is first imported).
     """
-    from routing_env.moe.kernels.aot import cubin_usage
+    from routing_env.moe.kernels.aot import cubin_usage, signature
 
-    if kernel == "route_shrink":
-        fn, ptrs = _route_shrink, {"x_ptr": dtype, "wr_ptr": dtype, "a_ptr": dtype, "z_ptr": dtype, "xd_ptr": dtype,
-                                   "seed_ptr": "i64"}
-        ints = ("salt", "T", "D", "E", "NR")
-        consts = {"DROPOUT": True, "WRITE_XD": True, "BM": BM, "BN": BN, "BK": BK, "UPCAST": False}
-    else:
-        fn, ptrs = _adapter_dx, {"dx_ptr": dtype, "dh_ptr": dtype, "a_ptr": dtype, "dl_ptr": dtype, "wr_ptr": dtype,
-                                 "seed_ptr": "i64"}
-        ints = ("salt", "T", "D", "E", "NR", "STRIDE_DL")
-        consts = {"DROPOUT": True, "BM": BM, "BD": BD, "BR": BR, "UPCAST": False}
-    signature = {k: "*" + v for k, v in ptrs.items()} | {k: "i32" for k in ints} | \
-        {"p": "fp32", "inv_keep": "fp32"} | {k: "constexpr" for k in consts}
-    return cubin_usage(fn, signature, consts, arch, num_warps=NUM_WARPS)
+    fn = {"route_shrink": _route_shrink, "adapter_dx": _adapter_dx}[kernel]
+    consts = {"DROPOUT": True, "WRITE_XD": True, "BM": BM, "BN": BN, "BK": BK, "UPCAST": False} \
+        if kernel == "route_shrink" else {"DROPOUT": True, "BM": BM, "BD": BD, "BR": BR, "UPCAST": False}
+    sig = signature(fn, consts, dtype, {"seed_ptr": "i64"}, ("p", "inv_keep"))
+    return cubin_usage(fn, sig, consts, arch, num_warps=NUM_WARPS)
