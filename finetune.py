@@ -3,10 +3,6 @@ process-supervised fine-tune (stage 3).
 
     python finetune.py --task arc-easy --method lora-moe --epochs 2
     python finetune.py --task arc-easy --method layermoe --init-checkpoint runs/w/final --targets targets.jsonl
-
-Reads top to bottom like the algorithm: set-up, data, model (fresh adapters, or for ``layermoe`` the
-warm-up checkpoint and its routing targets), then epochs of (train, evaluate on dev, checkpoint), and
-a final test evaluation written to ``runs/<name>/results.json``.
 """
 
 from __future__ import annotations

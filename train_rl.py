@@ -3,11 +3,6 @@
     python train_rl.py --env layermoe-arc                     # MCTS on the cached warm-up checkpoint
     python train_rl.py --env layermoe-arc --agent ppo
     python train_rl.py --env layermoe-arc --agent my_module:MyAgent
-
-Reads top to bottom like the algorithm: set-up (env on the warm-up checkpoint, agent, targets file,
-resuming finished examples), optional agent training (PPO), then the search over training examples
-in batches (targets written after each batch, TensorBoard as it goes), and a summary comparing the
-searched paths with the learned router's own greedy paths on the same examples.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ no time for, so the first matter most):
    for reference, the sorted PyTorch reference and the per-expert loop of MoLA/MixLoRA-style code.
 2. ``eval``: MiniLM-L6 LoRA-MoE (``finetune.py``'s default adapters) evaluating the ARC-Easy dev split
    through ``routing_env.training.evaluation.evaluate`` in bf16: sequences/s (goal: >= 50,000).
-3. ``finetune_epoch``: ``finetune.py``'s own training epoch on ARC-Easy (its code: ``set_up`` ...
+3. ``finetune_epoch``: ``finetune.py``'s own training epoch on ARC-Easy (its code: ``prepare``, then
    ``train_epoch`` of ``routing_env.training.finetune``, bf16): seconds per epoch (goal: <= 3 s).
 4. ``search``: exhaustive and MCTS routing search questions/s through ``RoutingEnv`` (goal:
    exhaustive >= 300 questions/s).
@@ -342,9 +342,8 @@ def eval_part(mini: MiniLM, amp: torch.dtype | None, num_experts: int | None = N
 
 def finetune_epoch_part(mini: MiniLM, compile_mode: str = "none") -> dict:
     """``finetune.py``'s training epochs, through its own code: ``train`` of ``routing_env.training.finetune``
-    step by step (``set_up``, ``build_model_and_targets``, ``build_optimiser``, ``resume``,
-    ``start_training``), then ``train_epoch`` timed for each of its two default epochs, the first with the
-    kernels' compile and autotuning, the second warm. Not timed: the dev evaluation and checkpoint after
+    step by step (``prepare``: set-up, model, optimiser, resume, wrapper), then ``train_epoch`` timed for
+    each of its two default epochs, the first with the kernels' compile and autotuning, the second warm. Not timed: the dev evaluation and checkpoint after
     each epoch and the final test (``evaluate_and_checkpoint`` / ``test_and_report``; ``eval`` times
     evaluation). ``compile_mode``: ``finetune --compile`` (``graphs``: the step replayed as CUDA graphs)."""
     from routing_env.common.distributed import DistContext
@@ -357,11 +356,7 @@ def finetune_epoch_part(mini: MiniLM, compile_mode: str = "none") -> dict:
                         **limits)
         source = ft.check_config(cfg)
         t0 = time.perf_counter()
-        run = ft.set_up(cfg, source, "bench", Path(tmp) / "bench", DistContext())
-        ft.build_model_and_targets(run)
-        ft.build_optimiser(run)
-        ft.resume(run)
-        ft.start_training(run)
+        run = ft.prepare(cfg, source, "bench", Path(tmp) / "bench", DistContext())
         mini.sync()
         setup_s = time.perf_counter() - t0
         epochs = []
@@ -373,8 +368,8 @@ def finetune_epoch_part(mini: MiniLM, compile_mode: str = "none") -> dict:
             epochs.append(time.perf_counter() - t0)
         run.writer.close()
     n = len(run.data["train"])
-    return {"timed": "routing_env.training.finetune.train_epoch per epoch after set_up/build_model_and_targets/"
-                     "build_optimiser/resume/start_training (no dev evaluation, checkpoint or test)",
+    return {"timed": "routing_env.training.finetune.train_epoch per epoch after prepare "
+                     "(no dev evaluation, checkpoint or test)",
             "train_questions": n, "batch_size": cfg.batch_size, "steps_per_epoch": run.steps_per_epoch,
             "precision": cfg.precision, "compile": compile_mode, "setup_s": setup_s, "epoch_s": epochs, "first_epoch_s": epochs[0],
             "warm_epoch_s": epochs[-1], "train_questions_per_s": n / epochs[-1], "goal_epoch_s": EPOCH_GOAL_S,

@@ -74,11 +74,7 @@ def train_step(fused: bool, batch_size: int, data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, fused_everywhere() if fused else contextlib.nullcontext():
         cfg = finetune.Config(method="lora-moe", task="arc-easy", data_dir=data_dir, epochs=1, batch_size=batch_size,
                               train_limit=2 * batch_size, eval_limit=4, device="cpu", logdir=tmp, seed=0)
-        source = finetune.check_config(cfg)
-        run = finetune.set_up(cfg, source, "ops", Path(tmp) / "run", finetune.DistContext())
-        finetune.build_model_and_targets(run)
-        finetune.build_optimiser(run)
-        finetune.start_training(run)
+        run = finetune.prepare(cfg, finetune.check_config(cfg), "ops", Path(tmp) / "run", finetune.DistContext())
         run.model.train()
         run.model.one_pass = True
         rng, curve = np.random.default_rng(0), finetune.EpochCurve(run.device)

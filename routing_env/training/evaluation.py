@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from routing_env.moe.backbone import MCModel
 from routing_env.moe.layer import LoRAMoELinear
 from routing_env.moe.routing import LayerStats, RoutingPlan, RoutingRecorder, load_stats
 from routing_env.common.utils import autocast
-from routing_env.training.graphs import BUCKET, GraphedForward, graphed_forward
+from routing_env.training.graphs import BUCKET, graphed_forward
 
 __all__ = ["EvalResult", "evaluate", "batch_encoder", "encode_split", "iterate_batches", "iterate_indices",
            "layer_load_stats"]
@@ -106,22 +106,16 @@ def layer_load_stats(model: MCModel, recorder: RoutingRecorder) -> dict[int, Lay
 
     A layer's modules share one routing decision structure (same experts), so their counts are summed.
     """
+    return _layer_stats(model, recorder.loads)
+
+
+def _layer_stats(model: MCModel, loads: Mapping[str, torch.Tensor]) -> dict[int, LayerStats]:
+    """``layer_load_stats`` of expert counts by module name (a recorder's, or a ``GraphedForward``'s)."""
     per_layer: dict[int, torch.Tensor] = {}
     for m in model.modules():
-        if isinstance(m, LoRAMoELinear) and m.name in recorder.loads:
-            c = recorder.loads[m.name]
+        if isinstance(m, LoRAMoELinear) and m.name in loads:
+            c = loads[m.name]
             per_layer[m.layer] = c if m.layer not in per_layer else per_layer[m.layer] + c
-    return {layer: load_stats(c) for layer, c in sorted(per_layer.items())}
-
-
-def _graph_load_stats(forward: GraphedForward, total: torch.Tensor | None) -> dict[int, LayerStats]:
-    """``layer_load_stats`` of the ``[M, E]`` loads a ``GraphedForward`` returned, summed over batches."""
-    if total is None:
-        return {}
-    per_layer: dict[int, torch.Tensor] = {}
-    for m, counts in zip(forward.layers, total):
-        c = counts[: m.num_experts]
-        per_layer[m.layer] = c if m.layer not in per_layer else per_layer[m.layer] + c
     return {layer: load_stats(c) for layer, c in sorted(per_layer.items())}
 
 
@@ -178,7 +172,7 @@ def evaluate(
                 losses.append(F.cross_entropy(logits, batch.labels, reduction="sum"))
                 preds.append(torch.stack([logits.argmax(dim=1), batch.labels]))  # [2, B]
                 logps.append(F.log_softmax(logits, dim=1))  # [B, C_batch]; padded choices stay -inf
-        stats = layer_load_stats(model, rec) if forward is None else _graph_load_stats(forward, total)
+        stats = _layer_stats(model, rec.loads if forward is None else forward.by_module(total))
     finally:
         model.train(was_training)
     n = len(examples)

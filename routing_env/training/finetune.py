@@ -220,11 +220,7 @@ class StepLosses:
 def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext = DistContext()) -> dict:
     """The run itself (``main`` has checked ``cfg`` and holds ``run_dir``): set-up, model, resume, then
     per epoch one pass over the training set and (rank 0) a dev evaluation and checkpoint; a test last."""
-    run = set_up(cfg, source, name, run_dir, ctx)
-    build_model_and_targets(run)
-    build_optimiser(run)
-    resume(run)
-    start_training(run)
+    run = prepare(cfg, source, name, run_dir, ctx)
     for epoch in range(run.start_epoch, cfg.epochs):
         curve = train_epoch(run, epoch)
         if not ctx.is_main:  # rank 0 evaluates and checkpoints; the others wait
@@ -238,6 +234,16 @@ def train(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistCo
 
 
 # ---- set-up --------------------------------------------------------------------------------------
+
+def prepare(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext) -> Run:
+    """A run ready for its first epoch: set-up, model (and targets), optimiser, resume, the training wrapper."""
+    run = set_up(cfg, source, name, run_dir, ctx)
+    build_model_and_targets(run)
+    build_optimiser(run)
+    resume(run)
+    start_training(run)
+    return run
+
 
 def set_up(cfg: Config, source: TaskSource, name: str, run_dir: Path, ctx: DistContext) -> Run:
     """Seed, device, config file, writer and the data splits."""

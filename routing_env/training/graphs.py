@@ -62,6 +62,12 @@ class GraphedForward:
                  else logits.new_zeros(self.width, dtype=torch.float64) for m in self.layers]
         return logits, torch.stack(loads) if loads else logits.new_zeros(0, self.width, dtype=torch.float64)
 
+    def by_module(self, loads: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{module name: [E_m] counts}`` of ``[M, E]`` loads this forward returned (summed as the caller likes)."""
+        if loads is None:
+            return {}
+        return {m.name: row[: m.num_experts] for m, row in zip(self.layers, loads)}
+
     def __call__(self, batch: MCBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.capture:
             return self.forward(batch)
