@@ -29,14 +29,15 @@ class NaiveRoutingEnv(RoutingEnv):
         if self._last is not None and self._last[0] == (i, prefix):
             return self._last[1]
         ex = self._example_rows(i)
-        h, counts, out = self.stepper.embed(ex.rows), None, None
+        node = self._embed_batch([i])[0]
+        out, h = node, node.hidden
         for g in range(self.G):
             if g < len(prefix):
-                h, counts = self._run_batch([h], [ex.rows.attention_mask], g, [prefix[g]])[0]
+                node = self._run_batch([i], [h], g, [prefix[g]])[0]
+                h = node.hidden
+                out = node if g + 1 == len(prefix) else out
             else:  # the rest of the model with learned routing, as a full forward pass computes it
                 h = self.stepper.run_group(h, ex.rows.attention_mask, g, None)
-            if g + 1 == len(prefix) or (not prefix and out is None):
-                out = (h, counts) if prefix else (self.stepper.embed(ex.rows), None)
         self._last = ((i, prefix), out)
         return out
 

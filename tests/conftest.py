@@ -218,3 +218,25 @@ def assert_exhaustive_is_brute_force(env, example_ids: list[int]) -> list:
         for a in range(env.E):
             assert q[n][()][a] == pytest.approx(ret[paths[:, 0] == a].max(), abs=LOGP_ATOL)
     return q
+
+
+def assert_batched_level_matches_single_nodes(batched, single, nodes: list) -> None:
+    """Nodes expanded together (``prefetch``: every example's embeddings in one padded pass, then one
+    padded multi-example chunk per group level) hold what each node computes alone in another env:
+    loads exactly (integer counts), hidden states, entry-router probabilities and choice
+    log-probabilities within float32 tolerance (other shapes, other summation order)."""
+    import numpy as np
+
+    from tests.tolerances import HIDDEN_ATOL, LOGP_ATOL, PROB_ATOL
+
+    lengths = {batched._example_rows(i).host.attention_mask.shape[1] for i, _ in nodes}
+    assert len(lengths) > 1  # the chunks pad examples of different lengths
+    batched.batch_rows = 10_000  # one chunk per level
+    batched.prefetch(nodes)
+    for i, p in nodes:
+        a, b = batched._boundary(i, p), single._boundary(i, p)
+        if p:
+            np.testing.assert_array_equal(a.loads, b.loads)
+        torch.testing.assert_close(a.hidden, b.hidden, atol=HIDDEN_ATOL, rtol=0)
+        np.testing.assert_allclose(a.readout, b.readout, rtol=0,
+                                   atol=LOGP_ATOL if len(p) == batched.G else PROB_ATOL)

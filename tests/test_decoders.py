@@ -26,7 +26,8 @@ from routing_env.moe.backbones import CausalLMKind, kind_for
 from routing_env.moe.backbones.causal_lm import positions
 from routing_env.search import run as train_rl
 from routing_env.training import finetune
-from tests.conftest import DECODER_FAMILIES, assert_exhaustive_is_brute_force, save_tiny_decoder
+from tests.conftest import (DECODER_FAMILIES, assert_batched_level_matches_single_nodes, assert_exhaustive_is_brute_force,
+                            save_tiny_decoder)
 from tests.tolerances import LOGP_ATOL
 
 
@@ -125,6 +126,12 @@ def test_gymnasium_and_sb3_checkers_pass_and_the_vector_env_steps(distinct, data
             _, r, _, _, sinfo = single.step(t if a is None else a)
         # Tolerance: the vector env runs three prompts right-padded in one batch, the single env one.
         assert info["outcome"][j] == pytest.approx(sinfo["outcome"], abs=LOGP_ATOL)
+
+
+def test_a_level_batched_over_prompts_holds_what_each_node_computes_alone(distinct, data_dir):
+    """Right-padded prompts of other lengths, answer letters padded to the most choices."""
+    nodes = [(i, p) for i in range(6) for p in ((), (1,), (1, 0), (2, 3))]
+    assert_batched_level_matches_single_nodes(_env(distinct, data_dir), _env(distinct, data_dir), nodes)
 
 
 def test_stepped_env_reproduces_the_forward_and_a_forced_expert_matters(distinct, data_dir):

@@ -16,6 +16,7 @@ import routing_env  # noqa: F401  (registers the ids)
 from routing_env.data import encode_pairs
 from routing_env.env import RoutingEnv
 from routing_env.moe import load_checkpoint
+from tests.conftest import assert_batched_level_matches_single_nodes
 from tests.tolerances import LOGP_ATOL, PROB_ATOL
 
 
@@ -193,6 +194,10 @@ def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make, checkpo
     path = (2, 0, 3)
     res = env.evaluate_prefixes([4] * 4, [path[:n] for n in range(4)])
     assert res["terminal"].tolist() == [False, False, False, True] and res["reward"][0] == 0.0
+    # Stepping in a fresh env: its own transitions and router probabilities, not the cached batch's.
+    loads = env.load_stats.copy()
+    env = make(reward_mode="process", balance_weight=0.5, checkpoint=checkpoint)
+    env.load_stats[:] = loads
     env.reset(options={"example": 4})
     for g, a in enumerate(path):
         s = env.get_state()
@@ -209,6 +214,11 @@ def test_evaluate_prefixes_gives_process_rewards_and_router_priors(make, checkpo
         env.evaluate_prefixes([0], [(0, 0, 0, 0)])
     with pytest.raises(ValueError, match="out of range"):
         env.evaluate_prefixes([99], [()])
+
+
+def test_a_level_batched_over_examples_holds_what_each_node_computes_alone(make, checkpoint):
+    nodes = [(i, p) for i in range(6) for p in ((), (1,), (1, 2), (1, 2, 3), (3,), (3, 0), (3, 0, 2))]
+    assert_batched_level_matches_single_nodes(make(checkpoint=checkpoint), make(checkpoint=checkpoint), nodes)
 
 
 def test_expanding_nodes_reads_the_device_per_batch_not_per_node(make, monkeypatch):
@@ -230,9 +240,9 @@ def test_expanding_nodes_reads_the_device_per_batch_not_per_node(make, monkeypat
         with OpCounter() as ops:
             env.evaluate_prefixes([i for i, _ in nodes], [p for _, p in nodes])
         counts.append((len(reads), ops.syncs))
-    # Per group level: one read of its row counts and transformers' one mask check (``mask.all()``);
-    # then one read of all priors and one of all outcomes. The same for 8 nodes as for 32.
-    assert counts[0] == counts[1] == (5, {"_local_scalar_dense": 3}), counts
+    # One read per level, the embeddings' and each group's (its row counts beside its nodes' priors or
+    # outcomes), and transformers' one mask check (``mask.all()``) per group. The same for 8 nodes as for 32.
+    assert counts[0] == counts[1] == (1 + env.G, {"_local_scalar_dense": env.G}), counts
 
 
 def test_mcts_on_the_real_env_matches_its_own_records(make):

@@ -57,7 +57,7 @@ def test_bf16_env_is_close_to_fp32(distinct_checkpoint, data_dir):
     fp32, bf16 = (e.evaluate_paths([1, 2], paths) for e in envs)
     assert envs[1].stepper.amp_dtype is torch.bfloat16 and envs[0].stepper.amp_dtype is None
     assert 0 < abs(bf16["outcome"] - fp32["outcome"]).max() < 0.1  # log p of the right answer
-    hidden, _ = envs[1]._boundary(1, (0,))
+    hidden = envs[1]._boundary(1, (0,)).hidden
     assert hidden.dtype == torch.float32  # the prefix cache holds fp32 whatever the autocast
 
 

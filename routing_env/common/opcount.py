@@ -10,12 +10,13 @@ forward issues no sync op at all.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-__all__ = ["NO_LAUNCH_OPS", "SYNC_OPS", "OpCounter"]
+__all__ = ["NO_LAUNCH_OPS", "SYNC_OPS", "OpCounter", "on_host"]
 
 #: backend ops that make the host wait for a GPU: value reads and data-dependent output shapes
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "nonzero_numpy", "masked_select",
@@ -71,3 +72,11 @@ class OpCounter(TorchDispatchMode):
     def syncs(self) -> dict[str, int]:
         """The counted ops that synchronise with the host on a GPU (empty: none)."""
         return {k: v for k, v in self.ops.items() if k in SYNC_OPS}
+
+
+@contextlib.contextmanager
+def on_host() -> Iterator[None]:
+    """Ops on host tensors that stay on the host whatever device the model runs on (they launch nothing
+    on a GPU): an ``OpCounter`` counting a CPU run does not see them."""
+    with _disable_current_modes():
+        yield

@@ -1,10 +1,14 @@
-"""The model backend's rows and batched group forwards.
+"""The model backend's rows and batched group forwards, with what a search reads of each node.
 
 An example is encoded once into token rows (``example_rows``, as the model's backbone kind encodes
-it: an encoder's (question, choice) pairs, a causal LM's one lettered prompt); transitions of many
-``(example, prefix)`` nodes run as length-sorted, padded chunks through one group
-(``run_batch``), and many nodes' router probabilities and choice scores reach the host in one
-transfer each (``read_nodes``). Functions of a ``RoutingEnv``, bound as its methods.
+it: an encoder's (question, choice) pairs, a causal LM's one lettered prompt), kept on the device
+with a host copy. Transitions of many ``(example, prefix)`` nodes run as length-sorted, padded
+chunks through one group (``run_batch``); the same chunk also yields each node's *readout*, what
+a search reads of it: the next group's entry-router probabilities ``[E_g]`` for an open node, the
+choices' log-probabilities ``[C]`` for a complete one. A chunk's loads and readouts reach the host
+in one transfer, so a search level costs a fixed number of launches per chunk, not per node (on a
+GPU that host work, not the arithmetic, set the search's speed). ``embed_batch`` does the same for
+the embeddings entering group 0. Functions of a ``RoutingEnv``, bound as its methods.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from routing_env.common.opcount import on_host
+from routing_env.data.encode import move
 from routing_env.moe.stepper import Rows
 
-__all__ = ["BIAS_SCALE", "EncodedExample", "example_rows", "read_nodes", "run_batch", "run_padded", "selection_bias"]
+__all__ = ["BIAS_SCALE", "EncodedExample", "NodeOut", "embed_batch", "example_rows", "log_softmax64", "probs_from_sums",
+           "run_batch", "selection_row"]
 
 BIAS_SCALE = 10.0  # `bias` actions in [-1, 1] are this many logits; beyond ~10 a softmax is saturated anyway
 ROW_MAX_LENGTH = 128  # tokens per row, as finetune.py's --max-length default (the warm-up's encoding)
@@ -26,15 +33,33 @@ ROW_MAX_LENGTH = 128  # tokens per row, as finetune.py's --max-length default (t
 
 @dataclass
 class EncodedExample:
-    rows: Rows  # the example's rows (an encoder's choices length-sorted as MCModel.forward orders them)
+    rows: Rows  # the example's rows on the env's device (an encoder's choices length-sorted as MCModel.forward orders them)
+    host: Rows  # the same rows as host arrays (numpy): chunks' masks and inputs are assembled there, copied once
     order: torch.Tensor  # [C] choice score r is that of choice order[r]
     answer_row: int
     id: str
 
+    @property
+    def num_choices(self) -> int:
+        return len(self.order)
+
     def nbytes(self) -> int:
-        r = self.rows
-        return sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.token_type_ids,
-                                                           r.letter_ids, self.order) if t is not None)
+        fields = (self.rows.input_ids, self.rows.attention_mask, self.rows.token_type_ids, self.rows.letter_ids)
+        device = sum(t.numel() * t.element_size() for t in fields if t is not None)
+        return 2 * device + self.order.numel() * self.order.element_size()  # the host copy is as large
+
+
+@dataclass
+class NodeOut:
+    """One node's transition: ``hidden`` entering the next group, ``loads [E]`` of the group just run
+    (None for the embeddings), ``readout`` (see the module docstring)."""
+
+    hidden: torch.Tensor  # [C, T, d (+ H)] fp32
+    loads: np.ndarray | None
+    readout: np.ndarray
+
+    def nbytes(self) -> int:  # what the prefix cache counts: the hidden states
+        return self.hidden.numel() * self.hidden.element_size()
 
 
 def example_rows(env: Any, i: int) -> EncodedExample:
@@ -43,31 +68,112 @@ def example_rows(env: Any, i: int) -> EncodedExample:
     if cached is None:
         ex = env.examples[i]
         rows, order = env.model.backbone_kind.example_rows(env.tokenizer, ex, ROW_MAX_LENGTH)
-        rows = Rows(*(None if t is None else t.to(env.device)
-                      for t in (rows.input_ids, rows.attention_mask, rows.token_type_ids, rows.letter_ids)))
-        cached = EncodedExample(rows, order, int((order == ex.answer).nonzero()), ex.id)
+        fields = (rows.input_ids, rows.attention_mask, rows.token_type_ids, rows.letter_ids)
+        host = Rows(*(None if t is None else t.numpy() for t in fields))
+        rows = Rows(*(None if t is None else move(t, env.device) for t in fields))
+        cached = EncodedExample(rows, host, order, int((order == ex.answer).nonzero()), ex.id)
         env._encoded.put(i, cached)
     return cached
 
 
-def selection_bias(env: Any, key: int | tuple, rows: int, group: int) -> torch.Tensor:  # [rows, E_g]
+def selection_row(env: Any, key: int | tuple, group: int) -> np.ndarray:  # [E_g] float32
+    """The selection bias an action key puts on group ``group``'s router logits (every token alike)."""
     E = env.group_experts[group]
-    bias = torch.zeros(E)
     if env.action_mode == "primary":
-        bias[key] = float("inf")
+        bias = np.zeros(E, np.float32)
+        bias[key] = np.inf
     elif env.action_mode == "combo":
-        bias.fill_(float("-inf"))
+        bias = np.full(E, -np.inf, np.float32)
         bias[list(env.combos[key])] = 0.0
     else:
-        bias = torch.tensor(key, dtype=torch.float32) * BIAS_SCALE
-    return bias.expand(rows, E).to(env.device)
+        bias = np.asarray(key, np.float32) * BIAS_SCALE
+    return bias
 
 
-def run_batch(env: Any, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
-              keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """Run ``group`` for several examples' rows -> ``(hidden, loads [E])`` per example.
+def log_softmax64(scores: np.ndarray) -> np.ndarray:
+    """``[C]`` float64 log-softmax of one example's choice scores, on the host (torch's, so that a CPU
+    env gives a plain forward's ``log_softmax(logits.double())`` bit for bit)."""
+    with on_host():
+        return torch.log_softmax(torch.from_numpy(np.asarray(scores)).double(), 0).numpy()
 
-    Examples are sorted by length and batched in chunks of about ``env.batch_rows`` rows, each padded
+
+def probs_from_sums(sums: np.ndarray, num_modules: int) -> np.ndarray:
+    """``[E_g]`` mean entry-router probabilities from an example's rows' ``[n, E_g + 1]`` sums
+    (``GroupStepper.entry_prob_sums``): the mean over real tokens, then over the modules."""
+    total = sums.sum(0)
+    return (total[:-1] / total[-1] / num_modules).astype(np.float32)
+
+
+def _stack_host(parts: list[np.ndarray], width: int) -> torch.Tensor:
+    """Host rows ``[n_i, w_i]`` stacked into ``[sum n_i, width]``, right-padded with zeros: built in
+    numpy (no tensor op per node), one tensor to copy."""
+    out = np.zeros((sum(p.shape[0] for p in parts), width), parts[0].dtype)
+    start = 0
+    for p in parts:
+        out[start : start + p.shape[0], : p.shape[1]] = p
+        start += p.shape[0]
+    return torch.from_numpy(out)
+
+
+def _stack_hidden(hiddens: list[torch.Tensor], T: int) -> torch.Tensor:
+    """``[R, T, d]``: the nodes' hidden states right-padded with zeros, one ``cat`` and pad per run of
+    equal lengths (``run_batch`` sorts nodes by length, so a chunk holds few runs: one per example at most)."""
+    runs: list[list[torch.Tensor]] = []
+    for h in hiddens:
+        if runs and runs[-1][0].shape[1] == h.shape[1]:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    padded = [F.pad(torch.cat(r) if len(r) > 1 else r[0], (0, 0, 0, T - r[0].shape[1])) for r in runs]
+    return torch.cat(padded) if len(padded) > 1 else padded[0]
+
+
+def _readouts(env: Any, out: torch.Tensor, rows: Rows, next_group: int) -> torch.Tensor:
+    """``[R, X]`` per row, on the device: the entry-router sums of ``next_group`` (``[R, E_g + 1]``), or
+    after the last group the rows' scores (``[R, S]``)."""
+    if next_group < env.G:
+        return env.stepper.entry_prob_sums(out, rows.attention_mask, env._entry[next_group], next_group)
+    return env.stepper.row_scores(out, rows)
+
+
+def _finish(env: Any, exs: list[EncodedExample], host: np.ndarray, next_group: int) -> list[np.ndarray]:
+    """Each example's readout from its rows' slice of ``host [R, X]`` (rows in ``exs`` order)."""
+    out, start = [], 0
+    kind = env.model.backbone_kind
+    for ex in exs:
+        n = ex.host.attention_mask.shape[0]
+        part = host[start : start + n]
+        if next_group < env.G:
+            out.append(probs_from_sums(part, len(env._entry[next_group])))
+        else:
+            out.append(log_softmax64(kind.example_scores(part)[: ex.num_choices]))
+        start += n
+    return out
+
+
+def embed_batch(env: Any, ids: list[int]) -> list[NodeOut]:
+    """The embeddings entering group 0 of several examples (the root nodes), in one padded pass."""
+    exs = [env._example_rows(i) for i in ids]
+    T = max(e.host.attention_mask.shape[1] for e in exs)
+    types = None if exs[0].host.token_type_ids is None else _stack_host([e.host.token_type_ids for e in exs], T)
+    rows = Rows(*(None if t is None else move(t, env.device) for t in
+                  (_stack_host([e.host.input_ids for e in exs], T), _stack_host([e.host.attention_mask for e in exs], T),
+                   types)))
+    hidden = env.stepper.embed(rows)  # [R, T, d (+ H)]
+    host = _readouts(env, hidden, rows, 0).float().cpu().numpy()
+    results, start = [], 0
+    for e, readout in zip(exs, _finish(env, exs, host, 0)):
+        n, t = e.host.attention_mask.shape
+        results.append(NodeOut(hidden[start : start + n, :t], None, readout))
+        start += n
+    return results
+
+
+def run_batch(env: Any, ids: list[int], hiddens: list[torch.Tensor], group: int, keys: list) -> list[NodeOut]:
+    """Run ``group`` for several nodes: example ``ids[n]``'s hidden states ``hiddens[n]`` under the
+    action key ``keys[n]``, in order.
+
+    Nodes are sorted by length and batched in chunks of about ``env.batch_rows`` rows, each padded
     only to its own longest example: one batch padded to the longest of all would spend most of
     its FLOPs on padding (ARC lengths vary 3x), which on a compute-bound CPU costs more than the
     batching saves.
@@ -75,45 +181,38 @@ def run_batch(env: Any, hiddens: list[torch.Tensor], masks: list[torch.Tensor], 
     order = sorted(range(len(hiddens)), key=lambda n: hiddens[n].shape[1])
     results: list = [None] * len(hiddens)
     chunk: list[int] = []
+    rows = 0
     for pos, n in enumerate(order):
         chunk.append(n)
-        rows = sum(hiddens[m].shape[0] for m in chunk)
+        rows += hiddens[n].shape[0]
         if rows >= env.batch_rows or pos == len(order) - 1:
-            for m, res in zip(chunk, run_padded(env, [hiddens[m] for m in chunk], [masks[m] for m in chunk],
-                                                group, [keys[m] for m in chunk])):
+            outs = _run_padded(env, [ids[m] for m in chunk], [hiddens[m] for m in chunk], group, [keys[m] for m in chunk])
+            for m, res in zip(chunk, outs):
                 results[m] = res
-            chunk = []
+            chunk, rows = [], 0
     return results
 
 
-def run_padded(env: Any, hiddens: list[torch.Tensor], masks: list[torch.Tensor], group: int,
-               keys: list) -> list[tuple[torch.Tensor, np.ndarray]]:
+def _run_padded(env: Any, ids: list[int], hiddens: list[torch.Tensor], group: int, keys: list) -> list[NodeOut]:
+    exs = [env._example_rows(i) for i in ids]
     T = max(h.shape[1] for h in hiddens)
-    hidden = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in hiddens])  # [R, T, d]
-    mask = torch.cat([F.pad(m, (0, T - m.shape[1])) for m in masks])  # [R, T]
-    bias = torch.cat([selection_bias(env, k, h.shape[0], group) for k, h in zip(keys, hiddens)])  # [R, E_g]
-    out, counts = env.stepper.run_group_counts(hidden, mask, group, bias)
-    counts = counts.cpu().numpy()  # [R, E_g]
-    counts = np.pad(counts, ((0, 0), (0, env.E - counts.shape[1])))  # [R, E]: a MoLA group's missing experts at 0
+    hidden = _stack_hidden(hiddens, T)  # [R, T, d]
+    bias = np.concatenate([np.broadcast_to(selection_row(env, k, group), (h.shape[0], env.group_experts[group]))
+                           for k, h in zip(keys, hiddens)])  # [R, E_g]
+    letters = None
+    if group + 1 == env.G and exs[0].host.letter_ids is not None:  # a causal LM's answer letters, for its scores
+        letters = move(_stack_host([e.host.letter_ids for e in exs], max(e.num_choices for e in exs)), env.device)
+    rows = Rows(None, move(_stack_host([e.host.attention_mask for e in exs], T), env.device), None, letters)
+    out, counts = env.stepper.run_group_counts(hidden, rows.attention_mask, group,
+                                               move(torch.from_numpy(np.ascontiguousarray(bias)), env.device))
+    E_g = counts.shape[1]
+    # One transfer for the chunk: the row counts (integers, exact in float32) beside the readouts.
+    host = torch.cat([counts.float(), _readouts(env, out, rows, group + 1).float()], 1).cpu().numpy()
     results, start = [], 0
-    for h in hiddens:
+    for h, e, readout in zip(hiddens, exs, _finish(env, exs, host[:, E_g:], group + 1)):
         n, t = h.shape[0], h.shape[1]
-        results.append((out[start : start + n, :t], counts[start : start + n].sum(0)))
+        loads = np.zeros(env.E)
+        loads[:E_g] = host[start : start + n, :E_g].sum(0)  # a MoLA group's missing experts stay 0
+        results.append(NodeOut(out[start : start + n, :t], loads, readout))
         start += n
     return results
-
-
-def read_nodes(env: Any, ids: list[int], keyed: list[tuple]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Router probabilities ``[E]`` of the open nodes and choice log-probabilities ``[C]`` of the
-    complete ones, each kind copied from the device in one transfer (not one sync per node)."""
-    open_ = {m: env._router_probs_t(i, p) for m, (i, p) in enumerate(zip(ids, keyed)) if len(p) < env.G}
-    done = {m: env._choice_logp_t(i, p) for m, (i, p) in enumerate(zip(ids, keyed)) if len(p) == env.G}
-    out = []
-    for part in (open_, done):
-        if not part:
-            out.append({})
-            continue
-        host = torch.cat(list(part.values())).cpu().numpy()
-        sizes = np.cumsum([t.numel() for t in part.values()])[:-1]
-        out.append(dict(zip(part, np.split(host, sizes))))
-    return out[0], out[1]

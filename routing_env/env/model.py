@@ -16,7 +16,7 @@ import torch
 
 from routing_env.common.utils import autocast_dtype
 from routing_env.data import TaskSource, resolve_task
-from routing_env.env.batching import EncodedExample, example_rows, read_nodes, run_batch
+from routing_env.env.batching import EncodedExample, NodeOut, embed_batch, example_rows, run_batch
 from routing_env.env.cache import TensorLRU
 from routing_env.env.checks import check_device, check_env_args, check_number
 from routing_env.env.groups import entry_routers, group_expert_counts, regroup_layers
@@ -149,7 +149,7 @@ class RoutingEnv(RoutingMDP):
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
-        self.cache = TensorLRU(int(cache_mb * 2**20))  # (example, prefix) -> (hidden [C, T, d (+ H)], loads [E])
+        self.cache = TensorLRU(int(cache_mb * 2**20), sizeof=NodeOut.nbytes)  # (example, prefix) -> NodeOut
         # Rows per batched group forward (see ``run_batch``): length-sorted chunks pay on a CPU; a
         # GPU wants one pass per group level.
         self.batch_rows = 32 if self.device.type == "cpu" else 4096
@@ -162,60 +162,52 @@ class RoutingEnv(RoutingMDP):
         return self._fingerprint
 
     # ---- cached transitions ----------------------------------------------------------------------
-    _example_rows, _run_batch, _read_nodes = example_rows, run_batch, read_nodes  # batching's, as methods
+    _example_rows, _run_batch, _embed_batch = example_rows, run_batch, embed_batch  # batching's, as methods
 
-    def _boundary(self, i: int, prefix: tuple) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Hidden states entering group ``len(prefix)`` after routing ``prefix``, and the last group's loads."""
-        ex = self._example_rows(i)
+    def _boundary(self, i: int, prefix: tuple) -> NodeOut:
+        """Node ``(i, prefix)``: the hidden states entering group ``len(prefix)`` after routing ``prefix``,
+        the last group's loads, and what a search reads of the node (``batching``)."""
         cached = self.cache.get((i, prefix))
-        if cached is not None:
-            return cached
-        if not prefix:  # the embeddings: cached like any boundary, under the cache_mb bound
-            out = (self.stepper.embed(ex.rows), None)
-            self.cache.put((i, prefix), out)
-            return out
-        parent, _ = self._boundary(i, prefix[:-1])
-        out = self._run_batch([parent], [ex.rows.attention_mask], len(prefix) - 1, [prefix[-1]])[0]
-        self.cache.put((i, prefix), out)
-        return out
+        if cached is None:
+            if not prefix:  # the embeddings: cached like any boundary, under the cache_mb bound
+                cached = self._embed_batch([i])[0]
+            else:
+                cached = self._run_batch([i], [self._boundary(i, prefix[:-1]).hidden], len(prefix) - 1, [prefix[-1]])[0]
+            self.cache.put((i, prefix), cached)
+        return cached
 
     def _loads(self, i: int, prefix: tuple) -> np.ndarray:
-        return self._boundary(i, prefix)[1]
+        return self._boundary(i, prefix).loads
 
     def prefetch(self, nodes: list[tuple[int, tuple]]) -> None:
-        """Compute every uncached boundary on the way to ``nodes``: one batched forward per group level."""
+        """Compute every uncached boundary on the way to ``nodes``: one batched pass per group level
+        (the embeddings of all their examples, then each group)."""
+        roots = [i for i in dict.fromkeys(i for i, _ in nodes) if (i, ()) not in self.cache]
+        for i, out in zip(roots, self._embed_batch(roots) if roots else []):
+            self.cache.put((i, ()), out)
         for g in range(self.G):
             todo = list(dict.fromkeys((i, p[: g + 1]) for i, p in nodes if len(p) > g and (i, p[: g + 1]) not in self.cache))
             if not todo:
                 continue
-            parents = [self._boundary(i, p[:-1])[0] for i, p in todo]
-            masks = [self._example_rows(i).rows.attention_mask for i, _ in todo]
-            for key, out in zip(todo, self._run_batch(parents, masks, g, [p[-1] for _, p in todo])):
+            parents = [self._boundary(i, p[:-1]).hidden for i, p in todo]
+            outs = self._run_batch([i for i, _ in todo], parents, g, [p[-1] for _, p in todo])
+            for key, out in zip(todo, outs):
                 self.cache.put(key, out)
 
     # ---- priors, features and scores -------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
         """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
-        return self._router_probs_t(i, prefix).cpu().numpy()
-
-    def _router_probs_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [E_g] float32, on the model's device
-        h, _ = self._boundary(i, prefix)
-        return self.stepper.entry_probs(h, self._example_rows(i).rows.attention_mask, self._entry[len(prefix)], len(prefix))
+        return self._boundary(i, prefix).readout
 
     def _features(self, i: int, prefix: tuple) -> np.ndarray:
         """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``."""
-        h = self.stepper.split(self._boundary(i, prefix)[0])[0]
+        h = self.stepper.split(self._boundary(i, prefix).hidden)[0]
         mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * mask).sum((0, 1)) / mask.sum()  # [d]
         return torch.tanh(self.projection @ pooled).cpu().numpy()
 
-    def _path_scores(self, i: int, path: tuple) -> np.ndarray:
-        return self._choice_logp_t(i, path).cpu().numpy()
-
-    def _choice_logp_t(self, i: int, prefix: tuple) -> torch.Tensor:  # [C] float64 log p per choice, on the device
-        h, _ = self._boundary(i, prefix)
-        ex = self._example_rows(i)
-        return torch.log_softmax(self.stepper.choice_scores(h, ex.rows).double(), 0)  # in ex.order
+    def _path_scores(self, i: int, path: tuple) -> np.ndarray:  # [C] float64 log p per choice, in ex.order
+        return self._boundary(i, path).readout
 
     def _score(self, i: int, logp: np.ndarray) -> tuple[float, bool]:
         row = self._example_rows(i).answer_row

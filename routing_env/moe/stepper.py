@@ -86,19 +86,30 @@ class GroupStepper:
         return self._join(hidden.float(), state), rec  # cached between steps: fp32 whatever the autocast
 
     @torch.no_grad()
-    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list,
-                    group: int) -> torch.Tensor:
-        """``[E]`` mean router probabilities of ``modules`` (group ``group``'s entry routers, in forward
-        order) over the real tokens of ``boundary``: the strategy's scores, from the cached state alone."""
+    def entry_prob_sums(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list,
+                        group: int) -> torch.Tensor:
+        """``[R, E + 1]`` per row of ``boundary``: the router probabilities of ``modules`` (group ``group``'s
+        entry routers, in forward order) summed over the row's real tokens and over the modules, then the
+        row's real tokens; the strategy's scores, from the cached state alone. Rows of many examples
+        at once (``entry_probs`` of one example is their mean)."""
         ctx = self.model.routing
         hidden, state = self.split(boundary)
         hidden = self.router_input(group, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])  # [R*T, d]
+        R, T = attention_mask.shape
         w = attention_mask.reshape(-1, 1).float()  # [R*T, 1]
         with ctx.routed(RoutingPlan()):
             ctx.begin_pass(token_mask=attention_mask.bool(), router_state=state)
-            probs = [(m.scores(flat).softmax(-1) * w).sum(0) / w.sum() for m in modules]
-        return torch.stack(probs).mean(0)
+            total = modules[0].scores(flat).softmax(-1) * w  # [R*T, E]
+            for m in modules[1:]:
+                total += m.scores(flat).softmax(-1) * w
+        return torch.cat([total.view(R, T, -1).sum(1), w.view(R, T).sum(1, keepdim=True)], 1)
+
+    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list,
+                    group: int) -> torch.Tensor:
+        """``[E]`` mean router probabilities of ``modules`` over the real tokens of ``boundary`` (one example)."""
+        sums = self.entry_prob_sums(boundary, attention_mask, modules, group).sum(0)
+        return sums[:-1] / sums[-1] / len(modules)
 
     @torch.no_grad()
     def router_input(self, group: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,13 @@ class GroupStepper:
         return self.kind.router_input(self.model, self.layers, self.groups[group][0], hidden)
 
     @torch.no_grad()
+    def row_scores(self, boundary: torch.Tensor, rows: Rows) -> torch.Tensor:  # [R, S] fp32
+        """Every row's scores from the hidden states after the last group (the kind's ``row_scores``;
+        rows of many examples at once, right-padded; ``rows`` needs the mask, and a causal LM's letters)."""
+        hidden = self.split(boundary)[0]
+        with autocast(hidden.device, self.amp_dtype):
+            return self.kind.row_scores(self.model, hidden, rows).float()
+
     def choice_scores(self, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:  # [C] in the rows' choice order
         """One example's choice scores from the hidden states after the last group."""
-        hidden = self.split(hidden)[0]
-        with autocast(hidden.device, self.amp_dtype):
-            return self.kind.choice_scores(self.model, hidden, rows).float()
+        return self.kind.example_scores(self.row_scores(hidden, rows))

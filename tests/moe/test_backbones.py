@@ -53,9 +53,9 @@ class TracedEncoder(EncoderKind):
         self.calls.append("run_layers")
         return super().run_layers(model, stack, layers, hidden, attention_mask)
 
-    def choice_scores(self, model, hidden, rows):
-        self.calls.append("choice_scores")
-        return super().choice_scores(model, hidden, rows)
+    def row_scores(self, model, hidden, rows):
+        self.calls.append("row_scores")
+        return super().row_scores(model, hidden, rows)
 
 
 def test_a_new_kind_is_one_class_and_a_register_line(registry, tmp_path):
@@ -84,7 +84,7 @@ def test_a_new_kind_is_one_class_and_a_register_line(registry, tmp_path):
         h = stepper.run_group(h, rows.attention_mask, g, None)
     # Same ops on the same [C, T] rows as the plain forward of this one example: bit for bit.
     assert torch.equal(stepper.choice_scores(h, rows), expected[order])
-    assert kind.calls == ["embed", "run_layers", "run_layers", "choice_scores"]
+    assert kind.calls == ["embed", "run_layers", "run_layers", "row_scores"]
 
 
 def test_mistral_keeps_its_sliding_window():

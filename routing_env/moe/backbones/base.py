@@ -8,8 +8,8 @@ A kind (``BackboneKind``) knows, for its family of Hugging Face models:
   ``example_rows(tokenizer, example, max_length) -> (Rows, order)`` (the env: one example's token rows);
 * ``forward(model, batch) -> [B, C]`` and ``row_examples(model, batch) -> [R]``: the whole model;
 * ``embed(model, rows)``, ``run_layers(model, stack, layers, hidden, attention_mask)``,
-  ``router_input(model, stack, layer, hidden)``, ``choice_scores(model, hidden, rows)``: the model one
-  layer group at a time (``GroupStepper``), chained to the same scores as ``forward``.
+  ``router_input(model, stack, layer, hidden)``, ``row_scores(model, hidden, rows)`` / ``example_scores``
+  (``choice_scores``: both): the model one layer group at a time (``GroupStepper``), chained to the same scores as ``forward``.
 
 ``MCModel``, ``GroupStepper``, ``training.evaluation.batch_encoder`` and the env's rows call only these;
 a new kind is one file with a subclass and one ``register`` line (``routing_env.moe.backbones``).
@@ -95,6 +95,16 @@ class BackboneKind:
         for post-norm layers; the input norm for pre-norm ones)."""
         return hidden
 
+    def row_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """``[R, S]`` every row's scores from its last hidden states (rows of one or many examples,
+        right-padded); ``example_scores`` reads one example's choice scores from its rows' scores."""
+        raise NotImplementedError
+
+    def example_scores(self, scores: Any) -> Any:
+        """``[C']`` one example's choice scores (in ``order``; its first ``C`` when a batch padded them)
+        from its rows' ``row_scores`` ``[n, S]``, a tensor or an array."""
+        raise NotImplementedError
+
     def choice_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
         """``[C]`` one example's choice scores (in ``order``) from its rows' last hidden states."""
-        raise NotImplementedError
+        return self.example_scores(self.row_scores(model, hidden, rows))

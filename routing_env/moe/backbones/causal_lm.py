@@ -171,5 +171,8 @@ class CausalLMKind(BackboneKind):
         logits = lm.get_output_embeddings()(norm(h) if norm is not None else h)  # [R, V]
         return logits.float().gather(1, letter_ids)
 
-    def choice_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-        return self.letter_logits(model, hidden, rows.attention_mask, rows.letter_ids)[0]  # [C]: one prompt row
+    def row_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return self.letter_logits(model, hidden, rows.attention_mask, rows.letter_ids)  # [R, C]
+
+    def example_scores(self, scores: Any) -> Any:
+        return scores[0]  # one prompt row per example

@@ -141,5 +141,8 @@ class EncoderKind(BackboneKind):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
 
-    def choice_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-        return score_hidden(model, hidden, rows.attention_mask)  # [C]: one row per choice
+    def row_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return score_hidden(model, hidden, rows.attention_mask)[:, None]  # [R, 1]: one row per choice
+
+    def example_scores(self, scores: Any) -> Any:
+        return scores[:, 0]
