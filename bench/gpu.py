@@ -32,6 +32,10 @@ no time for, so the first matter most):
 6. If time is left: ``fp32`` (evaluation and exhaustive search without autocast, for comparison) and
    ``grouped`` (evaluation with 32 experts of rank 16, where the layers take the sorted kernels).
 
+Parts 2-4 also profile a pass, three training steps and a few searched questions (``profile_summary``:
+wall vs device-busy time, launches and host waits per call, the ops that take the host's and the
+device's time), so that one GPU run says where the time goes, not only how much there is.
+
 On the GPU a part (or an anchor) that raises is recorded as its error and the others still run, and
 the JSON is written after each part. ``--dry`` runs every part at tiny sizes on whatever device there is (CPU in CI; Triton through its
 interpreter; the layers' fused low-rank path forced on, as a GPU takes it), so the script cannot rot;
@@ -140,6 +144,44 @@ def graph_us(fn: Callable[[], object], device: torch.device, time_us) -> tuple[f
         with contextlib.suppress(Exception):
             torch.cuda.synchronize()
         return None, f"{type(e).__name__}: {e}"[:500]
+
+
+#: host-side CUDA runtime/driver calls that launch a kernel, and those that wait for the device
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync", "cudaStreamWaitEvent")
+
+
+def profile_summary(fn: Callable[[], object], device: torch.device, calls: int = 3) -> dict:
+    """Where ``calls`` calls of ``fn`` spend their time (``torch.profiler``), per call: the wall clock, the
+    device's busy time (kernels and copies), the host's runtime calls that launch kernels or wait for
+    the device, and the ops that take most host time (self) and most device time. Wall time far above
+    device time means the host is the limit; what it does instead is in ``top_host_ms``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def dev_us(e) -> float:  # renamed across torch versions
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    def top(key) -> dict[str, float]:
+        rows = sorted(events, key=key, reverse=True)[:12]
+        return {e.key[:80]: round(key(e) / 1e3 / calls, 3) for e in rows if key(e) > 0}
+
+    return {"calls": calls, "wall_ms_per_call": 1e3 * wall / calls,
+            "device_busy_ms_per_call": sum(dev_us(e) for e in events) / 1e3 / calls,
+            "launches_per_call": sum(e.count for e in events if e.key in LAUNCH_CALLS) / calls,
+            "waits_per_call": {e.key: e.count / calls for e in events if e.key in WAIT_CALLS},
+            "top_host_ms": top(lambda e: float(e.self_cpu_time_total)), "top_device_ms": top(dev_us)}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, time_us) -> float:
@@ -332,8 +374,10 @@ def eval_part(mini: MiniLM, amp: torch.dtype | None, num_experts: int | None = N
     evaluate(model, tok, split, graphs=False, **kw)
     mini.sync()
     eager = time.perf_counter() - t0
+    profiles = {"graphs": profile_summary(lambda: evaluate(model, tok, split, **kw), device, 1),
+                "eager": profile_summary(lambda: evaluate(model, tok, split, graphs=False, **kw), device, 1)}
     seq_s = n_seq / best
-    return {"questions": len(dev), "sequences": n_seq, "batch_questions": cfg.eval_batch_size,
+    return {"questions": len(dev), "sequences": n_seq, "batch_questions": cfg.eval_batch_size, "profile": profiles,
             "amp": str(amp).split(".")[-1] if amp else "fp32", "eval_s": best, "eval_sequences_per_s": seq_s,
             "eval_sequences_per_s_with_tokenising": n_seq / with_tok, "eval_sequences_per_s_without_graphs": n_seq / eager,
             "graphs": device.type == "cuda", "goal_sequences_per_s": EVAL_GOAL_SEQ_S,
@@ -366,12 +410,25 @@ def finetune_epoch_part(mini: MiniLM, compile_mode: str = "none") -> dict:
             ft.train_epoch(run, epoch)
             mini.sync()
             epochs.append(time.perf_counter() - t0)
+        # A few more of train_epoch's steps under the profiler: where a step's time goes.
+        import numpy as np
+
+        starts, rng = iter(range(0, len(run.data["train"]) - cfg.batch_size + 1, cfg.batch_size)), np.random.default_rng(0)
+        curve = ft.EpochCurve(run.device)
+        run.model.train()
+
+        def step() -> None:
+            first = next(starts)
+            ft.train_step(run, np.arange(first, first + cfg.batch_size), cfg.epochs, rng, curve)
+
+        profile = profile_summary(step, mini.device, 3)
         run.writer.close()
     n = len(run.data["train"])
     return {"timed": "routing_env.training.finetune.train_epoch per epoch after prepare "
                      "(no dev evaluation, checkpoint or test)",
             "train_questions": n, "batch_size": cfg.batch_size, "steps_per_epoch": run.steps_per_epoch,
-            "precision": cfg.precision, "compile": compile_mode, "setup_s": setup_s, "epoch_s": epochs, "first_epoch_s": epochs[0],
+            "precision": cfg.precision, "compile": compile_mode, "step_profile": profile, "setup_s": setup_s,
+            "epoch_s": epochs, "first_epoch_s": epochs[0],
             "warm_epoch_s": epochs[-1], "train_questions_per_s": n / epochs[-1], "goal_epoch_s": EPOCH_GOAL_S,
             "goal_met": epochs[-1] <= EPOCH_GOAL_S}
 
@@ -397,6 +454,13 @@ def search_part(mini: MiniLM, precision: str, agents_run=("exhaustive", "mcts"))
         agents.run_agent(agents.make(name, **kws[name]), env, list(range(n)))
         mini.sync()
         out[f"{name}_questions_per_s"] = n / (time.perf_counter() - t0)
+        few = list(range(min(n, 8)))
+
+        def again(name=name, few=few) -> None:  # the first few questions again, from an empty cache
+            env.cache.clear()
+            agents.run_agent(agents.make(name, **kws[name]), env, few)
+
+        out[f"{name}_profile"] = profile_summary(again, mini.device, 1) | {"questions": len(few)}
     if "exhaustive" in agents_run:
         out["goal_exhaustive_questions_per_s"] = EXHAUSTIVE_GOAL_Q_S
         out["goal_met"] = out["exhaustive_questions_per_s"] >= EXHAUSTIVE_GOAL_Q_S

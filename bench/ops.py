@@ -19,13 +19,18 @@ Measured for MiniLM-L6 LoRA-MoE (4 experts, top-2, rank 8, every linear layer) o
   gradient clipping, the guarded fused AdamW update, the copy of the step's values to the host) on
   a batch of ``--batch-size`` questions, after a first step has warmed up; fused and composite paths.
 
+* ``search``: launches per searched question of the exhaustive oracle and MCTS (32 simulations)
+  through ``RoutingEnv``, ``--search-questions`` searched together as ``train_rl.py`` batches them.
+  Its sync ops are the CPU's only: transformers' mask check (``mask.all()``), which a GPU env skips.
+
 Goals (issue 26): at most 250 launches per eval forward and 800 per training step on the GPU path,
-no sync op in either. What differs on a GPU is not in the count: there the CPU's unfused attention
+no sync op in either; at most 100 launches per exhaustive question (the GPU's 300 questions/s leave
+~3 ms of host time per question: a launch from Python costs some 10-30 us). What differs on a GPU is not in the count: there the CPU's unfused attention
 (with dropout on, ~100 ops) and three-op dropout are one kernel each, and a few copies the CPU skips
 are launches (the step's values to pinned host memory, a training batch's index to the device), as
 are the fused AdamW's multi-tensor chunks.
 
-    python bench/ops.py [--questions 16] [--out results/bench/ops.json]
+    python bench/ops.py [--questions 16] [--search-questions 64] [--out results/bench/ops.json]
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from routing_env.moe import MoEConfig, RoutingPlan, build_model
 from routing_env.moe.kernels.backend import fused_everywhere
 from routing_env.training.evaluation import batch_encoder
 
-GOALS = {"eval_forward_launches": 250, "train_step_launches": 800}
+GOALS = {"eval_forward_launches": 250, "train_step_launches": 800, "exhaustive_question_launches": 100}
 
 
 def _row(counter: OpCounter) -> dict:
@@ -85,10 +90,37 @@ def train_step(fused: bool, batch_size: int, data_dir: str | None) -> dict:
     return _row(counter)
 
 
+def search(name: str, questions: int, data_dir: str | None) -> dict:
+    """Launches per question of a routing search through ``RoutingEnv`` on the GPU path (the GPU's rows
+    per batched group forward), every tree from an empty prefix cache, the examples tokenised beforehand
+    (once per example, on the host, as a run's first visit does)."""
+    import agents
+    from routing_env.env import RoutingEnv
+
+    model = build_model("lora-moe", "minilm", MoEConfig(), seed=0).eval()
+    env = RoutingEnv(model=model, max_examples=questions + 1, data_dir=data_dir)
+    env.batch_rows = 4096  # a GPU env's: one pass per group level
+    kw = {"mcts": {"num_simulations": 32, "batch_size": 64}, "exhaustive": {"batch_size": 64}}[name]
+    with fused_everywhere():
+        agents.run_agent(agents.make(name, **kw), env, [questions])  # warm-up, on another question
+        for i in range(questions):
+            env._example_rows(i)
+        env.cache.clear()
+        with OpCounter() as counter:
+            agents.run_agent(agents.make(name, **kw), env, list(range(questions)))
+    row = _row(counter)
+    return {"questions": questions, "num_groups": env.G, "actions": int(env.action_space.n), **kw,
+            "launches_per_question": counter.launches / questions,
+            "expert_gate_launches": counter.launch_ops["expert_gate"], **row}  # one per adapted module and chunk
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=16, help="questions in the eval batch (counts do not grow with it)")
     ap.add_argument("--batch-size", type=int, default=16, help="questions per training step")
+    ap.add_argument("--search-questions", type=int, default=64,
+                    help="questions searched together (one exhaustive batch; launches per question fall as it grows)")
+    ap.add_argument("--search-agents", default="exhaustive,mcts", help="comma-separated searches to count")
     ap.add_argument("--data-dir", default=os.environ.get("ROUTING_ENV_DATA"))
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -99,12 +131,16 @@ def main() -> None:
              "lora (peft)": eval_forward("lora", False, examples, args.data_dir)}
     steps = {"lora-moe fused (GPU path)": train_step(True, args.batch_size, args.data_dir),
              "lora-moe composite (CPU path)": train_step(False, args.batch_size, args.data_dir)}
+    searches = {name: search(name, args.search_questions, args.data_dir) for name in args.search_agents.split(",")}
     gpu_eval, gpu_step = evals["lora-moe fused (GPU path)"], steps["lora-moe fused (GPU path)"]
     met = {"eval_forward_launches": gpu_eval["launches"] <= GOALS["eval_forward_launches"],
            "train_step_launches": gpu_step["launches"] <= GOALS["train_step_launches"],
+           "exhaustive_question_launches": "exhaustive" in searches and
+               searches["exhaustive"]["launches_per_question"] <= GOALS["exhaustive_question_launches"],
            "no_sync_ops": not gpu_eval["sync_ops"] and not gpu_step["sync_ops"]}
     report({"questions": args.questions, "batch_size": args.batch_size, "eval_forward": evals, "train_step": steps,
-            "goals": GOALS, "met": met, "all_met": all(met.values()), "torch": torch.__version__}, args.out)
+            "search": searches, "goals": GOALS, "met": met, "all_met": all(met.values()), "torch": torch.__version__},
+           args.out)
 
 
 if __name__ == "__main__":

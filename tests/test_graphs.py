@@ -55,6 +55,23 @@ def test_graph_bookkeeping_gives_evaluates_results(minilm, data_dir, fused):
     _same(plain, graphed)
 
 
+def test_one_pass_evaluation_batches_by_length_and_answers_in_the_splits_order(minilm, data_dir):
+    """The one-pass forward (a GPU's) evaluates length-sorted batches; every per-question result comes back
+    where the split has it, as the row-by-row forward (no sorting) gives them."""
+    tok = minilm.tokenizer_for("minilm")
+    examples = load_task("arc-easy", "dev", data_dir, limit=24)
+    split = encode_split(minilm, tok, examples, 128)
+    assert (split.lengths[:-1] > split.lengths[1:]).any()  # not already sorted: the order matters
+    sorted_pass = evaluate(minilm, tok, split, batch_size=8, progress=False, graphs=False)
+    minilm.one_pass = False
+    try:
+        rows = evaluate(minilm, tok, split, batch_size=8, progress=False, graphs=False)
+    finally:
+        minilm.one_pass = True
+    assert sorted_pass.ids == [ex.id for ex in examples]
+    _same(rows, sorted_pass)
+
+
 def test_bucketed_batches_are_padding_wider(minilm, data_dir):
     split = encode_split(minilm, minilm.tokenizer_for("minilm"), load_task("arc-easy", "dev", data_dir, limit=8), 128)
     exact, wide = split.batch(range(8)), split.batch(range(8), width_multiple=BUCKET)

@@ -90,11 +90,16 @@ def selection_row(env: Any, key: int | tuple, group: int) -> np.ndarray:  # [E_g
     return bias
 
 
-def log_softmax64(scores: np.ndarray) -> np.ndarray:
-    """``[C]`` float64 log-softmax of one example's choice scores, on the host (torch's, so that a CPU
-    env gives a plain forward's ``log_softmax(logits.double())`` bit for bit)."""
+def log_softmax64(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """``[C_n]`` float64 log-softmax of each example's choice scores, all in one host op (torch's, padded
+    with -inf, which adds exact zeros: a CPU env gives a plain forward's ``log_softmax(logits.double())``)."""
+    width = max(len(s) for s in scores)
+    padded = np.full((len(scores), width), -np.inf)
+    for n, s in enumerate(scores):
+        padded[n, : len(s)] = s
     with on_host():
-        return torch.log_softmax(torch.from_numpy(np.asarray(scores)).double(), 0).numpy()
+        logp = torch.log_softmax(torch.from_numpy(padded), 1).numpy()
+    return [logp[n, : len(s)] for n, s in enumerate(scores)]
 
 
 def probs_from_sums(sums: np.ndarray, num_modules: int) -> np.ndarray:
@@ -138,17 +143,12 @@ def _readouts(env: Any, out: torch.Tensor, rows: Rows, next_group: int) -> torch
 
 def _finish(env: Any, exs: list[EncodedExample], host: np.ndarray, next_group: int) -> list[np.ndarray]:
     """Each example's readout from its rows' slice of ``host [R, X]`` (rows in ``exs`` order)."""
-    out, start = [], 0
+    ends = np.cumsum([e.host.attention_mask.shape[0] for e in exs])
+    parts = np.split(host, ends[:-1])
+    if next_group < env.G:
+        return [probs_from_sums(part, len(env._entry[next_group])) for part in parts]
     kind = env.model.backbone_kind
-    for ex in exs:
-        n = ex.host.attention_mask.shape[0]
-        part = host[start : start + n]
-        if next_group < env.G:
-            out.append(probs_from_sums(part, len(env._entry[next_group])))
-        else:
-            out.append(log_softmax64(kind.example_scores(part)[: ex.num_choices]))
-        start += n
-    return out
+    return log_softmax64([kind.example_scores(part)[: e.num_choices] for e, part in zip(exs, parts)])
 
 
 def embed_batch(env: Any, ids: list[int]) -> list[NodeOut]:

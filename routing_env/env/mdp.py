@@ -153,6 +153,9 @@ class RoutingMDP(gym.Env):
 
     def _action_key(self, action: Any, group: int | None = None) -> int | tuple:
         """Validate an action (at ``group``, when given) and return its hashable form (the cache key's path element)."""
+        if type(action) is int and self.action_mode != "bias" and 0 <= action < self.action_space.n and (
+                group is None or group >= self.G or action < self.num_actions(group)):
+            return action  # a search's own keys: valid, and already their hashable form (the checks below cost ~2 us)
         if self.action_mode == "bias":
             a = np.asarray(action, dtype=np.float32)
             if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):

@@ -295,16 +295,8 @@ class LoRAMoELinear(nn.Module):
             logp = torch.log(route_probs.clamp_min(1e-12)).reshape(R, -1, E)
             rec.add_route(self.group, (route_probs.reshape(R, -1, E) * wr).sum(1), wr.sum((1, 2)), (logp * wr).sum(1),
                           state.row_index, state.num_rows)
-        if plan.record_rows:
+        if plan.record_rows:  # what the env reads of a group step: 3 launches per module on a GPU
             R = shape[0] if len(shape) == 3 else T
-            wr = w.reshape(R, -1, 1)  # [R, S, 1]
-            n_row = wr.sum(1).clamp_min(1.0)  # [R, 1]
-            p_row = (probs.detach().reshape(R, -1, E) * wr).sum(1) / n_row  # [R, E]
-            c_row = (chosen.detach().reshape(R, -1, E) * wr).sum(1)  # [R, E]
+            c_row = (chosen.detach().reshape(R, -1, E) * w.reshape(R, -1, 1)).sum(1)  # [R, E]
             g = self.group
-            if g in rec.row_probs:
-                rec.row_probs[g] = rec.row_probs[g] + p_row
-                rec.row_counts[g] = rec.row_counts[g] + c_row
-                rec.row_modules[g] += 1
-            else:
-                rec.row_probs[g], rec.row_counts[g], rec.row_modules[g] = p_row, c_row, 1
+            rec.row_counts[g] = rec.row_counts[g] + c_row if g in rec.row_counts else c_row

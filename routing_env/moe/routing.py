@@ -57,7 +57,7 @@ class RoutingPlan:
     selection_bias: Mapping[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E_g]
     compute_aux: bool = False  # collect each module's balance terms (Switch loss, or the strategy's)
     record_loads: bool = False  # accumulate expert counts per module into ``loads``
-    record_rows: bool = False  # per-row, per-group router probabilities and expert counts
+    record_rows: bool = False  # per-row, per-group expert counts (summed over the group's modules)
     collect_route: bool = False  # per-row, per-group router probability sums *with gradient* (stage 3)
     # Those sums' gradient reaches the routers' weights only, not the router inputs (and so not the
     # adapters below): stage 3's --route-loss-grad router.
@@ -84,9 +84,7 @@ class RoutingRecorder:
     switch_stats: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     balance_losses: list[torch.Tensor] = field(default_factory=list)  # other strategies' weighted terms per module
     loads: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [E] float64 counts
-    row_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] sum over modules
     row_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [R, E] assignments
-    row_modules: dict[int, int] = field(default_factory=dict)  # group -> modules that added to row_probs
     route_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of probs (grad)
     route_count: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows] (module, token) pairs
     route_logsum: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [rows, E] sum of log probs (grad)
@@ -137,11 +135,6 @@ class RoutingRecorder:
             out.append(s / n.clamp_min(1.0)[:, None])
         E = max(o.shape[1] for o in out)
         return torch.stack([torch.nn.functional.pad(o, (0, E - o.shape[1])) for o in out], 1)
-
-    def group_mean_probs(self, group: int) -> torch.Tensor:
-        """``[R, E]`` router probabilities of the group, averaged over its modules and real tokens."""
-        return self.row_probs[group] / self.row_modules[group]
-
 
 def _switch_losses(stats: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
     """``E * sum_e f_e P_e`` per module from its ``[num_blocks, 2E]`` statistics (``SwitchAux.loss``, batched by shape).

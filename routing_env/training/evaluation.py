@@ -146,14 +146,21 @@ def evaluate(
         encode_split(model, tokenizer, examples, max_length, device) if len(examples) else None)
     examples = split.examples if split is not None else []
     split = split.to(device) if split is not None and torch.device(device).type == "cuda" else split
+    if graphs is None:
+        graphs = torch.device(device).type == "cuda" and model._one_pass(torch.device(device))
+    order = None
+    if split is not None and (graphs or model._one_pass(torch.device(device))):
+        # The one-pass forward pads every row of a batch to its longest: batches of similar lengths pad
+        # less (ARC-Easy dev: 1.9x fewer tokens computed). Results are put back in the split's order.
+        order = np.argsort(split.lengths, kind="stable")
+        split = split.subset(order)
+        examples = split.examples
     starts = range(0, len(examples), batch_size)
     was_training = model.training
     model.eval()
     # Sums, predictions and log-probabilities stay on the device and are read once at the end: no host
     # sync per batch.
     losses, preds, logps = [], [], []
-    if graphs is None:
-        graphs = torch.device(device).type == "cuda" and model._one_pass(torch.device(device))
     forward = graphed_forward(model, amp_dtype, capture=torch.device(device).type == "cuda") if graphs else None
     total = None  # [M, E] the graphs' loads, summed over the batches
     try:
@@ -187,6 +194,10 @@ def evaluate(
     host = torch.cat([logp.reshape(-1), pred_label.reshape(-1).float(), loss_sum.reshape(1)]).cpu()
     logp_h, pred_label_h = host[: n * width].view(n, width), host[n * width : -1].view(2, n)
     pred, labels = pred_label_h.long()  # small integers: exact in float32
+    if order is not None:  # back to the split's order
+        back = torch.from_numpy(np.argsort(order))
+        logp_h, pred, labels = logp_h[back], pred[back], labels[back]
+        examples = [examples[i] for i in back.tolist()]
     loss_sum = float(host[-1])
     correct = int((pred == labels).sum())
     rows = [[v if math.isfinite(v) else None for v in row[: len(ex.choices)]]

@@ -71,7 +71,7 @@ def test_a_forward_that_raises_inside_the_block_leaves_no_plan_and_no_records(mo
         with model.routed(RoutingPlan()) as fresh:
             again = model(batch)
     assert torch.equal(plain, again)  # the override did not outlive its block
-    assert not (fresh.loads or fresh.row_probs or fresh.route_sum or fresh.aux_losses or fresh.balance_losses)
+    assert not (fresh.loads or fresh.row_counts or fresh.route_sum or fresh.aux_losses or fresh.balance_losses)
 
 
 def test_consecutive_forwards_with_different_plans_do_not_leak(model):

@@ -15,6 +15,7 @@ built (``prepare``), so LoRA-MoE and peft's LoRA attach to them as to any linear
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -25,6 +26,10 @@ from transformers.pytorch_utils import Conv1D
 
 from routing_env.data import MCBatch, MCExample, encode_letter_prompt
 from routing_env.moe.backbones.base import BackboneKind, Rows
+
+#: The mask builders' cache argument: ``past_key_values`` in transformers 5.17 (the GPU machine's), ``cache`` in
+#: 5.24 (constraints.txt); pyproject allows any 5.x. The layer loop never caches keys: it passes None.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 __all__ = ["CausalLMKind", "LOOP_MODEL_TYPES"]
 
@@ -137,8 +142,8 @@ class CausalLMKind(BackboneKind):
         config = decoder.config
         pos = positions(attention_mask)
         # As in the stepper's encoder masks: off the CPU always built (skipping asks ``mask.all()``, a host sync).
-        args = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=pos,
-                    allow_is_causal_skip=hidden.device.type == "cpu")
+        args = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask, _CACHE_ARG: None,
+                "position_ids": pos, "allow_is_causal_skip": hidden.device.type == "cpu"}
         layer_types = getattr(config, "layer_types", None)
         if not layer_types and getattr(config, "sliding_window", None) is not None:
             # Mistral: no per-layer types, a sliding window in every layer whenever one is set (as MistralModel)
