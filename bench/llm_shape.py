@@ -234,9 +234,9 @@ def env_group_forwards(model, tokenizer, args, device) -> dict:
         ran = [0]
         batched = envs[name]._run_batch  # count the (row, group) forwards the env actually runs
 
-        def counting(hiddens, *rest, batched=batched, ran=ran):
+        def counting(ids, hiddens, *rest, batched=batched, ran=ran):
             ran[0] += sum(int(h.shape[0]) for h in hiddens)
-            return batched(hiddens, *rest)
+            return batched(ids, hiddens, *rest)
 
         envs[name]._run_batch = counting
         _sync(device)

@@ -129,8 +129,9 @@ def _stack_hidden(hiddens: list[torch.Tensor], T: int) -> torch.Tensor:
             runs[-1].append(h)
         else:
             runs.append([h])
-    padded = [F.pad(torch.cat(r) if len(r) > 1 else r[0], (0, 0, 0, T - r[0].shape[1])) for r in runs]
-    return torch.cat(padded) if len(padded) > 1 else padded[0]
+    padded = [torch.cat(r) if len(r) > 1 else r[0] for r in runs]
+    padded = [h if h.shape[1] == T else F.pad(h, (0, 0, 0, T - h.shape[1])) for h in padded]
+    return torch.cat(padded) if len(padded) > 1 else padded[0]  # one node stepping: its own states, no copy
 
 
 def _readouts(env: Any, out: torch.Tensor, rows: Rows, next_group: int) -> torch.Tensor:

@@ -182,7 +182,8 @@ class RoutingEnv(RoutingMDP):
     def prefetch(self, nodes: list[tuple[int, tuple]]) -> None:
         """Compute every uncached boundary on the way to ``nodes``: one batched pass per group level
         (the embeddings of all their examples, then each group)."""
-        roots = [i for i in dict.fromkeys(i for i, _ in nodes) if (i, ()) not in self.cache]
+        # The embeddings of the examples whose root, or a first group's node, is to be computed.
+        roots = [i for i in dict.fromkeys(i for i, p in nodes if (i, p[:1]) not in self.cache) if (i, ()) not in self.cache]
         for i, out in zip(roots, self._embed_batch(roots) if roots else []):
             self.cache.put((i, ()), out)
         for g in range(self.G):
