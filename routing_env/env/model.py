@@ -198,7 +198,7 @@ class RoutingEnv(RoutingMDP):
     # ---- priors, features and scores -------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
         """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
-        return self._boundary(i, prefix).readout
+        return self._boundary(i, prefix).readout.copy()  # the cached array stays the cache's
 
     def _features(self, i: int, prefix: tuple) -> np.ndarray:
         """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``."""
@@ -208,7 +208,7 @@ class RoutingEnv(RoutingMDP):
         return torch.tanh(self.projection @ pooled).cpu().numpy()
 
     def _path_scores(self, i: int, path: tuple) -> np.ndarray:  # [C] float64 log p per choice, in ex.order
-        return self._boundary(i, path).readout
+        return self._boundary(i, path).readout.copy()  # evaluate_paths hands it to the caller
 
     def _score(self, i: int, logp: np.ndarray) -> tuple[float, bool]:
         row = self._example_rows(i).answer_row

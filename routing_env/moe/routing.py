@@ -136,6 +136,7 @@ class RoutingRecorder:
         E = max(o.shape[1] for o in out)
         return torch.stack([torch.nn.functional.pad(o, (0, E - o.shape[1])) for o in out], 1)
 
+
 def _switch_losses(stats: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
     """``E * sum_e f_e P_e`` per module from its ``[num_blocks, 2E]`` statistics (``SwitchAux.loss``, batched by shape).
 

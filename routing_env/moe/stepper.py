@@ -1,8 +1,9 @@
 """Run a multiple-choice LoRA-MoE one layer group at a time (what an env step costs: one group).
 
 ``embed`` turns rows into the hidden states entering group 0, ``run_group`` advances hidden states
-through one group's layers under a routing override, ``choice_scores`` scores them. Chaining them
-over all groups gives exactly the logits of ``MCModel.forward`` (tests check this bit for bit), so
+through one group's layers under a routing override, ``row_scores`` (many examples' rows) and
+``choice_scores`` (one example's choices) score them. Chaining them over all groups gives exactly
+the logits of ``MCModel.forward`` (tests check this bit for bit), so
 the env's cached, step-wise execution and a plain forward are the same model.
 
 Every backbone kind (``routing_env.moe.backbones``): an encoder's rows are an example's (question,
@@ -91,7 +92,8 @@ class GroupStepper:
         """``[R, E + 1]`` per row of ``boundary``: the router probabilities of ``modules`` (group ``group``'s
         entry routers, in forward order) summed over the row's real tokens and over the modules, then the
         row's real tokens; the strategy's scores, from the cached state alone. Rows of many examples
-        at once (``entry_probs`` of one example is their mean)."""
+        at once: an example's mean probabilities are its rows' sums added up, divided by its real
+        tokens and by the number of modules (``routing_env.env.batching.probs_from_sums``)."""
         ctx = self.model.routing
         hidden, state = self.split(boundary)
         hidden = self.router_input(group, hidden)
@@ -104,12 +106,6 @@ class GroupStepper:
             for m in modules[1:]:
                 total += m.scores(flat).softmax(-1) * w
         return torch.cat([total.view(R, T, -1).sum(1), w.view(R, T).sum(1, keepdim=True)], 1)
-
-    def entry_probs(self, boundary: torch.Tensor, attention_mask: torch.Tensor, modules: list,
-                    group: int) -> torch.Tensor:
-        """``[E]`` mean router probabilities of ``modules`` over the real tokens of ``boundary`` (one example)."""
-        sums = self.entry_prob_sums(boundary, attention_mask, modules, group).sum(0)
-        return sums[:-1] / sums[-1] / len(modules)
 
     @torch.no_grad()
     def router_input(self, group: int, hidden: torch.Tensor) -> torch.Tensor:

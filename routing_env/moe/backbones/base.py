@@ -8,8 +8,9 @@ A kind (``BackboneKind``) knows, for its family of Hugging Face models:
   ``example_rows(tokenizer, example, max_length) -> (Rows, order)`` (the env: one example's token rows);
 * ``forward(model, batch) -> [B, C]`` and ``row_examples(model, batch) -> [R]``: the whole model;
 * ``embed(model, rows)``, ``run_layers(model, stack, layers, hidden, attention_mask)``,
-  ``router_input(model, stack, layer, hidden)``, ``row_scores(model, hidden, rows)`` / ``example_scores``
-  (``choice_scores``: both): the model one layer group at a time (``GroupStepper``), chained to the same scores as ``forward``.
+  ``router_input(model, stack, layer, hidden)``, ``row_scores(model, hidden, rows)`` and
+  ``example_scores(scores)``: the model one layer group at a time (``GroupStepper``; the env scores
+  many examples' rows at once), chained to the same scores as ``forward``.
 
 ``MCModel``, ``GroupStepper``, ``training.evaluation.batch_encoder`` and the env's rows call only these;
 a new kind is one file with a subclass and one ``register`` line (``routing_env.moe.backbones``).
@@ -67,7 +68,7 @@ class BackboneKind:
 
     def example_rows(self, tokenizer: Any, example: MCExample, max_length: int) -> tuple[Rows, torch.Tensor]:
         """One example's token rows for group-wise execution, and ``order [C]``: score ``r`` of
-        ``choice_scores`` is that of choice ``order[r]``."""
+        ``example_scores`` is that of choice ``order[r]``."""
         raise NotImplementedError
 
     # ---- the whole model --------------------------------------------------------------------------
@@ -104,7 +105,3 @@ class BackboneKind:
         """``[C']`` one example's choice scores (in ``order``; its first ``C`` when a batch padded them)
         from its rows' ``row_scores`` ``[n, S]``, a tensor or an array."""
         raise NotImplementedError
-
-    def choice_scores(self, model: nn.Module, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """``[C]`` one example's choice scores (in ``order``) from its rows' last hidden states."""
-        return self.example_scores(self.row_scores(model, hidden, rows))
