@@ -221,6 +221,18 @@ def test_a_level_batched_over_examples_holds_what_each_node_computes_alone(make,
     assert_batched_level_matches_single_nodes(make(checkpoint=checkpoint), make(checkpoint=checkpoint), nodes)
 
 
+def test_a_node_is_read_as_what_it_is(make):
+    """A node's readout is the next group's router probabilities while groups remain, the choices'
+    log-probabilities once all are routed: asking one for the other is refused, not misread."""
+    env = make()
+    assert env.router_probs(0, (1,)).sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.exp(env.outcome(0, (1, 2, 3))[0]) <= 1.0
+    with pytest.raises(ValueError, match="still to route"):
+        env.action_priors(0, (1, 2, 3))
+    with pytest.raises(ValueError, match="routes all 3 groups"):
+        env.outcome(0, (1,))
+
+
 def test_expanding_nodes_reads_the_device_per_batch_not_per_node(make, monkeypatch):
     """``evaluate_prefixes`` copies results to the host a fixed number of times, however many nodes."""
     from routing_env.common.opcount import OpCounter

@@ -148,14 +148,6 @@ class EncodedSplit:
         stored = {k: None if v is None else move(v, device, non_blocking) for k, v in self.stored.items()}
         return EncodedSplit(self.examples, stored, self.dtypes, self.lengths, self.choices, self.floor, self.side)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> EncodedSplit:
-        """The split of these examples, in this order (one ``index_select`` per field, where the split lives)."""
-        idx = np.ascontiguousarray(indices, dtype=np.int64)
-        index = move(torch.from_numpy(idx), self.device)
-        stored = {k: None if v is None else v.index_select(0, index) for k, v in self.stored.items()}
-        return EncodedSplit([self.examples[i] for i in idx], stored, self.dtypes, self.lengths[idx], self.choices[idx],
-                            self.floor, self.side)
-
     def batch(self, indices: Sequence[int] | np.ndarray | range, width_multiple: int = 1) -> MCBatch:
         """The batch of these examples, as ``encode`` makes it; its shape is read from the host lengths.
 

@@ -46,7 +46,8 @@ class EncodedExample:
     def nbytes(self) -> int:
         fields = (self.rows.input_ids, self.rows.attention_mask, self.rows.token_type_ids, self.rows.letter_ids)
         device = sum(t.numel() * t.element_size() for t in fields if t is not None)
-        return 2 * device + self.order.numel() * self.order.element_size()  # the host copy is as large
+        copies = 1 if self.rows.input_ids.device.type == "cpu" else 2  # on a CPU the host arrays share the rows' memory
+        return copies * device + self.order.numel() * self.order.element_size()
 
 
 @dataclass
@@ -58,8 +59,11 @@ class NodeOut:
     loads: np.ndarray | None
     readout: np.ndarray
 
-    def nbytes(self) -> int:  # what the prefix cache counts: the hidden states
-        return self.hidden.numel() * self.hidden.element_size()
+    def storage(self) -> tuple[int, int]:
+        """``(id, bytes)`` of the memory ``hidden`` lives in: a view of its whole chunk's output, which the
+        prefix cache counts once, while any node of the chunk is held (``TensorLRU``'s ``storage``)."""
+        s = self.hidden.untyped_storage()
+        return s.data_ptr(), s.nbytes()
 
 
 def example_rows(env: Any, i: int) -> EncodedExample:

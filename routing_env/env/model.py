@@ -149,7 +149,7 @@ class RoutingEnv(RoutingMDP):
         self.projection = torch.from_numpy(  # [P, d], fixed by projection_seed, not by reset seeds
             np.random.default_rng(projection_seed).normal(0.0, 1.0 / np.sqrt(d), (obs_proj_dim, d)).astype(np.float32)
         ).to(self.device)
-        self.cache = TensorLRU(int(cache_mb * 2**20), sizeof=NodeOut.nbytes)  # (example, prefix) -> NodeOut
+        self.cache = TensorLRU(int(cache_mb * 2**20), storage=NodeOut.storage)  # (example, prefix) -> NodeOut
         # Rows per batched group forward (see ``run_batch``): length-sorted chunks pay on a CPU; a
         # GPU wants one pass per group level.
         self.batch_rows = 32 if self.device.type == "cpu" else 4096
@@ -198,6 +198,8 @@ class RoutingEnv(RoutingMDP):
     # ---- priors, features and scores -------------------------------------------------------------
     def router_probs(self, i: int, prefix: tuple) -> np.ndarray:
         """``[E_g]`` the learned router's mean probabilities for group ``len(prefix)`` (entry routers)."""
+        if len(prefix) >= self.G:
+            raise ValueError(f"router probabilities are those of a group still to route; {tuple(prefix)} routes all {self.G}")
         return self._boundary(i, prefix).readout.copy()  # the cached array stays the cache's
 
     def _features(self, i: int, prefix: tuple) -> np.ndarray:
@@ -208,6 +210,8 @@ class RoutingEnv(RoutingMDP):
         return torch.tanh(self.projection @ pooled).cpu().numpy()
 
     def _path_scores(self, i: int, path: tuple) -> np.ndarray:  # [C] float64 log p per choice, in ex.order
+        if len(path) != self.G:
+            raise ValueError(f"a path routes all {self.G} groups; {tuple(path)} routes {len(path)}")
         return self._boundary(i, path).readout.copy()  # evaluate_paths hands it to the caller
 
     def _score(self, i: int, logp: np.ndarray) -> tuple[float, bool]:

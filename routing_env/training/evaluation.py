@@ -153,8 +153,6 @@ def evaluate(
         # The one-pass forward pads every row of a batch to its longest: batches of similar lengths pad
         # less (ARC-Easy dev: 1.9x fewer tokens computed). Results are put back in the split's order.
         order = np.argsort(split.lengths, kind="stable")
-        split = split.subset(order)
-        examples = split.examples
     starts = range(0, len(examples), batch_size)
     was_training = model.training
     model.eval()
@@ -168,6 +166,7 @@ def evaluate(
             for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
                 # Cut from the encoded split (no tokenizer, no host sync); moved when it lives on the host.
                 idx = range(start, min(start + batch_size, len(examples)))
+                idx = idx if order is None else order[idx.start : idx.stop]  # (its index copied without blocking)
                 if forward is not None:  # the graph's outputs are its buffers: used before the next replay
                     batch = split.batch(idx, width_multiple=BUCKET).to(device)
                     logits, loads = forward(batch)
@@ -197,7 +196,6 @@ def evaluate(
     if order is not None:  # back to the split's order
         back = torch.from_numpy(np.argsort(order))
         logp_h, pred, labels = logp_h[back], pred[back], labels[back]
-        examples = [examples[i] for i in back.tolist()]
     loss_sum = float(host[-1])
     correct = int((pred == labels).sum())
     rows = [[v if math.isfinite(v) else None for v in row[: len(ex.choices)]]
