@@ -223,8 +223,8 @@ def assert_exhaustive_is_brute_force(env, example_ids: list[int]) -> list:
 def assert_batched_level_matches_single_nodes(batched, single, nodes: list) -> None:
     """Nodes expanded together (``prefetch``: every example's embeddings in one padded pass, then one
     padded multi-example chunk per group level) hold what each node computes alone in another env:
-    loads exactly (integer counts), hidden states, entry-router probabilities and choice
-    log-probabilities within float32 tolerance (other shapes, other summation order)."""
+    loads exactly (integer counts), hidden states, entry-router probabilities, choice log-probabilities
+    and the observation's features within float32 tolerance (other shapes, other summation order)."""
     import numpy as np
 
     from tests.tolerances import HIDDEN_ATOL, LOGP_ATOL, PROB_ATOL
@@ -238,6 +238,10 @@ def assert_batched_level_matches_single_nodes(batched, single, nodes: list) -> N
         a, b = batched._boundary(i, p), single._boundary(i, p)
         if p:
             np.testing.assert_array_equal(a.loads, b.loads)
-        torch.testing.assert_close(a.hidden, b.hidden, atol=HIDDEN_ATOL, rtol=HIDDEN_ATOL)
+        if len(p) == batched.G:  # a complete path keeps no hidden states, only what is read of them
+            assert a.hidden is None and b.hidden is None
+        else:
+            torch.testing.assert_close(a.hidden, b.hidden, atol=HIDDEN_ATOL, rtol=HIDDEN_ATOL)
         np.testing.assert_allclose(a.readout, b.readout, rtol=0,
                                    atol=LOGP_ATOL if len(p) == batched.G else PROB_ATOL)
+        np.testing.assert_allclose(a.features, b.features, rtol=0, atol=PROB_ATOL)  # tanh: in [-1, 1]

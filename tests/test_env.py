@@ -221,6 +221,29 @@ def test_a_level_batched_over_examples_holds_what_each_node_computes_alone(make,
     assert_batched_level_matches_single_nodes(make(checkpoint=checkpoint), make(checkpoint=checkpoint), nodes)
 
 
+def test_observation_features_are_the_projected_mean_hidden_state(make):
+    """The features the chunk computes for each node (``feature_sums``, per row, added up per node) are
+    ``tanh(projection @ mean hidden state)`` over the example's real tokens, also after the last group,
+    whose hidden states the env does not keep (run here again)."""
+    from routing_env.env.batching import selection_row
+
+    env = make()
+    mask = env._example_rows(3).rows.attention_mask
+
+    def expected(boundary: torch.Tensor) -> np.ndarray:
+        h, w = env.stepper.split(boundary)[0], mask.unsqueeze(-1).float()
+        return torch.tanh(env.projection @ ((h * w).sum((0, 1)) / w.sum())).numpy()
+
+    for prefix in ((), (2,), (2, 1)):
+        np.testing.assert_allclose(env._features(3, prefix), expected(env._boundary(3, prefix).hidden), atol=1e-5)
+    parent = env._boundary(3, (2, 1)).hidden
+    bias = torch.from_numpy(np.broadcast_to(selection_row(env, 0, 2), (parent.shape[0], env.E)).copy())
+    last = env.stepper.run_group(parent, mask, 2, bias)
+    assert env._boundary(3, (2, 1, 0)).hidden is None
+    np.testing.assert_allclose(env._features(3, (2, 1, 0)), expected(last), atol=1e-5)
+    assert env._features(3, ()).shape == (16,) and np.abs(env._features(3, ())).max() > 0.05  # not all zero
+
+
 def test_a_node_is_read_as_what_it_is(make):
     """A node's readout is the next group's router probabilities while groups remain, the choices'
     log-probabilities once all are routed: asking one for the other is refused, not misread."""

@@ -5,7 +5,8 @@ it: an encoder's (question, choice) pairs, a causal LM's one lettered prompt), k
 with a host copy. Transitions of many ``(example, prefix)`` nodes run as length-sorted, padded
 chunks through one group (``run_batch``); the same chunk also yields each node's *readout*, what
 a search reads of it: the next group's entry-router probabilities ``[E_g]`` for an open node, the
-choices' log-probabilities ``[C]`` for a complete one. A chunk's loads and readouts reach the host
+choices' log-probabilities ``[C]`` for a complete one (and the observation's features of either).
+A chunk's loads and readouts reach the host
 in one transfer, so a search level costs a fixed number of launches per chunk, not per node (on a
 GPU that host work, not the arithmetic, set the search's speed). ``embed_batch`` does the same for
 the embeddings entering group 0. Functions of a ``RoutingEnv``, bound as its methods.
@@ -52,16 +53,21 @@ class EncodedExample:
 
 @dataclass
 class NodeOut:
-    """One node's transition: ``hidden`` entering the next group, ``loads [E]`` of the group just run
-    (None for the embeddings), ``readout`` (see the module docstring)."""
+    """One node's transition: ``hidden`` entering the next group (None once every group is routed: nothing
+    reads it, and it would keep its chunk's memory alive), ``loads [E]`` of the group just run (None for
+    the embeddings), ``readout`` (see the module docstring) and ``features [P]``, the observation's
+    ``tanh`` of the projected mean hidden state."""
 
-    hidden: torch.Tensor  # [C, T, d (+ H)] fp32
+    hidden: torch.Tensor | None  # [C, T, d (+ H)] fp32
     loads: np.ndarray | None
     readout: np.ndarray
+    features: np.ndarray
 
     def storage(self) -> tuple[int, int]:
         """``(id, bytes)`` of the memory ``hidden`` lives in: a view of its whole chunk's output, which the
         prefix cache counts once, while any node of the chunk is held (``TensorLRU``'s ``storage``)."""
+        if self.hidden is None:
+            return id(self), self.readout.nbytes + self.features.nbytes
         s = self.hidden.untyped_storage()
         return s.data_ptr(), s.nbytes()
 
@@ -139,21 +145,29 @@ def _stack_hidden(hiddens: list[torch.Tensor], T: int) -> torch.Tensor:
 
 
 def _readouts(env: Any, out: torch.Tensor, rows: Rows, next_group: int) -> torch.Tensor:
-    """``[R, X]`` per row, on the device: the entry-router sums of ``next_group`` (``[R, E_g + 1]``), or
-    after the last group the rows' scores (``[R, S]``)."""
+    """``[R, X + P + 1]`` per row, on the device: the entry-router sums of ``next_group`` (``X = E_g + 1``),
+    or after the last group the rows' scores (``X = S``); then the feature sums (``feature_sums``)."""
     if next_group < env.G:
-        return env.stepper.entry_prob_sums(out, rows.attention_mask, env._entry[next_group], next_group)
-    return env.stepper.row_scores(out, rows)
+        read = env.stepper.entry_prob_sums(out, rows.attention_mask, env._entry[next_group], next_group)
+    else:
+        read = env.stepper.row_scores(out, rows)
+    return torch.cat([read.float(), env.stepper.feature_sums(out, rows.attention_mask, env.projection)], 1)
 
 
-def _finish(env: Any, exs: list[EncodedExample], host: np.ndarray, next_group: int) -> list[np.ndarray]:
-    """Each example's readout from its rows' slice of ``host [R, X]`` (rows in ``exs`` order)."""
+def _finish(env: Any, exs: list[EncodedExample], host: np.ndarray,
+            next_group: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each example's ``(readout, features)`` from its rows' slice of ``host [R, X + P + 1]`` (rows in ``exs`` order)."""
     ends = np.cumsum([e.host.attention_mask.shape[0] for e in exs])
-    parts = np.split(host, ends[:-1])
+    P = env.projection.shape[0]
+    parts = np.split(host[:, : host.shape[1] - P - 1], ends[:-1])
+    sums = np.add.reduceat(host[:, host.shape[1] - P - 1 :], np.r_[0, ends[:-1]], axis=0)  # [N, P + 1]
+    features = list(np.tanh(sums[:, :P] / sums[:, P:]).astype(np.float32))
     if next_group < env.G:
-        return [probs_from_sums(part, len(env._entry[next_group])) for part in parts]
-    kind = env.model.backbone_kind
-    return log_softmax64([kind.example_scores(part)[: e.num_choices] for e, part in zip(exs, parts)])
+        readouts = [probs_from_sums(part, len(env._entry[next_group])) for part in parts]
+    else:
+        kind = env.model.backbone_kind
+        readouts = log_softmax64([kind.example_scores(part)[: e.num_choices] for e, part in zip(exs, parts)])
+    return list(zip(readouts, features))
 
 
 def embed_batch(env: Any, ids: list[int]) -> list[NodeOut]:
@@ -165,11 +179,11 @@ def embed_batch(env: Any, ids: list[int]) -> list[NodeOut]:
                   (_stack_host([e.host.input_ids for e in exs], T), _stack_host([e.host.attention_mask for e in exs], T),
                    types)))
     hidden = env.stepper.embed(rows)  # [R, T, d (+ H)]
-    host = _readouts(env, hidden, rows, 0).float().cpu().numpy()
+    host = _readouts(env, hidden, rows, 0).cpu().numpy()
     results, start = [], 0
-    for e, readout in zip(exs, _finish(env, exs, host, 0)):
+    for e, (readout, features) in zip(exs, _finish(env, exs, host, 0)):
         n, t = e.host.attention_mask.shape
-        results.append(NodeOut(hidden[start : start + n, :t], None, readout))
+        results.append(NodeOut(hidden[start : start + n, :t], None, readout, features))
         start += n
     return results
 
@@ -212,12 +226,13 @@ def _run_padded(env: Any, ids: list[int], hiddens: list[torch.Tensor], group: in
                                                move(torch.from_numpy(np.ascontiguousarray(bias)), env.device))
     E_g = counts.shape[1]
     # One transfer for the chunk: the row counts (integers, exact in float32) beside the readouts.
-    host = torch.cat([counts.float(), _readouts(env, out, rows, group + 1).float()], 1).cpu().numpy()
+    host = torch.cat([counts.float(), _readouts(env, out, rows, group + 1)], 1).cpu().numpy()
+    complete = group + 1 == env.G  # nothing reads a complete path's hidden states: the chunk is freed now
     results, start = [], 0
-    for h, e, readout in zip(hiddens, exs, _finish(env, exs, host[:, E_g:], group + 1)):
+    for h, e, (readout, features) in zip(hiddens, exs, _finish(env, exs, host[:, E_g:], group + 1)):
         n, t = h.shape[0], h.shape[1]
         loads = np.zeros(env.E)
         loads[:E_g] = host[start : start + n, :E_g].sum(0)  # a MoLA group's missing experts stay 0
-        results.append(NodeOut(out[start : start + n, :t], loads, readout))
+        results.append(NodeOut(None if complete else out[start : start + n, :t], loads, readout, features))
         start += n
     return results

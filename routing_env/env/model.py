@@ -203,11 +203,9 @@ class RoutingEnv(RoutingMDP):
         return self._boundary(i, prefix).readout.copy()  # the cached array stays the cache's
 
     def _features(self, i: int, prefix: tuple) -> np.ndarray:
-        """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``."""
-        h = self.stepper.split(self._boundary(i, prefix).hidden)[0]
-        mask = self._example_rows(i).rows.attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * mask).sum((0, 1)) / mask.sum()  # [d]
-        return torch.tanh(self.projection @ pooled).cpu().numpy()
+        """``[P]`` ``tanh`` of the fixed projection of the mean-pooled hidden state entering group ``len(prefix)``
+        (after the last group once it is complete); computed with the node's transition (``batching``)."""
+        return self._boundary(i, prefix).features.copy()
 
     def _path_scores(self, i: int, path: tuple) -> np.ndarray:  # [C] float64 log p per choice, in ex.order
         if len(path) != self.G:

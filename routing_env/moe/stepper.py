@@ -108,6 +108,16 @@ class GroupStepper:
         return torch.cat([total.view(R, T, -1).sum(1), w.view(R, T).sum(1, keepdim=True)], 1)
 
     @torch.no_grad()
+    def feature_sums(self, boundary: torch.Tensor, attention_mask: torch.Tensor,
+                     projection: torch.Tensor) -> torch.Tensor:
+        """``[R, P + 1]`` per row of ``boundary``: ``projection [P, d]`` of its hidden states summed over its
+        real tokens, then its real tokens (an example's projected mean hidden state is its rows' sums
+        added up, divided by its tokens)."""
+        hidden = self.split(boundary)[0]
+        w = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [R, T, 1]
+        return torch.cat([(hidden * w).sum(1) @ projection.t(), w.sum(1)], 1)
+
+    @torch.no_grad()
     def router_input(self, group: int, hidden: torch.Tensor) -> torch.Tensor:
         """What group ``group``'s entry routers read when the hidden states entering it are ``hidden``."""
         return self.kind.router_input(self.model, self.layers, self.groups[group][0], hidden)
