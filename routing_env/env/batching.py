@@ -6,10 +6,10 @@ with a host copy. Transitions of many ``(example, prefix)`` nodes run as length-
 chunks through one group (``run_batch``); the same chunk also yields each node's *readout*, what
 a search reads of it: the next group's entry-router probabilities ``[E_g]`` for an open node, the
 choices' log-probabilities ``[C]`` for a complete one (and the observation's features of either).
-A chunk's loads and readouts reach the host
-in one transfer, so a search level costs a fixed number of launches per chunk, not per node (on a
-GPU that host work, not the arithmetic, set the search's speed). ``embed_batch`` does the same for
-the embeddings entering group 0. Functions of a ``RoutingEnv``, bound as its methods.
+A chunk's loads and readouts reach the host in one transfer, so a search level costs a fixed number
+of launches per chunk, not per node (on a GPU that host work, not the arithmetic, set the search's
+speed). ``embed_batch`` does the same for the embeddings entering group 0. Functions of a
+``RoutingEnv``, bound as its methods.
 """
 
 from __future__ import annotations
