@@ -153,22 +153,22 @@ class RoutingMDP(gym.Env):
 
     def _action_key(self, action: Any, group: int | None = None) -> int | tuple:
         """Validate an action (at ``group``, when given) and return its hashable form (the cache key's path element)."""
-        if type(action) is int and self.action_mode != "bias" and 0 <= action < self.action_space.n and (
-                group is None or group >= self.G or action < self.num_actions(group)):
-            return action  # a search's own keys: valid, and already their hashable form (the checks below cost ~2 us)
         if self.action_mode == "bias":
             a = np.asarray(action, dtype=np.float32)
             if a.shape != (self.E,) or not np.all(np.isfinite(a)) or not self.action_space.contains(a):
                 raise ValueError(f"bias action must be {self.E} finite floats in [-1, 1], got {action!r}")
             return tuple(float(x) for x in a)
-        a = np.asarray(action)
-        if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a) < self.action_space.n:
+        key = action
+        if type(key) is not int:  # a search's own keys are ints already: no array conversion (~2 us a node)
+            a = np.asarray(action)
+            key = int(a) if a.ndim == 0 and np.issubdtype(a.dtype, np.integer) else -1
+        if not 0 <= key < self.action_space.n:
             raise ValueError(f"{self.action_mode} action must be an integer in [0, {self.action_space.n}), got {action!r}")
-        if group is not None and group < self.G and int(a) >= self.num_actions(group):
+        if group is not None and group < self.G and key >= self.num_actions(group):
             raise ValueError(f"group {group} has {self.num_actions(group)} experts (per group: {self.group_experts}): "
-                             f"its action must be an integer in [0, {self.num_actions(group)}), got {int(a)} "
+                             f"its action must be an integer in [0, {self.num_actions(group)}), got {key} "
                              "(env.action_masks() gives the valid actions)")
-        return int(a)
+        return key
 
     def _keyed(self, prefix: Sequence[Any]) -> tuple:
         return tuple(self._action_key(a, g) for g, a in enumerate(prefix))
